@@ -1,0 +1,157 @@
+"""Token shards on disk, read by memmap.
+
+A dataset directory (written by `python -m trainer.prepare`) holds meta.json plus shards named
+`{split}_{index:06d}.bin` for the splits train, val and test. A shard is llm.c's format, so llm.c /
+modded-nanogpt FineWeb shards work as they are: a header of 256 int32 (magic 20240520, version 1, token
+count), then the tokens as uint16.
+
+A split is one long token stream (its shards concatenated). Sequence i of a split is the window
+tokens[i·T : i·T + T + 1]: T inputs and, shifted by one, T targets; consecutive windows share one token.
+
+Training order: step s uses the run's global batch of G sequences at positions [s·G, (s+1)·G) of the order;
+rank r takes positions s·G + r·(G/world) … and splits them into micro-batches. So the sequences a step sees
+depend only on (step, G), never on the world size, and the data position a checkpoint needs is the step.
+"sequential" is the stream in order (the blog series); "shuffled" is a permutation drawn from data.seed,
+redrawn per epoch, so the data order is a seed of its own, separate from initialisation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+SPLITS = ("train", "val", "test")
+
+
+class DataError(RuntimeError):
+    """Missing or damaged data, with the command that (re)creates it."""
+
+
+def prepare_hint(directory: Path) -> str:
+    """The command that made this directory (from meta.json), or the one for the embedded corpus."""
+    try:
+        return json.loads((directory / "meta.json").read_text())["command"]
+    except (OSError, ValueError, KeyError):
+        return f"python -m trainer.prepare embedded --out {directory}"
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    """Write one shard atomically (tmp + rename)."""
+    if tokens.size and int(tokens.max()) >= 2**16:
+        raise ValueError("token ids must fit in uint16")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16, copy=False).tobytes())
+    tmp.replace(path)
+
+
+def read_shard(path: Path) -> np.memmap:
+    """Memmap a shard's tokens after checking its header against its size."""
+    hint = prepare_hint(path.parent)
+    try:
+        size = path.stat().st_size
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as exc:
+        raise DataError(f"cannot read shard {path} ({exc.strerror}); prepare it with `{hint}`") from None
+    if header.size < HEADER_INTS or header[0] != MAGIC:
+        raise DataError(f"{path} is not a token shard (bad magic number); re-create it with `{hint}`")
+    if header[1] != VERSION:
+        raise DataError(f"{path} has shard version {header[1]}, this trainer reads {VERSION}; re-create it with `{hint}`")
+    n = int(header[2])
+    if size != HEADER_BYTES + 2 * n:
+        raise DataError(
+            f"{path} is truncated or corrupt: header says {n} tokens ({HEADER_BYTES + 2 * n} bytes), "
+            f"file has {size} bytes; re-create it with `{hint}`"
+        )
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+class Split:
+    """One split's shards as a single token stream."""
+
+    def __init__(self, directory: str | Path, split: str):
+        directory = Path(directory)
+        hint = prepare_hint(directory)
+        if not directory.is_dir():
+            raise DataError(f"data directory {directory} does not exist; prepare it with `{hint}`")
+        if not (directory / "meta.json").exists() and not list(directory.glob("*.bin")):
+            raise DataError(f"{directory} holds no prepared data (no meta.json); prepare it with `{hint}`")
+        paths = sorted(directory.glob(f"{split}_*.bin"))
+        if not paths:
+            raise DataError(f"{directory} has no {split!r} shards ({split}_000000.bin …); prepare it with `{hint}`")
+        self.name = split
+        self.shards = [read_shard(p) for p in paths]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.n_tokens = int(self.starts[-1])
+
+    def tokens(self, start: int, length: int) -> np.ndarray:
+        """tokens[start : start + length] across shard boundaries, as int64."""
+        if start < 0 or start + length > self.n_tokens:
+            raise IndexError(f"tokens [{start}, {start + length}) outside split {self.name} of {self.n_tokens}")
+        out, pos = [], start
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while pos < start + length:
+            offset = pos - self.starts[shard]
+            take = min(start + length - pos, len(self.shards[shard]) - offset)
+            out.append(self.shards[shard][offset : offset + take])
+            pos += take
+            shard += 1
+        return np.concatenate(out).astype(np.int64)
+
+    def n_sequences(self, seq_len: int) -> int:
+        return max(0, (self.n_tokens - 1) // seq_len)
+
+    def sequences(self, indices, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets, each (len(indices), seq_len) int64, for the given window indices."""
+        rows = np.stack([self.tokens(int(i) * seq_len, seq_len + 1) for i in indices])
+        x = torch.from_numpy(rows[:, :-1].copy())
+        y = torch.from_numpy(rows[:, 1:].copy())
+        return x, y
+
+
+class TrainOrder:
+    """Which window of the train split sits at each global position, for sequential or shuffled order."""
+
+    def __init__(self, split: Split, seq_len: int, order: str, seed: int):
+        self.split, self.seq_len, self.order, self.seed = split, seq_len, order, seed
+        self.n = split.n_sequences(seq_len)
+        if self.n == 0:
+            raise DataError(f"train split has {split.n_tokens} tokens, fewer than one sequence of {seq_len + 1}")
+
+    @functools.lru_cache(maxsize=2)
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def window(self, position: int) -> int:
+        epoch, j = divmod(position, self.n)
+        return j if self.order == "sequential" else int(self._permutation(epoch)[j])
+
+    def micro_batch(self, step: int, global_batch: int, rank: int, world: int, micro: int, index: int):
+        """Rank `rank`'s micro-batch number `index` (of size `micro`) of optimizer step `step`."""
+        first = step * global_batch + rank * (global_batch // world) + index * micro
+        return self.split.sequences([self.window(p) for p in range(first, first + micro)], self.seq_len)
+
+    def epochs(self, steps: int, global_batch: int) -> float:
+        return steps * global_batch / self.n
+
+
+def fixed_slice(split: Split, seq_len: int, n_sequences: int, what: str) -> int:
+    """Check that a split holds the fixed evaluation slice (its first n windows) and return n."""
+    have = split.n_sequences(seq_len)
+    if have < n_sequences:
+        raise DataError(
+            f"the {split.name} split holds {have} sequences of {seq_len} tokens, but {what} asks for {n_sequences}; "
+            f"lower {what} or prepare more data (a larger --{split.name}-fraction or more input)"
+        )
+    return n_sequences

@@ -1,0 +1,91 @@
+"""The run directory: the whole contract between the trainer and whoever launched it (shared/DESIGN.md §4).
+
+    runs/<id>/config.json       the resolved TrainConfig (written by the launcher, or by the trainer for --preset)
+    runs/<id>/metrics.jsonl     one JSON object per event, appended and flushed as training goes
+    runs/<id>/checkpoints/      step_XXXXXXXX.pt, each written atomically; a relaunch resumes from the newest
+    runs/<id>/result.json       written last, atomically: how the run ended and what it measured
+    runs/<id>/STOP              created by the launcher: checkpoint and exit ("pruned" inside = pruned)
+
+metrics.jsonl is append-only so a reader can follow it by byte offset. After a resume the trainer appends
+{"event": "resume", "step": N}: events of steps > N written before it belong to the lost attempt and are
+superseded by the ones that follow. This module is stdlib-only so an orchestrator can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+RESULT = "result.json"
+STOP = "STOP"
+CHECKPOINTS = "checkpoints"
+
+
+class Status(str, Enum):
+    SUCCEEDED = "succeeded"
+    DIVERGED = "diverged"  # a NaN or infinite loss; result.json names the step
+    PREEMPTED = "preempted"  # STOP file or SIGTERM: checkpointed, relaunch to resume
+    PRUNED = "pruned"  # STOP file containing "pruned": checkpointed, not to be resumed
+    FAILED = "failed"  # never written by the trainer itself: a crash leaves no result.json
+
+
+# Exit codes, so a launcher can tell the endings apart without parsing anything (sysexits.h style).
+EXIT_CODES = {Status.SUCCEEDED: 0, Status.DIVERGED: 65, Status.PREEMPTED: 75, Status.PRUNED: 76}
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over the target."""
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for the whole team to read
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_stop(run_dir: str | os.PathLike) -> Status | None:
+    """PRUNED if the STOP file says "pruned", PREEMPTED if it exists at all, else None."""
+    try:
+        text = (Path(run_dir) / STOP).read_text().strip().lower()
+    except FileNotFoundError:
+        return None
+    return Status.PRUNED if text == "pruned" else Status.PREEMPTED
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The events of the attempt that counts: what a resume superseded is dropped."""
+    events: list[dict[str, Any]] = []
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return events
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        event = json.loads(line)
+        if event.get("event") == "resume":
+            events = [e for e in events if e.get("step", 0) <= event["step"]]
+        events.append(event)
+    return events
+
+
+def checkpoint_paths(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary files of an interrupted write are ignored)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    return sorted(folder.glob("step_*.pt")) if folder.is_dir() else []
