@@ -1,0 +1,39 @@
+# Two set-up commands for a fresh machine (see README):
+#   make demo   install, prepare the embedded corpus, train and evaluate on the CPU
+#   make test   install, run the test suite
+PYTHON ?= python3
+# Pin torch before installing the project: on a CPU machine this takes the CPU build, and the project's own
+# `torch>=2.4` is then already satisfied, so pip never pulls the multi-GB CUDA wheels (shared/DESIGN.md §7).
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+data/embedded/meta.json: | $(STAMP)
+	$(BIN)/python -m trainer.prepare embedded --out data/embedded
+
+demo: $(STAMP) data/embedded/meta.json
+	rm -rf runs/demo
+	$(BIN)/python -m trainer --preset tiny --run-dir runs/demo
+	$(BIN)/python -m trainer.evaluate --checkpoint "$$(ls runs/demo/checkpoints/step_*.pt | tail -n 1)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Everything, including the slow end-to-end suites (minutes).
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ""
+
+clean:
+	rm -rf runs data .pytest_cache
