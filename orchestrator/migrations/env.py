@@ -1,0 +1,12 @@
+"""Alembic environment: runs migrations on the engine handed over by orchestrator.migrations."""
+
+from alembic import context
+
+from orchestrator.db import Base
+
+engine = context.config.attributes["engine"]
+with engine.connect() as connection:
+    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+    connection.commit()

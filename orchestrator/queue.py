@@ -1,0 +1,207 @@
+"""Every state transition of a run, each one short transaction conditioned on the state it leaves.
+
+    queued ──claim──▶ running ──finish──▶ succeeded | diverged | pruned | failed (attempts used up)
+       ▲                 │  └─ preempted, or failed with attempts left ─▶ queued
+       └─ stale heartbeat┘
+    queued | running ──cancel──▶ cancelled        failed | diverged | cancelled | pruned ──retry──▶ queued
+
+A finished run is never modified except by an explicit retry (Optuna's storage contract). Claiming is the
+one contended transition: on PostgreSQL the candidate rows are locked with FOR UPDATE SKIP LOCKED, so
+concurrent claimers take different rows without waiting (procrastinate's design); on SQLite the whole
+transaction holds the write lock from BEGIN IMMEDIATE (db.py), and `state = 'queued'` in the UPDATE
+guards the rest. Either way each run is claimed by exactly one worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from orchestrator.db import Experiment as ExperimentRow
+from orchestrator.db import Membership, Run, db_now
+from orchestrator.specs import Experiment, RunSpec
+
+QUEUED, RUNNING = "queued", "running"
+SUCCEEDED, FAILED, DIVERGED, CANCELLED, PRUNED = "succeeded", "failed", "diverged", "cancelled", "pruned"
+FINAL = (SUCCEEDED, FAILED, DIVERGED, CANCELLED, PRUNED)
+ACTIVE = (QUEUED, RUNNING)
+
+
+@dataclass
+class SubmitReport:
+    queued: list[RunSpec] = field(default_factory=list)
+    reused: list[tuple[RunSpec, str]] = field(default_factory=list)  # (run, its current state)
+
+
+def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str | None = None,
+           max_attempts: int = 3) -> SubmitReport:
+    """Queue the runs that do not exist yet and record the experiment's membership of all of them."""
+    report = SubmitReport()
+    with engine.begin() as conn:
+        existing: dict[str, str] = {}
+        ids = [r.id for r in runs]
+        for chunk in _chunks(ids, 500):
+            existing.update(conn.execute(sa.select(Run.id, Run.state).where(Run.id.in_(chunk))).all())
+        members = set(conn.execute(sa.select(Membership.arm, Membership.run_id)
+                                   .where(Membership.experiment == exp.name)).all())
+        now = conn.execute(sa.select(db_now())).scalar_one()
+        new_runs, new_members = [], []
+        for r in runs:
+            if r.id in existing:
+                report.reused.append((r, existing[r.id]))
+            else:
+                new_runs.append(dict(id=r.id, state=QUEUED, config=r.config.model_dump(mode="json"), seed=r.seed,
+                                     data_seed=r.data_seed, repeat=r.repeat, priority=0, attempts=0,
+                                     max_attempts=max_attempts, created_at=now + len(new_runs) * 1e-6))
+                report.queued.append(r)
+                existing[r.id] = QUEUED
+            if (r.arm, r.id) not in members:
+                new_members.append(dict(experiment=exp.name, arm=r.arm, run_id=r.id))
+                members.add((r.arm, r.id))
+        for chunk in _chunks(new_runs, 500):
+            conn.execute(sa.insert(Run), chunk)
+        for chunk in _chunks(new_members, 500):
+            conn.execute(sa.insert(Membership), chunk)
+        row = dict(description=exp.description, spec=exp.model_dump(mode="json"), source=source)
+        if conn.execute(sa.select(ExperimentRow.name).where(ExperimentRow.name == exp.name)).first():
+            conn.execute(sa.update(ExperimentRow).where(ExperimentRow.name == exp.name).values(**row))
+        else:
+            conn.execute(sa.insert(ExperimentRow).values(name=exp.name, created_at=now, **row))
+    return report
+
+
+def claim(engine: Engine, worker: str, limit: int = 1) -> list[Run]:
+    """Atomically move up to `limit` queued runs to running for this worker and return them."""
+    with Session(engine, expire_on_commit=False) as conn, conn.begin():
+        candidates = (sa.select(Run.id).where(Run.state == QUEUED)
+                      .order_by(Run.priority.desc(), Run.created_at, Run.id).limit(limit)
+                      .with_for_update(skip_locked=True))  # SQLite ignores this; BEGIN IMMEDIATE serialises
+        now = db_now()
+        ids = conn.execute(
+            sa.update(Run).where(Run.id.in_(candidates.scalar_subquery()), Run.state == QUEUED)
+            .values(state=RUNNING, worker=worker, attempts=Run.attempts + 1, started_at=now, heartbeat_at=now,
+                    finished_at=None, exit_code=None)
+            .returning(Run.id).execution_options(synchronize_session=False)
+        ).scalars().all()
+        if not ids:
+            return []
+        rows = conn.execute(sa.select(Run).where(Run.id.in_(ids))).scalars().all()
+        return sorted(rows, key=lambda r: (-r.priority, r.created_at, r.id))
+
+
+def heartbeat(engine: Engine, worker: str, progress: dict[str, dict]) -> set[str]:
+    """Beat for each of this worker's runs (with its progress); return the ids it still owns.
+
+    A run missing from the answer was taken away — cancelled, or requeued because our beats stopped
+    arriving in time — and its trainer must be stopped.
+    """
+    owned = set()
+    with engine.begin() as conn:
+        for run_id, fields in progress.items():
+            n = conn.execute(sa.update(Run).where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)
+                             .values(heartbeat_at=db_now(), **fields)).rowcount
+            if n:
+                owned.add(run_id)
+    return owned
+
+
+def requeue_stale(engine: Engine, grace_s: float) -> list[str]:
+    """Runs whose worker has not beaten for `grace_s` seconds go back to the queue (or fail, out of attempts).
+
+    The next worker relaunches the trainer on the same run directory, which resumes from its checkpoint.
+    """
+    with engine.begin() as conn:
+        stale = (Run.state == RUNNING) & (Run.heartbeat_at < db_now() - grace_s)
+        failed = conn.execute(sa.update(Run).where(stale, Run.attempts >= Run.max_attempts)
+                              .values(state=FAILED, finished_at=db_now(),
+                                      error=sa.func.coalesce(Run.error, "") + "\nworker stopped heartbeating; "
+                                      "no attempts left").returning(Run.id)).scalars().all()
+        requeued = conn.execute(sa.update(Run).where(stale).values(state=QUEUED, worker=None)
+                                .returning(Run.id)).scalars().all()
+    return list(requeued) + list(failed)
+
+
+def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dict | None = None,
+           exit_code: int | None = None, error: str | None = None) -> str | None:
+    """Record how an attempt ended; return the run's new state (None if the run was no longer ours).
+
+    status is the trainer's (succeeded, diverged, pruned, preempted) or "failed" for a crash. A preempted
+    attempt goes back to the queue without using up an attempt; a crash is retried while attempts remain.
+    """
+    with engine.begin() as conn:
+        run = conn.execute(sa.select(Run.attempts, Run.max_attempts)
+                           .where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)).first()
+        if run is None:
+            return None
+        values: dict = dict(exit_code=exit_code, worker=None if status in ("preempted", FAILED) else worker)
+        if result is not None:
+            values.update(result=result, test_loss=result.get("test_loss"), step=result.get("step"),
+                          train_loss=result.get("train_loss"), tokens_per_s=result.get("tokens_per_s"))
+        if error is not None:
+            values["error"] = error
+        if status == "preempted":
+            new = QUEUED
+            values["attempts"] = Run.attempts - 1
+        elif status == FAILED and run.attempts < run.max_attempts:
+            new = QUEUED
+        else:
+            new = status if status in FINAL else FAILED
+            values["finished_at"] = db_now()
+        conn.execute(sa.update(Run).where(Run.id == run_id, Run.state == RUNNING).values(state=new, **values))
+        return new
+
+
+def set_mlflow_run(engine: Engine, run_id: str, mlflow_run_id: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.update(Run).where(Run.id == run_id).values(mlflow_run_id=mlflow_run_id))
+
+
+def cancel(engine: Engine, run_ids: Iterable[str]) -> list[str]:
+    """Queued or running → cancelled. A running run's worker notices at its next heartbeat and stops it."""
+    done: list[str] = []
+    with engine.begin() as conn:
+        for chunk in _chunks(list(run_ids), 500):
+            done += conn.execute(sa.update(Run).where(Run.id.in_(chunk), Run.state.in_(ACTIVE))
+                                 .values(state=CANCELLED, finished_at=db_now()).returning(Run.id)).scalars().all()
+    return done
+
+
+def retry(engine: Engine, run_ids: Iterable[str]) -> list[str]:
+    """A finished run that did not succeed goes back to the queue with its attempts reset."""
+    done: list[str] = []
+    with engine.begin() as conn:
+        for chunk in _chunks(list(run_ids), 500):
+            done += conn.execute(sa.update(Run).where(Run.id.in_(chunk), Run.state.in_((FAILED, DIVERGED, CANCELLED, PRUNED)))
+                                 .values(state=QUEUED, attempts=0, worker=None, finished_at=None)
+                                 .returning(Run.id)).scalars().all()
+    return done
+
+
+def counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.select(Run.state, sa.func.count()).group_by(Run.state)).all())
+
+
+def runs_of(engine: Engine, experiments: Sequence[str] | None = None) -> list[tuple[str, str, Run]]:
+    """(experiment, arm, run) for the named experiments, or all of them."""
+    with Session(engine, expire_on_commit=False) as conn:
+        q = sa.select(Membership.experiment, Membership.arm, Run).join(Run, Run.id == Membership.run_id)
+        if experiments:
+            q = q.where(Membership.experiment.in_(experiments))
+        rows = conn.execute(q.order_by(Membership.experiment, Membership.arm, Run.seed, Run.repeat)).all()
+    return [(e, a, r) for e, a, r in rows]
+
+
+def find(engine: Engine, prefix: str) -> list[Run]:
+    """Runs whose id starts with `prefix` (ids are 16 hex digits; a few are usually enough)."""
+    with Session(engine, expire_on_commit=False) as s:
+        return list(s.execute(sa.select(Run).where(Run.id.like(prefix + "%"))).scalars().all())
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]

@@ -1,0 +1,156 @@
+"""Experiment specs: a baseline plus named interventions, expanded into concrete runs.
+
+An experiment file is plain Python that defines `experiment = Experiment(...)`:
+
+    from orchestrator.specs import Experiment, Intervention
+
+    experiment = Experiment(
+        name="gradient-clipping",
+        interventions=[Intervention(name="clip-3.5", set={"optim.grad_clip": 3.5})],
+        seeds=2,
+    )
+
+Interventions are changes to the baseline, written as dotted config keys, so one file runs at any scale:
+`--preset tiny` on a laptop, `--preset gpt2-small` on a GPU node. A run's identity is a hash of its resolved
+config (which holds the seed and the data seed) and its repeat number: the same run submitted from two files
+is one run, trained once — every file that shares the baseline shares its runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import runpy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trainer import config as train_config
+from trainer.config import ConfigError, TrainConfig
+
+BASELINE = "baseline"
+
+
+class SpecError(ValueError):
+    """A bad experiment file, with the file, the intervention and the key in the message."""
+
+
+class Intervention(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted config keys and their new values")
+    description: str = ""
+
+
+class Experiment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
+    description: str = ""
+    preset: str = "tiny"
+    base: dict[str, Any] = Field(default_factory=dict, description="changes to the preset shared by every run")
+    interventions: list[Intervention] = Field(default_factory=list)
+    seeds: int = Field(1, ge=1, description="seeds per arm: run.seed, run.seed+1, …")
+    repeats: int = Field(1, ge=1, description="identical repeats per seed (measure nondeterminism alone)")
+    include_baseline: bool = True
+
+    @field_validator("interventions")
+    @classmethod
+    def _unique_names(cls, interventions: list[Intervention]) -> list[Intervention]:
+        names = [i.name for i in interventions]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"intervention names must be unique; repeated: {', '.join(dupes)}")
+        if BASELINE in names:
+            raise ValueError(f"{BASELINE!r} is reserved for the baseline; rename that intervention")
+        return interventions
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One concrete run: what `orch submit` queues."""
+
+    id: str
+    experiment: str
+    arm: str  # "baseline" or an intervention name
+    config: TrainConfig
+    repeat: int
+
+    @property
+    def seed(self) -> int:
+        return self.config.run.seed
+
+    @property
+    def data_seed(self) -> int:
+        return self.config.data.seed
+
+
+def run_id(cfg: TrainConfig, repeat: int) -> str:
+    """16 hex digits of sha256 over the canonical resolved config and the repeat number."""
+    canonical = json.dumps({"config": cfg.model_dump(mode="json"), "repeat": repeat}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Execute an experiment file and return its `experiment`, or raise SpecError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"experiment file {path} does not exist (see experiments/ for examples)")
+    try:
+        namespace = runpy.run_path(str(path), run_name="__orch_experiment__")
+    except ValidationError as exc:
+        raise SpecError(f"{path}: invalid experiment:\n{_pydantic_lines(exc)}") from None
+    except Exception as exc:  # the file is user code: any exception is a spec error, reported with its line
+        line = _user_line(exc, path)
+        raise SpecError(f"{path}{line}: {type(exc).__name__}: {exc}") from None
+    exp = namespace.get("experiment")
+    if not isinstance(exp, Experiment):
+        raise SpecError(f"{path} must define `experiment = Experiment(...)` (from orchestrator.specs)")
+    return exp
+
+
+def expand(exp: Experiment, *, source: str = "experiment", preset: str | None = None, seeds: int | None = None,
+           overrides: dict[str, Any] | None = None) -> list[RunSpec]:
+    """Every run of the experiment: arms × seeds × repeats, each config validated before anything is queued."""
+    try:
+        base = train_config.apply_overrides(train_config.preset(preset or exp.preset), exp.base)
+        base = train_config.apply_overrides(base, overrides or {})
+    except ConfigError as exc:
+        raise SpecError(f"{source}: base config: {exc}") from None
+    arms = ([(BASELINE, {})] if exp.include_baseline else []) + [(i.name, i.set) for i in exp.interventions]
+    first_seed = base["run"]["seed"]
+    runs: list[RunSpec] = []
+    for arm, changes in arms:
+        try:
+            arm_data = train_config.apply_overrides(base, changes)
+        except ConfigError as exc:
+            raise SpecError(f"{source}: intervention {arm!r}: {exc}") from None
+        for s in range(seeds or exp.seeds):
+            data = train_config.apply_overrides(arm_data, {"run.seed": first_seed + s})
+            try:
+                cfg = train_config.validate(data, source=f"{source}: intervention {arm!r}")
+            except ConfigError as exc:
+                raise SpecError(str(exc)) from None
+            for r in range(exp.repeats):
+                runs.append(RunSpec(run_id(cfg, r), exp.name, arm, cfg, r))
+    return runs
+
+
+def _pydantic_lines(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _user_line(exc: BaseException, path: Path) -> str:
+    tb, line = exc.__traceback__, ""
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
+            line = f":{tb.tb_lineno}"
+        tb = tb.tb_next
+    return line
