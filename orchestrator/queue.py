@@ -196,6 +196,14 @@ def runs_of(engine: Engine, experiments: Sequence[str] | None = None) -> list[tu
     return [(e, a, r) for e, a, r in rows]
 
 
+def memberships(engine: Engine, run_id: str) -> list[tuple[str, str]]:
+    """(experiment, arm) pairs that include this run, oldest experiment first."""
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(
+            sa.select(Membership.experiment, Membership.arm).join(ExperimentRow, ExperimentRow.name == Membership.experiment)
+            .where(Membership.run_id == run_id).order_by(ExperimentRow.created_at, Membership.experiment)).all()]
+
+
 def find(engine: Engine, prefix: str) -> list[Run]:
     """Runs whose id starts with `prefix` (ids are 16 hex digits; a few are usually enough)."""
     with Session(engine, expire_on_commit=False) as s:

@@ -1,0 +1,287 @@
+"""`orch`: a thin typer layer over the Python API. Heavy modules (torch, SQLAlchemy, MLflow) are imported
+inside the commands, so `orch --help` answers at once. User errors print one line with the fix, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Queue, train and compare GPT-2 pre-training interventions.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+DbOpt = Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL (default $ORCH_DB or sqlite:///results.db)")]
+MlflowOpt = Annotated[Optional[str], typer.Option("--mlflow", help="MLflow tracking URI (default $ORCH_MLFLOW or sqlite:///mlflow.db)")]
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def user_errors():
+    """Turn the errors a user can fix into one line each."""
+    from orchestrator.db import SchemaError
+    from orchestrator.specs import SpecError
+    from trainer.config import ConfigError
+
+    try:
+        yield
+    except (SpecError, ConfigError, SchemaError, ValueError) as exc:
+        fail(str(exc))
+
+
+def engine(db: str | None):
+    from orchestrator.db import connect
+
+    with user_errors():
+        return connect(db)
+
+
+def parse_sets(items: list[str]) -> dict:
+    from trainer.config import parse_value
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--set expects key=value (e.g. --set optim.lr=1e-3), got {item!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+@app.command()
+def submit(
+    file: Annotated[str, typer.Argument(help="an experiment file, e.g. experiments/quickstart.py")],
+    preset: Annotated[Optional[str], typer.Option(help="scale preset: tiny | gpt2-small")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="seeds per arm (overrides the file)")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a config key for every run")] = [],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would be queued; queue nothing")] = False,
+    db: DbOpt = None,
+):
+    """Queue an experiment's runs; runs that exist already (same config, seed, repeat) are reused."""
+    from orchestrator import queue, specs
+
+    with user_errors():
+        exp = specs.load_experiment(file)
+        runs = specs.expand(exp, source=file, preset=preset, seeds=seeds, overrides=parse_sets(set_))
+    if dry_run:
+        for r in runs:
+            typer.echo(f"would queue {r.id}  {exp.name}/{r.arm}  seed {r.seed}  repeat {r.repeat}")
+        typer.echo(f"{len(runs)} runs (dry run: nothing queued)")
+        return
+    report = queue.submit(engine(db), exp, runs, source=file)
+    for r in report.queued:
+        typer.echo(f"queued {r.id}  {r.arm}  seed {r.seed}" + (f"  repeat {r.repeat}" if r.repeat else ""))
+    for r, state in report.reused:
+        typer.echo(f"reused {r.id}  {r.arm}  seed {r.seed}  ({state})")
+    typer.echo(f"{exp.name}: {len(report.queued)} queued, {len(report.reused)} reused")
+
+
+@app.command()
+def worker(
+    gpus: Annotated[Optional[str], typer.Option(help="GPU indices to use, e.g. 0,1,2,3 (default: all; none → CPU)")] = None,
+    gpus_per_run: Annotated[int, typer.Option(help="GPUs per run (torchrun processes)")] = 1,
+    nproc_per_node: Annotated[int, typer.Option(help="processes per run on CPU")] = 1,
+    parallel: Annotated[int, typer.Option(help="CPU runs at once (no GPUs)")] = 1,
+    until_empty: Annotated[bool, typer.Option("--until-empty", help="exit when nothing is queued or running")] = False,
+    runs_dir: Annotated[str, typer.Option(help="where run directories go")] = "runs",
+    heartbeat: Annotated[float, typer.Option(help="seconds between heartbeats")] = 5.0,
+    grace: Annotated[float, typer.Option(help="seconds without heartbeat before a run is requeued")] = 60.0,
+    no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="do not track in MLflow")] = False,
+    db: DbOpt = None,
+    mlflow: MlflowOpt = None,
+):
+    """Claim queued runs and train them with torchrun, one per free GPU slot (or CPU slot)."""
+    from orchestrator.worker import Worker, detect_gpus, plan_slots
+
+    gpu_list = [g for g in gpus.split(",") if g] if gpus is not None else detect_gpus()
+    with user_errors():
+        slots = plan_slots(gpu_list, gpus_per_run, parallel)
+    eng = engine(db)
+    tracker = None
+    if not no_mlflow:
+        from orchestrator.tracking import Tracker
+
+        tracker = Tracker(mlflow)
+    w = Worker(eng, runs_dir=runs_dir, slots=slots, nproc_per_node=nproc_per_node, tracker=tracker,
+               heartbeat_s=heartbeat, grace_s=grace)
+    where = f"{len(slots)} GPU slot(s)" if gpu_list else f"{len(slots)} CPU slot(s)"
+    typer.echo(f"worker {w.name}: {where}" + (", until the queue is empty" if until_empty else ""))
+    n = w.run(until_empty=until_empty)
+    typer.echo(f"worker {w.name}: {n} run(s) finished")
+
+
+@app.command()
+def table(
+    experiments: Annotated[Optional[list[str]], typer.Argument(help="experiment names (default: all)")] = None,
+    format: Annotated[str, typer.Option("--format", help="rich | markdown | csv | json")] = "rich",
+    db: DbOpt = None,
+):
+    """The leaderboard: arms ranked by mean test loss, with std over seeds and improvement vs baseline."""
+    from orchestrator import queue
+    from orchestrator import table as tbl
+
+    if format not in ("rich", "markdown", "csv", "json"):
+        fail(f"--format must be rich, markdown, csv or json, not {format!r}")
+    boards = tbl.build(queue.runs_of(engine(db), experiments))
+    if not boards:
+        fail("no runs yet: queue some with `orch submit experiments/quickstart.py`")
+    out = tbl.render(boards, format)
+    if out is not None:
+        typer.echo(out)
+
+
+@app.command()
+def ls(
+    experiments: Annotated[Optional[list[str]], typer.Argument()] = None,
+    state: Annotated[Optional[str], typer.Option(help="only runs in this state")] = None,
+    db: DbOpt = None,
+):
+    """List runs: id, experiment, arm, seed, state, attempts, test loss."""
+    from orchestrator import queue
+
+    for exp, arm, r in queue.runs_of(engine(db), experiments):
+        if state and r.state != state:
+            continue
+        loss = f"{r.test_loss:.4f}" if r.test_loss is not None else "—"
+        typer.echo(f"{r.id}  {exp:<24} {arm:<20} seed {r.seed:<4} {r.state:<10} attempts {r.attempts}  {loss}")
+
+
+@app.command()
+def status(
+    watch: Annotated[bool, typer.Option("--watch/--once", help="refresh until interrupted")] = False,
+    db: DbOpt = None,
+):
+    """Queued / running / done counts, and each running run's step, loss, tokens/s and ETA."""
+    from rich.console import Console
+    from rich.live import Live
+
+    eng = engine(db)
+    if not watch:
+        Console().print(_status_view(eng))
+        return
+    with Live(_status_view(eng), refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(1)
+                live.update(_status_view(eng))
+        except KeyboardInterrupt:
+            pass
+
+
+def _status_view(eng):
+    from rich.console import Group
+    from rich.table import Table
+
+    from orchestrator import queue
+
+    counts = queue.counts(eng)
+    summary = "  ".join(f"{k}: {counts.get(k, 0)}" for k in (queue.QUEUED, queue.RUNNING, *queue.FINAL))
+    t = Table(title="running")
+    for col in ("run", "experiment/arm", "seed", "step", "loss", "tokens/s", "ETA", "worker"):
+        t.add_column(col)
+    seen = set()
+    for exp, arm, r in queue.runs_of(eng):
+        if r.state != queue.RUNNING or r.id in seen:
+            continue
+        seen.add(r.id)
+        eta = "—"
+        if r.step and r.total_steps and r.tokens_per_s:
+            tokens_left = (r.total_steps - r.step) * r.config["run"]["batch_size"] * r.config["model"]["context_length"]
+            eta = f"{tokens_left / r.tokens_per_s:,.0f}s"
+        t.add_row(r.id, f"{exp}/{arm}", str(r.seed), f"{r.step or 0}/{r.total_steps or '?'}",
+                  f"{r.train_loss:.4f}" if r.train_loss else "—",
+                  f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—", eta, r.worker or "")
+    return Group(summary, t)
+
+
+@app.command()
+def logs(run: Annotated[str, typer.Argument(help="run id (a unique prefix is enough)")],
+         lines: Annotated[int, typer.Option("-n", help="last N lines")] = 50,
+         db: DbOpt = None):
+    """The trainer's log of a run (and its error, if it failed)."""
+    from pathlib import Path
+
+    r = _one_run(engine(db), run)
+    log = Path(r.run_dir or f"runs/{r.id}") / "train.log"
+    if log.exists():
+        typer.echo("\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+    else:
+        typer.echo(f"(no log at {log} yet: state {r.state})")
+    if r.error:
+        typer.echo(f"--- last error ---\n{r.error}")
+
+
+@app.command()
+def cancel(target: Annotated[str, typer.Argument(help="a run id prefix or an experiment name")], db: DbOpt = None):
+    """Cancel queued and running runs of a run or an experiment (running trainers checkpoint and stop)."""
+    from orchestrator import queue
+
+    eng = engine(db)
+    ids = [r.id for _, _, r in queue.runs_of(eng, [target])] or [r.id for r in queue.find(eng, target)]
+    if not ids:
+        fail(f"no run or experiment matches {target!r} (see `orch ls`)")
+    done = queue.cancel(eng, ids)
+    typer.echo(f"cancelled {len(done)} run(s)" + (f"; {len(ids) - len(done)} were already finished" if len(ids) > len(done) else ""))
+
+
+@app.command()
+def retry(run: Annotated[str, typer.Argument(help="run id prefix")], db: DbOpt = None):
+    """Requeue a failed, diverged, cancelled or pruned run with its attempts reset."""
+    from orchestrator import queue
+
+    eng = engine(db)
+    r = _one_run(eng, run)
+    if not queue.retry(eng, [r.id]):
+        fail(f"run {r.id} is {r.state}; only failed, diverged, cancelled or pruned runs can be retried")
+    typer.echo(f"requeued {r.id}")
+
+
+@app.command()
+def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000, mlflow: MlflowOpt = None):
+    """Start the MLflow UI on 127.0.0.1 over the same tracking store."""
+    import subprocess
+
+    from orchestrator.tracking import resolve_uri
+
+    uri = resolve_uri(mlflow)
+    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                      "--host", "127.0.0.1", "--port", str(port)]))
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: DbOpt = None):
+    """Migrate a database written by an older orch to this version's schema."""
+    import sqlalchemy as sa
+
+    from orchestrator import migrations
+    from orchestrator.db import resolve_url
+
+    eng = sa.create_engine(resolve_url(db))
+    before, after = migrations.upgrade(eng)
+    typer.echo(f"schema {before or 'empty'} -> {after}")
+
+
+def _one_run(eng, prefix: str):
+    from orchestrator import queue
+
+    matches = queue.find(eng, prefix)
+    if not matches:
+        fail(f"no run id starts with {prefix!r} (see `orch ls`)")
+    if len(matches) > 1:
+        fail(f"{prefix!r} matches {len(matches)} runs; give more of the id")
+    return matches[0]
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,125 @@
+"""MLflow: the only module that imports it.
+
+One MLflow experiment per orch experiment; one MLflow run per orch run, created in the experiment that first
+queued it (a baseline shared by several experiments is one run, tagged with all of them). The full config
+goes in as params, identity as tags, every metrics.jsonl event as metrics (in batches: one REST call per
+1,000 points rather than one per point), and config, result and log as artifacts.
+
+Default store: a SQLite file, `mlflow.db` (MLflow refuses its plain-file store without a flag). Any
+tracking URI works, e.g. http://host:5000 for a shared tracking server.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+ENV_URI = "ORCH_MLFLOW"
+BATCH = 1000  # MLflow's limit on metrics per log_batch
+TERMINAL = {"succeeded": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "pruned": "KILLED",
+            "cancelled": "KILLED"}
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get(ENV_URI) or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+class Tracker:
+    def __init__(self, uri: str | None = None):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_uri(uri)
+        self.client = MlflowClient(self.uri)
+        self._experiments: dict[str, str] = {}
+
+    def experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        if name not in self._experiments:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                try:
+                    self._experiments[name] = self.client.create_experiment(name, artifact_location=self._artifacts(name))
+                except MlflowException:  # another worker created it first
+                    self._experiments[name] = self.client.get_experiment_by_name(name).experiment_id
+            else:
+                self._experiments[name] = exp.experiment_id
+        return self._experiments[name]
+
+    def _artifacts(self, name: str) -> str | None:
+        # With a local SQLite store, keep artifacts beside it rather than in ./mlruns of whatever cwd.
+        if self.uri.startswith("sqlite:///"):
+            return (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / name).as_uri()
+        return None
+
+    def start_run(self, *, experiment: str, all_experiments: list[str], arm: str, run_id: str, config: dict,
+                  seed: int, data_seed: int, repeat: int, git_commit: str | None) -> str:
+        """Create the MLflow run for an orch run, with params and tags; return its MLflow id."""
+        from mlflow.entities import Param, RunTag
+
+        tags = {"orch.run_id": run_id, "orch.experiment": experiment, "orch.experiments": ",".join(all_experiments),
+                "orch.intervention": arm, "orch.seed": str(seed), "orch.data_seed": str(data_seed),
+                "orch.repeat": str(repeat), "orch.config_hash": run_id, "mlflow.source.git.commit": git_commit or ""}
+        run = self.client.create_run(self.experiment_id(experiment), run_name=f"{arm}-s{seed}-r{repeat}-{run_id[:6]}",
+                                     tags=tags)
+        params = [Param(k, str(v)) for k, v in sorted(flatten(config).items())]
+        for i in range(0, len(params), 100):  # MLflow's limit on params per batch
+            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        return run.info.run_id
+
+    def last_steps(self, mlflow_run_id: str) -> dict[str, int]:
+        """Per metric key, the last step already logged (so a resumed run logs no step twice)."""
+        run = self.client.get_run(mlflow_run_id)
+        out = {}
+        for key in run.data.metrics:
+            history = self.client.get_metric_history(mlflow_run_id, key)
+            out[key] = max((m.step for m in history), default=-1)
+        return out
+
+    def log_events(self, mlflow_run_id: str, events: list[dict], last_steps: dict[str, int]) -> int:
+        """Log metrics.jsonl events, skipping (key, step) pairs at or before what was logged; return #points."""
+        from mlflow.entities import Metric
+
+        points = []
+        for e in events:
+            if "event" in e:
+                continue
+            step, ts = int(e.get("step", 0)), int(1000 * e.get("time", time.time()))
+            for key, value in e.items():
+                if key in ("step", "time") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                if step <= last_steps.get(key, -1):
+                    continue
+                points.append(Metric(key, float(value), ts, step))
+                last_steps[key] = step
+        for i in range(0, len(points), BATCH):
+            self.client.log_batch(mlflow_run_id, metrics=points[i : i + BATCH])
+        return len(points)
+
+    def finish_run(self, mlflow_run_id: str, state: str, run_dir: Path, result: dict | None) -> None:
+        from mlflow.entities import Metric
+
+        if result:
+            ts = int(time.time() * 1000)
+            final = {f"final.{k}": v for k, v in result.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+            self.client.log_batch(mlflow_run_id, metrics=[Metric(k, float(v), ts, int(result.get("step") or 0))
+                                                          for k, v in final.items()])
+            self.client.set_tag(mlflow_run_id, "orch.status", result.get("status", state))
+        for name in ("config.json", "result.json", "train.log"):
+            if (run_dir / name).exists():
+                self.client.log_artifact(mlflow_run_id, str(run_dir / name))
+        if state in TERMINAL:
+            self.client.set_terminated(mlflow_run_id, status=TERMINAL[state])
