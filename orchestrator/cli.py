@@ -73,6 +73,8 @@ def submit(
     with user_errors():
         exp = specs.load_experiment(file)
         runs = specs.expand(exp, source=file, preset=preset, seeds=seeds, overrides=parse_sets(set_))
+    for a, b in specs.identical_arms(runs):
+        typer.secho(f"warning: {b!r} is identical to {a!r} at this preset; they share runs", fg="yellow", err=True)
     if dry_run:
         for r in runs:
             typer.echo(f"would queue {r.id}  {exp.name}/{r.arm}  seed {r.seed}  repeat {r.repeat}")

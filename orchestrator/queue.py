@@ -77,12 +77,18 @@ def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str
 def claim(engine: Engine, worker: str, limit: int = 1) -> list[Run]:
     """Atomically move up to `limit` queued runs to running for this worker and return them."""
     with Session(engine, expire_on_commit=False) as conn, conn.begin():
-        candidates = (sa.select(Run.id).where(Run.state == QUEUED)
-                      .order_by(Run.priority.desc(), Run.created_at, Run.id).limit(limit)
-                      .with_for_update(skip_locked=True))  # SQLite ignores this; BEGIN IMMEDIATE serialises
+        # Two statements, as the design says: the SELECT locks (and skips locked) candidate rows; the UPDATE
+        # takes them. (One UPDATE … WHERE id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED) can take more than n
+        # rows on PostgreSQL, which may re-run the subquery.)
+        candidates = conn.execute(
+            sa.select(Run.id).where(Run.state == QUEUED).order_by(Run.priority.desc(), Run.created_at, Run.id)
+            .limit(limit).with_for_update(skip_locked=True)  # SQLite ignores this; BEGIN IMMEDIATE serialises
+        ).scalars().all()
+        if not candidates:
+            return []
         now = db_now()
         ids = conn.execute(
-            sa.update(Run).where(Run.id.in_(candidates.scalar_subquery()), Run.state == QUEUED)
+            sa.update(Run).where(Run.id.in_(candidates), Run.state == QUEUED)
             .values(state=RUNNING, worker=worker, attempts=Run.attempts + 1, started_at=now, heartbeat_at=now,
                     finished_at=None, exit_code=None)
             .returning(Run.id).execution_options(synchronize_session=False)

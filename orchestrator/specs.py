@@ -139,6 +139,17 @@ def expand(exp: Experiment, *, source: str = "experiment", preset: str | None = 
     return runs
 
 
+def identical_arms(runs: list[RunSpec]) -> list[tuple[str, str]]:
+    """Pairs of arms that resolve to the same runs (an intervention that changes nothing at this preset)."""
+    first: dict[str, str] = {}
+    pairs = set()
+    for r in runs:
+        other = first.setdefault(r.id, r.arm)
+        if other != r.arm:
+            pairs.add((other, r.arm))
+    return sorted(pairs)
+
+
 def _pydantic_lines(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():

@@ -204,9 +204,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
+# Keys that are alternatives: setting one (to a value) clears the other unless both are set together,
+# so `--set run.steps=40` works on a preset whose budget is given in tokens.
+ALTERNATIVES = {"run.steps": "run.tokens", "run.tokens": "run.steps"}
+
+
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Apply {"optim.lr": 1e-3, ...} to a nested dict, refusing keys that do not exist."""
     data = json.loads(json.dumps(data))  # deep copy
+    for dotted, other in ALTERNATIVES.items():
+        if overrides.get(dotted) is not None and other not in overrides:
+            overrides = {**overrides, other: None}
     for dotted, value in overrides.items():
         node, parts = data, dotted.split(".")
         for i, part in enumerate(parts):

@@ -1,0 +1,165 @@
+"""The queue's state transitions, against SQLite and a real PostgreSQL server alike."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from orchestrator import queue, specs
+from orchestrator.db import SchemaError, connect
+from tests.servers import Postgres, pg_bin
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    pg = Postgres().start()
+    yield pg
+    pg.stop()
+
+
+_dbs = iter(range(10_000))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'results.db'}"
+    return request.getfixturevalue("postgres").create_db(f"t{next(_dbs)}")
+
+
+def experiment(n_seeds=2, name="exp", **kw):
+    return specs.Experiment(name=name, interventions=[specs.Intervention(name="nodrop", set={"model.dropout": 0})],
+                            seeds=n_seeds, **kw)
+
+
+def test_submit_queues_then_reuses(db_url):
+    eng = connect(db_url)
+    exp = experiment()
+    runs = specs.expand(exp)
+    first = queue.submit(eng, exp, runs)
+    assert len(first.queued) == 4 and not first.reused
+    again = queue.submit(eng, exp, runs)
+    assert not again.queued and len(again.reused) == 4
+    # Another experiment with the same baseline shares its runs.
+    other = specs.Experiment(name="other", interventions=[specs.Intervention(name="bias", set={"model.qkv_bias": True})],
+                             seeds=2)
+    rep = queue.submit(eng, other, specs.expand(other))
+    assert len(rep.queued) == 2 and {r.arm for r, _ in rep.reused} == {"baseline"}
+    assert queue.counts(eng) == {"queued": 6}
+    assert {(e, a) for e, a, _ in queue.runs_of(eng, ["other"])} == {("other", "baseline"), ("other", "bias")}
+
+
+def test_claim_heartbeat_finish(db_url):
+    eng = connect(db_url)
+    exp = experiment()
+    queue.submit(eng, exp, specs.expand(exp))
+    [run] = queue.claim(eng, "w1", 1)
+    assert run.state == "running" and run.worker == "w1" and run.attempts == 1
+    assert queue.heartbeat(eng, "w1", {run.id: {"step": 3}}) == {run.id}
+    assert queue.heartbeat(eng, "w2", {run.id: {"step": 3}}) == set()  # not w2's run
+    assert queue.finish(eng, run.id, "w1", "succeeded", result={"test_loss": 7.5, "step": 12}) == "succeeded"
+    assert queue.finish(eng, run.id, "w1", "failed") is None  # a finished run is never modified
+    [done] = queue.find(eng, run.id)
+    assert done.state == "succeeded" and done.test_loss == 7.5 and done.finished_at is not None
+
+
+def test_failures_retry_until_attempts_run_out(db_url):
+    eng = connect(db_url)
+    exp = experiment(n_seeds=1, include_baseline=False)
+    queue.submit(eng, exp, specs.expand(exp), max_attempts=2)
+    [r] = queue.claim(eng, "w", 1)
+    assert queue.finish(eng, r.id, "w", "failed", exit_code=1, error="boom") == "queued"
+    [r] = queue.claim(eng, "w", 1)
+    assert r.attempts == 2
+    assert queue.finish(eng, r.id, "w", "failed", exit_code=1, error="boom again") == "failed"
+    [r] = queue.find(eng, r.id)
+    assert r.error == "boom again" and r.exit_code == 1
+    assert queue.retry(eng, [r.id]) == [r.id]
+    [r] = queue.claim(eng, "w", 1)
+    assert r.attempts == 1
+    # Preemption hands the run back without using up an attempt.
+    assert queue.finish(eng, r.id, "w", "preempted") == "queued"
+    [r] = queue.claim(eng, "w", 1)
+    assert r.attempts == 1
+
+
+def test_stale_runs_are_requeued_on_the_database_clock(db_url):
+    eng = connect(db_url)
+    exp = experiment(n_seeds=1)
+    queue.submit(eng, exp, specs.expand(exp))
+    a, b = queue.claim(eng, "dead", 2)
+    time.sleep(0.6)
+    queue.heartbeat(eng, "dead", {b.id: {}})  # b still beats
+    assert queue.requeue_stale(eng, 0.5) == [a.id]
+    assert queue.counts(eng) == {"queued": 1, "running": 1}
+    assert queue.heartbeat(eng, "dead", {a.id: {}}) == set()  # the old worker learns it lost the run
+
+
+def test_cancel(db_url):
+    eng = connect(db_url)
+    exp = experiment()
+    queue.submit(eng, exp, specs.expand(exp))
+    [running] = queue.claim(eng, "w", 1)
+    assert len(queue.cancel(eng, [r.id for _, _, r in queue.runs_of(eng)])) == 4
+    assert queue.counts(eng) == {"cancelled": 4}
+    assert queue.heartbeat(eng, "w", {running.id: {}}) == set()
+
+
+def test_eight_concurrent_claimers_claim_each_run_exactly_once(db_url):
+    eng = connect(db_url)
+    exp = specs.Experiment(name="many", seeds=200)
+    queue.submit(eng, exp, specs.expand(exp))
+    claimed: collections.Counter = collections.Counter()
+    errors = []
+    lock = threading.Lock()
+
+    def claimer(i):
+        try:
+            own = connect(db_url)  # one engine (and connection pool) per worker, as separate processes have
+            while batch := queue.claim(own, f"w{i}", 2):
+                with lock:
+                    claimed.update(r.id for r in batch)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(claimed) == 200 and set(claimed.values()) == {1}
+    assert queue.counts(eng) == {"running": 200}
+    with eng.connect() as conn:
+        from orchestrator.db import Run
+
+        owners = conn.execute(sa.select(Run.worker, sa.func.count()).group_by(Run.worker)).all()
+    assert sum(n for _, n in owners) == 200
+
+
+def test_old_schema_is_refused_with_the_upgrade_command(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    connect(url)
+    eng = sa.create_engine(url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
+    with pytest.raises(SchemaError, match="newer orch"):
+        connect(url)
+    foreign = f"sqlite:///{tmp_path / 'foreign.db'}"
+    with sa.create_engine(foreign).begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE something (x int)")
+    with pytest.raises(SchemaError, match="no orch schema version"):
+        connect(foreign)
+
+
+def test_unreachable_database_is_one_clear_error():
+    with pytest.raises(SchemaError, match="cannot connect"):
+        connect("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    with pytest.raises(SchemaError, match="not a database URL"):
+        connect("results.db")

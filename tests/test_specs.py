@@ -1,0 +1,98 @@
+"""Experiment files: expansion, run identity, and spec errors that name the file, intervention and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator import specs
+from tests.conftest import REPO, subprocess_env
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_shipped_experiment_files_expand_at_both_scales(path):
+    exp = specs.load_experiment(path)
+    for preset in ("tiny", "gpt2-small"):
+        runs = specs.expand(exp, preset=preset)
+        assert runs
+        if preset == "gpt2-small":  # every intervention changes something at the scale it was written for
+            assert len({r.id for r in runs}) == len(runs) and not specs.identical_arms(runs)
+
+
+def test_an_intervention_that_changes_nothing_is_flagged():
+    # The tiny preset already trains in fp32, so "fp32" is the baseline there: one run, and a warning.
+    runs = specs.expand(specs.load_experiment(REPO / "experiments/amp.py"), preset="tiny")
+    assert specs.identical_arms(runs) == [("baseline", "fp32")]
+
+
+def test_family_files_cover_the_blog_series():
+    names = {p.stem for p in EXPERIMENTS}
+    assert {"gradient_clipping", "remove_dropout", "qkv_bias", "lr_schedule", "weight_decay", "weight_tying",
+            "amp", "noise", "stacked", "quickstart"} <= names
+    wd = specs.expand(specs.load_experiment(REPO / "experiments/weight_decay.py"))
+    assert sorted(r.config.optim.weight_decay for r in wd) == [0.01, 0.1, 0.33724]
+
+
+def test_quickstart_is_a_real_demo():
+    exp = specs.load_experiment(REPO / "experiments/quickstart.py")
+    runs = specs.expand(exp)
+    arms = {r.arm for r in runs}
+    assert "baseline" in arms and len(arms) >= 5 and exp.seeds >= 2
+
+
+def test_run_identity_is_the_resolved_config():
+    exp = specs.Experiment(name="a", seeds=2, repeats=2)
+    runs = specs.expand(exp)
+    assert len({r.id for r in runs}) == 4
+    # The same baseline from another file, or spelled as an explicit no-op change, is the same run.
+    same = specs.expand(specs.Experiment(name="b", base={"model.dropout": 0.1}, seeds=2, repeats=2))
+    assert {r.id for r in same} == {r.id for r in runs}
+    assert [r.seed for r in runs] == [42, 42, 43, 43]
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "exp.py"
+    path.write_text("from orchestrator.specs import Experiment, Intervention\n" + body)
+    return path
+
+
+@pytest.mark.parametrize("body, expected", [
+    ('experiment = Experiment(name="x", interventions=[Intervention(name="bad", set={"model.dropot": 0})])',
+     ["intervention 'bad'", "model.dropot", "did you mean 'dropout'"]),
+    ('experiment = Experiment(name="x", interventions=[Intervention(name="typed", set={"optim.lr": "fast"})])',
+     ["intervention 'typed'", "optim.lr"]),
+    ('experiment = Experiment(name="x", interventions=[Intervention(name="heads", set={"model.n_head": 5})])',
+     ["intervention 'heads'", "model.n_embd (64) must be divisible by model.n_head (5)"]),
+    ('experiment = Experiment(name="x", seeds=0)', ["seeds"]),
+    ('experiment = Experiment(name="x", colour="red")', ["colour"]),
+    ('x = 1 / 0', ["exp.py:2", "ZeroDivisionError"]),
+    ('exp = 3', ["must define `experiment = Experiment(...)`"]),
+])
+def test_spec_errors_name_file_intervention_and_key(tmp_path, body, expected):
+    path = write(tmp_path, body)
+    with pytest.raises(specs.SpecError) as info:
+        specs.expand(specs.load_experiment(path), source=str(path))
+    for fragment in expected:
+        assert fragment in str(info.value)
+
+
+def test_cli_rejects_a_bad_file_and_leaves_the_database_untouched(tmp_path):
+    db = tmp_path / "results.db"
+    good = write(tmp_path, 'experiment = Experiment(name="ok")')
+    env = subprocess_env()
+    orch = [sys.executable, "-m", "orchestrator.cli"]
+    ok = subprocess.run([*orch, "submit", str(good), "--db", f"sqlite:///{db}"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    before = db.read_bytes()
+    bad = tmp_path / "bad.py"
+    bad.write_text('from orchestrator.specs import Experiment, Intervention\n'
+                   'experiment = Experiment(name="ok", interventions=[Intervention(name="i", set={"optim.lrr": 1})])\n')
+    out = subprocess.run([*orch, "submit", str(bad), "--db", f"sqlite:///{db}"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "optim.lrr" in out.stderr and "intervention 'i'" in out.stderr
+    assert db.read_bytes() == before
