@@ -157,7 +157,7 @@ class Worker:
                 queue.set_mlflow_run(self.engine, run.id, mlflow_id)
             else:
                 last_steps = self.tracker.last_steps(mlflow_id)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", ORCH_WORKER_PID=str(os.getpid()))
         if self.commit:
             env["ORCH_GIT_COMMIT"] = self.commit
         if slot.gpus is not None:

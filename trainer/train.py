@@ -64,18 +64,34 @@ def setup_distributed() -> Dist:
 
 
 class StopRequest:
-    """SIGTERM (a preemption, or torchrun forwarding one) or a STOP file ends the run at the next sync point."""
+    """SIGTERM (a preemption, or torchrun forwarding one) or a STOP file ends the run at the next sync point.
+
+    So does the death of the orch worker that launched us (its pid is in ORCH_WORKER_PID): an orphaned
+    trainer would otherwise go on writing into a run directory that another worker is about to resume.
+    """
 
     def __init__(self, run_dir: Path, master: bool):
         self.run_dir, self.master, self.signalled = run_dir, master, False
+        self.worker_pid = int(os.environ.get("ORCH_WORKER_PID", "0"))
         signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _worker_gone(self) -> bool:
+        if not self.worker_pid:
+            return False
+        try:
+            os.kill(self.worker_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True
 
     def poll(self, d: Dist) -> Status | None:
         """Agree across ranks: 0 none, 1 preempted, 2 pruned (pruned wins)."""
-        code = 1 if self.signalled else 0
+        code = 1 if self.signalled or self._worker_gone() else 0
         if self.master:
             code = max(code, {None: 0, Status.PREEMPTED: 1, Status.PRUNED: 2}[read_stop(self.run_dir)])
         if d.world > 1:

@@ -1,0 +1,186 @@
+"""End to end: orch submit → orch worker (real torchrun trainers) → MLflow → orch table, and the failure
+modes a user meets: a worker SIGKILLed mid-run, a worker stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from orchestrator import queue
+from orchestrator.db import connect
+from tests.conftest import FAST, REPO, subprocess_env
+from tests.servers import MlflowServer
+
+ORCH = [sys.executable, "-m", "orchestrator.cli"]
+
+
+def write_experiment(tmp_path: Path, data_dir: Path, name: str, interventions: str, steps: int = 12, seeds: int = 1):
+    base = {**FAST, "data.path": str(data_dir), "run.steps": steps}
+    path = tmp_path / f"{name}.py"
+    path.write_text(
+        "from orchestrator.specs import Experiment, Intervention\n"
+        f"experiment = Experiment(name={name!r}, preset='tiny', base={base!r}, seeds={seeds},\n"
+        f"    interventions=[{interventions}])\n")
+    return path
+
+
+class Orch:
+    """Runs the CLI against one database, MLflow store and runs folder."""
+
+    def __init__(self, tmp_path: Path):
+        self.db = f"sqlite:///{tmp_path / 'results.db'}"
+        self.mlflow = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        self.runs = tmp_path / "runs"
+        self.cwd = tmp_path
+        self.env = subprocess_env()
+
+    def args(self, *args: str) -> list[str]:
+        cmd = [*ORCH, *args, "--db", self.db]
+        if args[0] in ("worker",):
+            cmd += ["--mlflow", self.mlflow, "--runs-dir", str(self.runs)]
+        return cmd
+
+    def __call__(self, *args: str, code: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+        out = subprocess.run(self.args(*args), cwd=self.cwd, env=self.env, capture_output=True, text=True,
+                             timeout=timeout)
+        assert out.returncode == code, f"exit {out.returncode}\n{out.stdout}\n{out.stderr}"
+        return out
+
+    def start(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(self.args(*args), cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until(predicate, timeout: float = 120, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    from trainer.rundir import read_metrics
+
+    return [e["step"] for e in read_metrics(run_dir) if "loss" in e]
+
+
+def test_submit_worker_table_and_mlflow(tmp_path, data_dir):
+    orch = Orch(tmp_path)
+    exp = write_experiment(tmp_path, data_dir, "e2e", "Intervention(name='no-dropout', set={'model.dropout': 0.0})")
+    out = orch("submit", str(exp))
+    assert "2 queued, 0 reused" in out.stdout
+    assert "0 queued, 2 reused" in orch("submit", str(exp)).stdout
+    orch("worker", "--until-empty", "--heartbeat", "0.5")
+    eng = connect(orch.db)
+    assert queue.counts(eng) == {"succeeded": 2}
+    runs = [r for _, _, r in queue.runs_of(eng, ["e2e"])]
+    for r in runs:
+        result = json.loads((orch.runs / r.id / "result.json").read_text())
+        assert r.test_loss == result["test_loss"] and r.mlflow_run_id and r.attempts == 1
+
+    table = json.loads(orch("table", "e2e", "--format", "json").stdout)[0]
+    assert [row["arm"] for row in table["rows"]] == sorted(
+        ["baseline", "no-dropout"], key=lambda a: next(r.test_loss for e, arm, r in queue.runs_of(eng) if arm == a))
+    base = next(row for row in table["rows"] if row["arm"] == "baseline")
+    other = next(row for row in table["rows"] if row["arm"] == "no-dropout")
+    assert other["improvement"] == pytest.approx(base["mean"] - other["mean"])
+    md = orch("table", "e2e", "--format", "markdown").stdout
+    assert "| baseline |" in md and "| no-dropout |" in md
+
+    # Read the runs back through a real MLflow tracking server's REST API.
+    server = MlflowServer(orch.mlflow, tmp_path / "mlartifacts").start()
+    try:
+        def get(path, **params):
+            with urllib.request.urlopen(f"{server.url}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(params)}") as f:
+                return json.loads(f.read())
+
+        exp_id = get("experiments/get-by-name", experiment_name="e2e")["experiment"]["experiment_id"]
+        req = urllib.request.Request(f"{server.url}/api/2.0/mlflow/runs/search", method="POST",
+                                     data=json.dumps({"experiment_ids": [exp_id]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        found = json.loads(urllib.request.urlopen(req).read())["runs"]
+        assert len(found) == 2
+        for run in found:
+            tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+            params = {p["key"]: p["value"] for p in run["data"]["params"]}
+            assert tags["orch.intervention"] in ("baseline", "no-dropout") and tags["orch.seed"] == "42"
+            assert params["model.dropout"] in ("0.0", "0.1") and run["info"]["status"] == "FINISHED"
+            history = get("metrics/get-history", run_id=run["info"]["run_id"], metric_key="loss")["metrics"]
+            assert sorted(m["step"] for m in history) == list(range(1, 13))
+            metrics = {m["key"] for m in run["data"]["metrics"]}
+            assert {"loss", "lr", "grad_norm", "test_loss", "final.test_loss"} <= metrics
+    finally:
+        server.stop()
+
+
+def test_killed_worker_run_is_finished_by_another_with_nothing_lost(tmp_path, data_dir):
+    orch = Orch(tmp_path)
+    exp = write_experiment(tmp_path, data_dir, "kill", "", steps=24)
+    orch("submit", str(exp))
+    eng = connect(orch.db)
+    [(_, _, run)] = queue.runs_of(eng)
+    first = orch.start("worker", "--heartbeat", "0.5", "--grace", "3")
+    run_dir = orch.runs / run.id
+    wait_until(lambda: run_dir.exists() and max(logged_steps(run_dir), default=0) >= 10, what="step 10")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    # The orphaned trainer notices its worker is gone, checkpoints and exits.
+    wait_until(lambda: (run_dir / "result.json").exists(), what="the orphan's preempted result")
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "preempted"
+    second = orch("worker", "--until-empty", "--heartbeat", "0.5", "--grace", "3")
+    assert f"requeued {run.id}" in second.stdout
+    [done] = queue.find(eng, run.id)
+    assert done.state == "succeeded" and done.attempts == 2
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["launches"] == 2 and result["step"] == 24
+    assert logged_steps(run_dir) == list(range(1, 25))  # every step once, after resume semantics
+
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(orch.mlflow).get_metric_history(done.mlflow_run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 25))  # none lost, none twice
+
+
+def test_sigterm_checkpoints_and_requeues(tmp_path, data_dir):
+    orch = Orch(tmp_path)
+    exp = write_experiment(tmp_path, data_dir, "term", "", steps=400)
+    orch("submit", str(exp))
+    eng = connect(orch.db)
+    [(_, _, run)] = queue.runs_of(eng)
+    w = orch.start("worker", "--heartbeat", "0.5", "--no-mlflow")
+    run_dir = orch.runs / run.id
+    wait_until(lambda: run_dir.exists() and max(logged_steps(run_dir), default=0) >= 3, what="step 3")
+    w.send_signal(signal.SIGTERM)
+    out, _ = w.communicate(timeout=120)
+    assert w.returncode == 0, out
+    [r] = queue.find(eng, run.id)
+    assert r.state == "queued" and r.attempts == 0
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "preempted"
+    assert (run_dir / "checkpoints" / f"step_{result['step']:08d}.pt").exists()
+
+
+def test_cancel_and_retry_from_the_cli(tmp_path, data_dir):
+    orch = Orch(tmp_path)
+    exp = write_experiment(tmp_path, data_dir, "cx", "Intervention(name='bias', set={'model.qkv_bias': True})")
+    orch("submit", str(exp))
+    assert "cancelled 2 run(s)" in orch("cancel", "cx").stdout
+    eng = connect(orch.db)
+    ids = [r.id for _, _, r in queue.runs_of(eng)]
+    assert "requeued" in orch("retry", ids[0][:8]).stdout
+    assert queue.counts(eng) == {"cancelled": 1, "queued": 1}
+    assert "error:" in orch("retry", "zzzz", code=2).stderr
+    ls = orch("ls").stdout
+    assert ids[0] in ls and "cancelled" in ls
