@@ -1,5 +1,5 @@
 # Two set-up commands for a fresh machine (see README):
-#   make demo   install, prepare the embedded corpus, train and evaluate on the CPU
+#   make demo   install, prepare the embedded corpus, run the quickstart study on the CPU, print the leaderboard
 #   make test   install, run the test suite
 PYTHON ?= python3
 # Pin torch before installing the project: on a CPU machine this takes the CPU build, and the project's own
@@ -24,9 +24,9 @@ data/embedded/meta.json: | $(STAMP)
 	$(BIN)/python -m trainer.prepare embedded --out data/embedded
 
 demo: $(STAMP) data/embedded/meta.json
-	rm -rf runs/demo
-	$(BIN)/python -m trainer --preset tiny --run-dir runs/demo
-	$(BIN)/python -m trainer.evaluate --checkpoint "$$(ls runs/demo/checkpoints/step_*.pt | tail -n 1)"
+	$(BIN)/orch submit experiments/quickstart.py
+	$(BIN)/orch worker --until-empty --parallel 2
+	$(BIN)/orch table quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

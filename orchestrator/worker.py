@@ -79,10 +79,11 @@ def detect_gpus() -> list[str]:
 class Worker:
     def __init__(self, engine: Engine, *, runs_dir: str | Path = "runs", slots: list[Slot], nproc_per_node: int = 1,
                  tracker=None, heartbeat_s: float = 5.0, grace_s: float = 60.0, poll_s: float = 0.2,
-                 forward_s: float = 2.0, name: str | None = None, echo=print):
+                 forward_s: float = 2.0, progress_s: float = 10.0, name: str | None = None, echo=print):
         self.engine, self.runs_dir, self.slots = engine, Path(runs_dir), slots
         self.nproc, self.tracker = nproc_per_node, tracker
         self.heartbeat_s, self.grace_s, self.poll_s, self.forward_s = heartbeat_s, grace_s, poll_s, forward_s
+        self.progress_s = progress_s
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:4]}"
         self.echo = echo
         self.active: dict[str, Launch] = {}
@@ -94,7 +95,7 @@ class Worker:
     def run(self, until_empty: bool = False) -> int:
         """Work until stopped (or, with until_empty, until the queue is empty); return #runs finished."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        finished, last_beat, last_forward, last_reap = 0, 0.0, 0.0, 0.0
+        finished, last_beat, last_forward, last_reap, last_progress = 0, 0.0, 0.0, 0.0, time.monotonic()
         try:
             while True:
                 now = time.monotonic()
@@ -124,6 +125,9 @@ class Worker:
                 if now - last_beat >= self.heartbeat_s:
                     self._beat()
                     last_beat = now
+                if self.progress_s and now - last_progress >= self.progress_s and self.active:
+                    self._show_progress()
+                    last_progress = now
                 time.sleep(self.poll_s)
         finally:
             for s, handler in previous.items():
@@ -214,6 +218,19 @@ class Worker:
         for launch in self.active.values():  # escalate on trainers that ignore STOP
             if launch.stop_sent_at is not None and time.monotonic() - launch.stop_sent_at > STOP_TIMEOUT_S:
                 _kill(launch.proc)
+
+    def _show_progress(self) -> None:
+        """One line: the queue's counts, then step, loss and speed of each run this worker trains."""
+        counts = queue.counts(self.engine)
+        parts = [", ".join(f"{counts[k]} {k}" for k in (queue.QUEUED, queue.RUNNING, *queue.FINAL) if counts.get(k))]
+        for run_id, launch in self.active.items():
+            p = launch.progress
+            if "step" in p:
+                parts.append(f"{run_id[:8]} step {p['step']}/{p['total_steps']} loss {p['train_loss']:.3f} "
+                             f"{p.get('tokens_per_s') or 0:,.0f} tok/s")
+            else:
+                parts.append(f"{run_id[:8]} starting")
+        self.echo(" | ".join(parts))
 
     def _stop_all(self) -> None:
         for launch in self.active.values():
