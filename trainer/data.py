@@ -43,6 +43,13 @@ def prepare_hint(directory: Path) -> str:
         return f"python -m trainer.prepare embedded --out {directory}"
 
 
+def _listed_shards(directory: Path, split: str) -> int | None:
+    try:
+        return int(json.loads((directory / "meta.json").read_text())["shards"][split])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def write_shard(path: Path, tokens: np.ndarray) -> None:
     """Write one shard atomically (tmp + rename)."""
     if tokens.size and int(tokens.max()) >= 2**16:
@@ -88,6 +95,13 @@ class Split:
         if not (directory / "meta.json").exists() and not list(directory.glob("*.bin")):
             raise DataError(f"{directory} holds no prepared data (no meta.json); prepare it with `{hint}`")
         paths = sorted(directory.glob(f"{split}_*.bin"))
+        listed = _listed_shards(directory, split)
+        if listed is not None:  # meta.json says how many shards there are: a missing one is an error
+            missing = [f"{split}_{i:06d}.bin" for i in range(listed) if not (directory / f"{split}_{i:06d}.bin").exists()]
+            if missing:
+                raise DataError(f"{directory / missing[0]} is missing ({len(missing)} of {listed} {split!r} shards); "
+                                f"re-create the data with `{hint}`")
+            paths = [directory / f"{split}_{i:06d}.bin" for i in range(listed)]
         if not paths:
             raise DataError(f"{directory} has no {split!r} shards ({split}_000000.bin …); prepare it with `{hint}`")
         self.name = split

@@ -191,7 +191,9 @@ def _train(cfg: TrainConfig, run_dir: Path, d: Dist) -> Status:
     micro, accum = batch_layout(cfg, d, model, opt)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision.amp == "fp16")
     torch.manual_seed(cfg.run.seed + d.rank)  # dropout masks differ between ranks, as their data does
-    counters = {"train_time": 0.0, "wall_time": 0.0, "clipped_steps": 0, "launches": 0}
+    # Running totals that outlive a relaunch (stored in every checkpoint).
+    counters = {"train_time": 0.0, "wall_time": 0.0, "clipped_steps": 0, "launches": 0, "train_loss": None,
+                "val_loss": None, "rates": []}
 
     start_step = 0
     ckpt_path = checkpoint.latest(run_dir)
@@ -224,8 +226,9 @@ def _train(cfg: TrainConfig, run_dir: Path, d: Dist) -> Status:
     max_norm = cfg.optim.grad_clip
     first_bad = torch.tensor(-1, device=d.device)  # first step with a non-finite loss, tracked without syncing
     clipped = torch.zeros((), dtype=torch.long, device=d.device)
-    status, step, last_loss, val_loss, rates = Status.SUCCEEDED, start_step, None, None, []
-    window_start, window_steps, window_clipped = time.perf_counter(), 0, 0
+    status, step = Status.SUCCEEDED, start_step
+    last_loss, val_loss, rates = counters["train_loss"], counters["val_loss"], counters["rates"]
+    window_start, window_steps, window_clipped = time.perf_counter(), 0, counters["clipped_steps"]
 
     def save_checkpoint() -> None:
         rng = [checkpoint.rng_state()]
@@ -233,7 +236,8 @@ def _train(cfg: TrainConfig, run_dir: Path, d: Dist) -> Status:
             rng = [None] * d.world
             dist.all_gather_object(rng, checkpoint.rng_state())
         if d.master:
-            counters["clipped_steps"] = int(clipped.item())
+            counters.update(clipped_steps=int(clipped.item()), train_loss=last_loss, val_loss=val_loss,
+                            rates=rates[-100:])
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "config": cfg.model_dump(mode="json"), "counters": counters, "rng": rng}
             checkpoint.save(run_dir, step, state, cfg.run.keep_checkpoints)
@@ -272,6 +276,10 @@ def _train(cfg: TrainConfig, run_dir: Path, d: Dist) -> Status:
         if not (step % cfg.run.log_interval == 0 or step == total_steps or do_eval or do_ckpt):
             continue
         # ---- sync point -------------------------------------------------------------------------------
+        if d.world > 1:  # the global batch's loss, and divergence seen by any rank stops every rank
+            dist.all_reduce(loss_sum)  # gloo has no AVG: sum, then divide
+            loss_sum /= d.world
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
         last_loss = loss_sum.item() / accum
         elapsed = time.perf_counter() - window_start
         counters["train_time"] += elapsed
@@ -338,6 +346,8 @@ def _train(cfg: TrainConfig, run_dir: Path, d: Dist) -> Status:
         write_json(run_dir / RESULT, result)
         summary = f"test loss {test_loss:.6f}" if test_loss is not None else f"at step {step}"
         print(f"{status.value}: {summary} ({run_dir / RESULT})", flush=True)
+    if d.world > 1:
+        dist.barrier()  # ranks leave together, so torchrun sees no rank exit before result.json exists
     return status
 
 
