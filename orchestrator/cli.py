@@ -39,11 +39,12 @@ def user_errors():
         fail(str(exc))
 
 
-def engine(db: str | None):
+def engine(db: str | None, create: bool = False):
+    """The runs database; only commands that write runs (submit, worker) may create it."""
     from orchestrator.db import connect
 
     with user_errors():
-        return connect(db)
+        return connect(db, create=create)
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -80,7 +81,7 @@ def submit(
             typer.echo(f"would queue {r.id}  {exp.name}/{r.arm}  seed {r.seed}  repeat {r.repeat}")
         typer.echo(f"{len(runs)} runs (dry run: nothing queued)")
         return
-    report = queue.submit(engine(db), exp, runs, source=file)
+    report = queue.submit(engine(db, create=True), exp, runs, source=file)
     for r in report.queued:
         typer.echo(f"queued {r.id}  {r.arm}  seed {r.seed}" + (f"  repeat {r.repeat}" if r.repeat else ""))
     for r, state in report.reused:
@@ -108,7 +109,7 @@ def worker(
     gpu_list = [g for g in gpus.split(",") if g] if gpus is not None else detect_gpus()
     with user_errors():
         slots = plan_slots(gpu_list, gpus_per_run, parallel)
-    eng = engine(db)
+    eng = engine(db, create=True)
     tracker = None
     if not no_mlflow:
         from orchestrator.tracking import Tracker
@@ -134,7 +135,12 @@ def table(
 
     if format not in ("rich", "markdown", "csv", "json"):
         fail(f"--format must be rich, markdown, csv or json, not {format!r}")
-    boards = tbl.build(queue.runs_of(engine(db), experiments))
+    eng = engine(db)
+    boards = tbl.build(queue.runs_of(eng, experiments))
+    known = queue.experiment_names(eng)
+    unknown = sorted(set(experiments or []) - set(known))
+    if unknown:
+        fail(f"no experiment named {', '.join(map(repr, unknown))}; known: {', '.join(known) or 'none'}")
     if not boards:
         fail("no runs yet: queue some with `orch submit experiments/quickstart.py`")
     out = tbl.render(boards, format)
@@ -203,7 +209,7 @@ def _status_view(eng):
         t.add_row(r.id, f"{exp}/{arm}", str(r.seed), f"{r.step or 0}/{r.total_steps or '?'}",
                   f"{r.train_loss:.4f}" if r.train_loss else "—",
                   f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—", eta, r.worker or "")
-    return Group(summary, t)
+    return Group(summary, t) if t.row_count else Group(summary, "nothing running")
 
 
 @app.command()

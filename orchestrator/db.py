@@ -120,6 +120,9 @@ def connect(url: str | None = None, *, create: bool = True) -> Engine:
                           "postgresql+psycopg://user@host/dbname") from None
     if sa_url.get_backend_name() == "sqlite":
         if sa_url.database and sa_url.database != ":memory:":
+            if not create and not Path(sa_url.database).exists():
+                raise SchemaError(f"no database at {sa_url.database}: queue runs first with "
+                                  "`orch submit experiments/quickstart.py`, or point --db at an existing one")
             Path(sa_url.database).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(sa_url, connect_args={"timeout": 60, "isolation_level": None})
         event.listen(engine, "connect", _sqlite_on_connect)

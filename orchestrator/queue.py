@@ -202,6 +202,11 @@ def runs_of(engine: Engine, experiments: Sequence[str] | None = None) -> list[tu
     return [(e, a, r) for e, a, r in rows]
 
 
+def experiment_names(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(ExperimentRow.name).order_by(ExperimentRow.name)).scalars())
+
+
 def memberships(engine: Engine, run_id: str) -> list[tuple[str, str]]:
     """(experiment, arm) pairs that include this run, oldest experiment first."""
     with engine.connect() as conn:

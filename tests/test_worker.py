@@ -184,3 +184,18 @@ def test_cancel_and_retry_from_the_cli(tmp_path, data_dir):
     assert "error:" in orch("retry", "zzzz", code=2).stderr
     ls = orch("ls").stdout
     assert ids[0] in ls and "cancelled" in ls
+
+
+def test_read_commands_never_create_a_database(tmp_path):
+    orch = Orch(tmp_path)
+    for cmd in (("table",), ("ls",), ("status",)):
+        out = orch(*cmd, code=2)
+        assert "no database at" in out.stderr and "orch submit" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "results.db").exists()
+
+
+def test_table_names_unknown_experiments(tmp_path, data_dir):
+    orch = Orch(tmp_path)
+    orch("submit", str(write_experiment(tmp_path, data_dir, "known", "")))
+    out = orch("table", "unknwn", code=2)
+    assert "no experiment named 'unknwn'; known: known" in out.stderr
