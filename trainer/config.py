@@ -114,7 +114,7 @@ class EvalConfig(Section):
     val_sequences: int = Field(512, ge=1)
     # The blog's test set: 3,200 batches × 6 sequences × 1,024 tokens of the held-out split.
     test_sequences: int = Field(3200 * 6, ge=1)
-    batch_size: int = Field(32, ge=1, description="sequences per forward pass per device")
+    batch_size: int = Field(16, ge=1, description="sequences per forward pass per device (16 × 1024 × 50257 fp32 logits = 3.3 GB)")
     # Evaluation precision is fixed independently of training precision, so an AMP-vs-fp32 intervention
     # changes how the model was trained, not how it is measured.
     amp: Literal["fp32", "bf16", "fp16"] = "fp32"
