@@ -135,8 +135,9 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
            exit_code: int | None = None, error: str | None = None) -> str | None:
     """Record how an attempt ended; return the run's new state (None if the run was no longer ours).
 
-    status is the trainer's (succeeded, diverged, pruned, preempted) or "failed" for a crash. A preempted
-    attempt goes back to the queue without using up an attempt; a crash is retried while attempts remain.
+    status is the trainer's (succeeded, diverged, pruned, preempted, or failed for a bad config or missing
+    data, which no retry can fix) or "failed" for a crash. A preempted attempt goes back to the queue
+    without using up an attempt; a crash is retried while attempts remain.
     """
     with engine.begin() as conn:
         run = conn.execute(sa.select(Run.attempts, Run.max_attempts)
@@ -152,7 +153,7 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
         if status == "preempted":
             new = QUEUED
             values["attempts"] = Run.attempts - 1
-        elif status == FAILED and run.attempts < run.max_attempts:
+        elif status == FAILED and run.attempts < run.max_attempts and (result or {}).get("retryable", True):
             new = QUEUED
         else:
             new = status if status in FINAL else FAILED

@@ -191,7 +191,7 @@ class Worker:
         result = _read_json(launch.run_dir / RESULT)
         if result is not None:
             status = result["status"]
-            error = None
+            error = result.get("error")
         else:
             status, error = queue.FAILED, _tail(launch.run_dir / LOG)
         if status == "preempted" and launch.progress.get("_cancelled"):

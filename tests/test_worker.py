@@ -199,3 +199,27 @@ def test_table_names_unknown_experiments(tmp_path, data_dir):
     orch("submit", str(write_experiment(tmp_path, data_dir, "known", "")))
     out = orch("table", "unknwn", code=2)
     assert "no experiment named 'unknwn'; known: known" in out.stderr
+
+
+def test_failures_keep_the_error_and_are_retried_only_when_a_retry_can_help(tmp_path, data_dir):
+    orch = Orch(tmp_path)
+    # Missing data: the trainer says so in result.json and the worker does not retry it.
+    missing = write_experiment(tmp_path, tmp_path / "no-such-data", "nodata", "")
+    orch("submit", str(missing))
+    orch("worker", "--until-empty", "--no-mlflow", "--heartbeat", "0.5")
+    eng = connect(orch.db)
+    [(_, _, run)] = queue.runs_of(eng, ["nodata"])
+    assert run.state == "failed" and run.attempts == 1
+    assert "does not exist" in run.error and "trainer.prepare" in run.error
+    logs = orch("logs", run.id[:8]).stdout
+    assert "last error" in logs and "does not exist" in logs
+    # A crash leaves no result.json and is retried up to max_attempts: a vocabulary of 100 makes the
+    # embedding lookup of GPT-2 token ids fail inside the training step.
+    crash = write_experiment(tmp_path, data_dir, "crash", "")
+    text = crash.read_text().replace("'run.steps': 12", "'run.steps': 12, 'model.vocab_size': 100")
+    crash.write_text(text)
+    orch("submit", str(crash))
+    orch("worker", "--until-empty", "--no-mlflow", "--heartbeat", "0.5")
+    [(_, _, run)] = queue.runs_of(eng, ["crash"])
+    assert run.state == "failed" and run.attempts == 3 and run.exit_code != 0
+    assert "IndexError" in run.error or "index out of range" in run.error

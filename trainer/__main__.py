@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from trainer import config
 from trainer.config import ConfigError
@@ -42,7 +44,18 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(train(cfg, args.run_dir))
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _record_failure(Path(args.run_dir), str(exc))
         return 2
+
+
+def _record_failure(run_dir: Path, message: str) -> None:
+    """Tell the launcher this run cannot succeed as configured (so it is not retried), unless the directory
+    already holds another run's result."""
+    from trainer.rundir import RESULT, Status, write_json
+
+    if os.environ.get("RANK", "0") != "0" or not run_dir.is_dir() or (run_dir / RESULT).exists():
+        return
+    write_json(run_dir / RESULT, {"status": Status.FAILED.value, "error": message, "retryable": False})
 
 
 if __name__ == "__main__":

@@ -32,11 +32,13 @@ class Status(str, Enum):
     DIVERGED = "diverged"  # a NaN or infinite loss; result.json names the step
     PREEMPTED = "preempted"  # STOP file or SIGTERM: checkpointed, relaunch to resume
     PRUNED = "pruned"  # STOP file containing "pruned": checkpointed, not to be resumed
-    FAILED = "failed"  # never written by the trainer itself: a crash leaves no result.json
+    # Written by the trainer only for an error that no retry can fix (bad config, missing data), with the
+    # message in "error"; a crash leaves no result.json, and a launcher may retry it.
+    FAILED = "failed"
 
 
 # Exit codes, so a launcher can tell the endings apart without parsing anything (sysexits.h style).
-EXIT_CODES = {Status.SUCCEEDED: 0, Status.DIVERGED: 65, Status.PREEMPTED: 75, Status.PRUNED: 76}
+EXIT_CODES = {Status.SUCCEEDED: 0, Status.FAILED: 2, Status.DIVERGED: 65, Status.PREEMPTED: 75, Status.PRUNED: 76}
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
