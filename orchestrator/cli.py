@@ -127,16 +127,21 @@ def worker(
 def table(
     experiments: Annotated[Optional[list[str]], typer.Argument(help="experiment names (default: all)")] = None,
     format: Annotated[str, typer.Option("--format", help="rich | markdown | csv | json")] = "rich",
+    alpha: Annotated[float, typer.Option(help="significance level of the verdicts")] = 0.05,
     db: DbOpt = None,
 ):
-    """The leaderboard: arms ranked by mean test loss, with std over seeds and improvement vs baseline."""
+    """The leaderboard: arms ranked by mean test loss; improvement vs baseline with a 95% CI, p-value, verdict."""
     from orchestrator import queue
     from orchestrator import table as tbl
 
     if format not in ("rich", "markdown", "csv", "json"):
         fail(f"--format must be rich, markdown, csv or json, not {format!r}")
     eng = engine(db)
-    boards = tbl.build(queue.runs_of(eng, experiments))
+    if not 0 < alpha < 1:
+        fail(f"--alpha must be between 0 and 1, e.g. 0.05, not {alpha}")
+    names = experiments and [*experiments, *(n for n in queue.experiment_names(eng)
+                                               if n.split(tbl.NOISE_SEP)[0] in experiments)]
+    boards = tbl.build(queue.runs_of(eng, names), queue.stacks(eng), alpha)
     known = queue.experiment_names(eng)
     unknown = sorted(set(experiments or []) - set(known))
     if unknown:

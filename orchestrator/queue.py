@@ -208,6 +208,14 @@ def experiment_names(engine: Engine) -> list[str]:
         return list(conn.execute(sa.select(ExperimentRow.name).order_by(ExperimentRow.name)).scalars())
 
 
+def stacks(engine: Engine) -> dict[str, dict[str, list[str]]]:
+    """experiment → stacked intervention → its parts, from the specs as last submitted."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(ExperimentRow.name, ExperimentRow.spec)).all()
+    return {name: {i["name"]: i.get("stack", []) for i in (spec or {}).get("interventions", []) if i.get("stack")}
+            for name, spec in rows}
+
+
 def memberships(engine: Engine, run_id: str) -> list[tuple[str, str]]:
     """(experiment, arm) pairs that include this run, oldest experiment first."""
     with engine.connect() as conn:

@@ -23,7 +23,7 @@ import json
 import runpy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -42,6 +42,7 @@ class Intervention(BaseModel):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
     set: dict[str, Any] = Field(default_factory=dict, description="dotted config keys and their new values")
+    stack: list[str] = Field(default_factory=list, description="names of other interventions applied together")
     description: str = ""
 
 
@@ -54,6 +55,9 @@ class Experiment(BaseModel):
     base: dict[str, Any] = Field(default_factory=dict, description="changes to the preset shared by every run")
     interventions: list[Intervention] = Field(default_factory=list)
     seeds: int = Field(1, ge=1, description="seeds per arm: run.seed, run.seed+1, …")
+    # What a seed varies: the initialisation (and dropout) seed, the data order (shuffled, data.seed), both,
+    # or nothing at all (identical configs as repeats: the nondeterminism of the hardware alone).
+    vary: Literal["init", "data", "both", "none"] = "init"
     repeats: int = Field(1, ge=1, description="identical repeats per seed (measure nondeterminism alone)")
     include_baseline: bool = True
 
@@ -66,7 +70,31 @@ class Experiment(BaseModel):
             raise ValueError(f"intervention names must be unique; repeated: {', '.join(dupes)}")
         if BASELINE in names:
             raise ValueError(f"{BASELINE!r} is reserved for the baseline; rename that intervention")
+        for i in interventions:
+            unknown = [n for n in i.stack if n not in names or n == i.name]
+            if unknown:
+                raise ValueError(f"intervention {i.name!r} stacks {', '.join(map(repr, unknown))}, which "
+                                 f"{'is' if len(unknown) == 1 else 'are'} not another intervention of this experiment")
         return interventions
+
+    def changes(self, name: str, _inside: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The dotted changes of an intervention, its stacked parts' included; a key two parts set
+        differently is an error naming both."""
+        if name in _inside:
+            raise ValueError(f"interventions stack each other in a circle: {' -> '.join([*_inside, name])}")
+        by_name = {i.name: i for i in self.interventions}
+        merged: dict[str, Any] = {}
+        owner: dict[str, str] = {}
+        for part in [*by_name[name].stack, name]:
+            part_changes = self.changes(part, (*_inside, name)) if part != name else by_name[name].set
+            for key, value in part_changes.items():
+                if key in merged and merged[key] != value and part != name:
+                    raise ValueError(f"intervention {name!r} stacks {owner[key]!r} and {part!r}, which set {key} "
+                                     f"differently ({merged[key]!r} vs {value!r}); set {key} in {name!r} itself "
+                                     "to say which wins")
+                merged[key] = value
+                owner[key] = part
+        return merged
 
 
 @dataclass(frozen=True)
@@ -120,23 +148,31 @@ def expand(exp: Experiment, *, source: str = "experiment", preset: str | None = 
         base = train_config.apply_overrides(base, overrides or {})
     except ConfigError as exc:
         raise SpecError(f"{source}: base config: {exc}") from None
-    arms = ([(BASELINE, {})] if exp.include_baseline else []) + [(i.name, i.set) for i in exp.interventions]
-    first_seed = base["run"]["seed"]
     runs: list[RunSpec] = []
-    for arm, changes in arms:
+    for arm in ([BASELINE] if exp.include_baseline else []) + [i.name for i in exp.interventions]:
         try:
-            arm_data = train_config.apply_overrides(base, changes)
-        except ConfigError as exc:
+            arm_data = train_config.apply_overrides(base, {} if arm == BASELINE else exp.changes(arm))
+        except (ConfigError, ValueError) as exc:
             raise SpecError(f"{source}: intervention {arm!r}: {exc}") from None
         for s in range(seeds or exp.seeds):
-            data = train_config.apply_overrides(arm_data, {"run.seed": first_seed + s})
-            try:
-                cfg = train_config.validate(data, source=f"{source}: intervention {arm!r}")
-            except ConfigError as exc:
-                raise SpecError(str(exc)) from None
             for r in range(exp.repeats):
-                runs.append(RunSpec(run_id(cfg, r), exp.name, arm, cfg, r))
+                cfg, repeat = seeded(arm_data, exp.vary, s, r, exp.repeats, source=f"{source}: intervention {arm!r}")
+                runs.append(RunSpec(run_id(cfg, repeat), exp.name, arm, cfg, repeat))
     return runs
+
+
+def seeded(data: dict[str, Any], vary: str, s: int, r: int, repeats: int, source: str = "config") -> tuple[TrainConfig, int]:
+    """The config and repeat number of seed index s, repeat r, under a `vary` mode."""
+    changes: dict[str, Any] = {}
+    if vary in ("init", "both"):
+        changes["run.seed"] = data["run"]["seed"] + s
+    if vary in ("data", "both"):
+        changes.update({"data.order": "shuffled", "data.seed": data["data"]["seed"] + s})
+    repeat = s * repeats + r if vary == "none" else r  # "none": seeds are identical repeats
+    try:
+        return train_config.validate(train_config.apply_overrides(data, changes), source=source), repeat
+    except ConfigError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def identical_arms(runs: list[RunSpec]) -> list[tuple[str, str]]:

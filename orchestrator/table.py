@@ -1,9 +1,11 @@
-"""`orch table`: the improvement-vs-baseline leaderboard, in the shape of the blog series' table.
+"""`orch table`: the improvement-vs-baseline leaderboard, in the shape of the blog series' table — and honest.
 
-Arms are ranked by mean test loss over their finished runs; each row shows the number of runs, mean ± std
-(sample std over seeds and repeats) and the improvement vs the baseline's mean (positive = lower loss =
-better). Runs that failed or diverged are listed below the ranking and never ranked; queued and running runs
-are counted so a half-finished study says so.
+Arms are ranked by mean test loss over their finished runs. Each row: runs, mean ± std, the improvement vs
+the baseline (positive = lower loss = better) with its 95% confidence interval, the p-value and a verdict
+(orchestrator/stats.py). Above each table: the baseline's σ and the smallest improvement the current run
+counts would detect. A stack of interventions shows its improvement beside the sum of its parts'. Noise
+studies (`orch noise`) add σ per source of noise. Failed and diverged runs are listed below, never ranked;
+queued and running ones are counted, so a half-finished study says so.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
-from orchestrator import queue
+from orchestrator import queue, stats
 from orchestrator.specs import BASELINE
+
+NOISE_SEP = ".noise-"  # `orch noise EXP --vary V` writes experiment "EXP.noise-V"
 
 
 @dataclass
@@ -26,9 +28,17 @@ class Row:
     n: int
     mean: float | None
     std: float | None
-    improvement: float | None
-    losses: list[float] = field(default_factory=list)
+    improvement: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    p_value: float | None = None
+    test: str | None = None
+    verdict: str | None = None
     pending: int = 0
+    imported: bool = False
+    parts: list[str] = field(default_factory=list)  # for a stack: its interventions
+    parts_sum: float | None = None  # and the sum of their improvements
+    losses: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -36,35 +46,80 @@ class Board:
     experiment: str
     rows: list[Row]
     failed: list[dict]
-    baseline: Row | None
+    alpha: float
+    baseline_sigma: float | None = None
+    baseline_n: int = 0
+    detectable: float | None = None  # smallest improvement detectable at 80% power with the current counts
+    noise: dict[str, dict] = field(default_factory=dict)  # vary mode -> {"n", "sigma"}
 
 
-def build(runs: list[tuple[str, str, object]]) -> list[Board]:
-    """Group (experiment, arm, run) triples into one board per experiment."""
+def build(runs: list[tuple[str, str, object]], stacks: dict[str, dict[str, list[str]]] | None = None,
+          alpha: float = 0.05) -> list[Board]:
+    """One board per experiment from (experiment, arm, run) triples; `stacks` maps experiment → arm → parts."""
     by_exp: dict[str, dict[str, list]] = {}
     for exp, arm, run in runs:
         by_exp.setdefault(exp, {}).setdefault(arm, []).append(run)
-    boards = []
+    boards = {}
     for exp, arms in sorted(by_exp.items()):
-        rows, failed = [], []
-        for arm, rs in arms.items():
-            losses = [r.test_loss for r in rs if r.state == queue.SUCCEEDED and r.test_loss is not None]
-            pending = sum(r.state in queue.ACTIVE for r in rs)
-            for r in rs:
-                if r.state in (queue.FAILED, queue.DIVERGED):
-                    detail = (r.result or {}).get("diverged_step")
-                    failed.append({"arm": arm, "run": r.id, "seed": r.seed, "state": r.state,
-                                   "detail": f"diverged at step {detail}" if detail else _last_line(r.error)})
-            arr = np.asarray(losses, dtype=float)
-            rows.append(Row(exp, arm, len(losses), float(arr.mean()) if len(arr) else None,
-                            float(arr.std(ddof=1)) if len(arr) > 1 else None, None, losses, pending))
-        baseline = next((r for r in rows if r.arm == BASELINE), None)
-        for r in rows:
-            if baseline and baseline.mean is not None and r.mean is not None:
-                r.improvement = baseline.mean - r.mean
-        rows.sort(key=lambda r: (r.mean is None, r.mean if r.mean is not None else 0.0))
-        boards.append(Board(exp, rows, failed, baseline))
-    return boards
+        if NOISE_SEP in exp:
+            continue  # shown as noise sources of their parent experiment
+        boards[exp] = _board(exp, arms, (stacks or {}).get(exp, {}), alpha)
+    for exp, arms in by_exp.items():
+        if NOISE_SEP in exp:
+            parent, vary = exp.split(NOISE_SEP, 1)
+            losses = [r.test_loss for r in arms.get(BASELINE, []) if _done(r)]
+            n, _, sigma = stats.describe(losses) if losses else (0, None, None)
+            board = boards.setdefault(parent, Board(parent, [], [], alpha))
+            board.noise[vary] = {"n": n, "sigma": sigma}
+    return list(boards.values())
+
+
+def _done(run) -> bool:
+    return run.state == queue.SUCCEEDED and run.test_loss is not None
+
+
+def _key(run) -> tuple:
+    return (run.seed, run.data_seed, run.repeat)
+
+
+def _board(exp: str, arms: dict[str, list], stacks: dict[str, list[str]], alpha: float) -> Board:
+    base_losses = {_key(r): r.test_loss for r in arms.get(BASELINE, []) if _done(r)}
+    rows, failed = [], []
+    for arm, rs in arms.items():
+        losses = {_key(r): r.test_loss for r in rs if _done(r)}
+        for r in rs:
+            if r.state in (queue.FAILED, queue.DIVERGED):
+                step = (r.result or {}).get("diverged_step")
+                failed.append({"arm": arm, "run": r.id, "seed": r.seed, "state": r.state,
+                               "detail": f"diverged at step {step}" if step else _last_line(r.error)})
+        row = Row(exp, arm, len(losses), None, None, pending=sum(r.state in queue.ACTIVE for r in rs),
+                  imported=any((r.result or {}).get("imported") for r in rs), losses=sorted(losses.values()))
+        if losses:
+            if arm == BASELINE:
+                row.n, row.mean, row.std = stats.describe(list(losses.values()))
+                row.verdict = stats.BASELINE
+            else:
+                c = stats.compare(losses, base_losses, alpha)
+                row.n, row.mean, row.std = c.n, c.mean, c.std
+                row.improvement, row.ci_low, row.ci_high = c.improvement, c.ci_low, c.ci_high
+                row.p_value, row.test, row.verdict = c.p_value, c.test, c.verdict
+        rows.append(row)
+    by_arm = {r.arm: r for r in rows}
+    for r in rows:
+        r.parts = stacks.get(r.arm, [])
+        parts = [by_arm.get(p) for p in r.parts]
+        if parts and all(p is not None and p.improvement is not None for p in parts):
+            r.parts_sum = sum(p.improvement for p in parts)
+    rows.sort(key=lambda r: (r.mean is None, r.mean if r.mean is not None else 0.0))
+    board = Board(exp, rows, failed, alpha)
+    if len(base_losses) > 1:
+        board.baseline_n, _, board.baseline_sigma = stats.describe(list(base_losses.values()))
+        arm_ns = [r.n for r in rows if r.arm != BASELINE and r.n]
+        if arm_ns:
+            board.detectable = stats.minimum_detectable(board.baseline_sigma, min(arm_ns), board.baseline_n, alpha)
+    elif base_losses:
+        board.baseline_n = 1
+    return board
 
 
 def _last_line(text: str | None) -> str:
@@ -72,43 +127,82 @@ def _last_line(text: str | None) -> str:
     return lines[-1][:120] if lines else ""
 
 
-def _fmt(x: float | None, digits: int = 4, signed: bool = False) -> str:
+# ---------------------------------------------------------------------------------------------------------
+# Rendering.
+
+HEADER = ["run", "n", "test loss", "improvement", "95% CI", "p", "verdict", "sum of parts"]
+
+
+def _f(x: float | None, digits: int = 4, signed: bool = False) -> str:
     if x is None:
         return "—"
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
 def _cells(r: Row) -> list[str]:
-    improvement = "—" if r.arm == BASELINE else _fmt(r.improvement, signed=True)
-    return [r.arm, str(r.n) + (f" (+{r.pending} pending)" if r.pending else ""), _fmt(r.mean, 6),
-            _fmt(r.std), improvement]
+    name = r.arm + (" (imported)" if r.imported else "")
+    n = str(r.n) + (f" +{r.pending} pending" if r.pending else "")
+    loss = "—" if r.mean is None else f"{r.mean:.4f}" + (f" ± {r.std:.4f}" if r.std is not None else "")
+    if r.arm == BASELINE:
+        return [name, n, loss, "—", "", "", "baseline", ""]
+    ci = f"[{_f(r.ci_low, signed=True)}, {_f(r.ci_high, signed=True)}]" if r.ci_low is not None else ""
+    p = "" if r.p_value is None else (f"{r.p_value:.3f}" if r.p_value >= 0.001 else f"{r.p_value:.1e}")
+    parts = f"{_f(r.parts_sum, signed=True)} ({' + '.join(r.parts)})" if r.parts else ""
+    return [name, n, loss, _f(r.improvement, signed=True), ci, p + (f" {r.test}" if r.test else ""),
+            r.verdict or "", parts]
 
 
-HEADER = ["run", "n", "test loss (mean)", "std", "improvement vs baseline"]
+def _columns(b: Board) -> tuple[list[str], list[list[str]]]:
+    """Header and cells, without the stack column when nothing in this experiment is stacked."""
+    cells = [_cells(r) for r in b.rows]
+    if not any(r.parts for r in b.rows):
+        return HEADER[:-1], [c[:-1] for c in cells]
+    return HEADER, cells
+
+
+def summary(b: Board) -> list[str]:
+    lines = []
+    if b.baseline_sigma is not None:
+        line = f"baseline σ = {b.baseline_sigma:.4f} over {b.baseline_n} runs"
+        if b.detectable is not None:
+            line += (f"; with these run counts the smallest improvement detected 80% of the time at α = {b.alpha:g}"
+                     f" is {b.detectable:.4f}")
+        lines.append(line)
+    elif b.baseline_n == 1:
+        lines.append("one baseline run: no noise estimate, every verdict is unverified (add seeds: orch more-seeds)")
+    if b.noise:
+        lines.append("noise by source: " + ", ".join(
+            f"{vary} σ = {_f(v['sigma'])} (n={v['n']})" for vary, v in sorted(b.noise.items())))
+    return lines
 
 
 def render(boards: list[Board], fmt: str = "rich") -> str | None:
     """Markdown, CSV or JSON as text; rich prints to the terminal itself and returns None."""
     if fmt == "json":
-        return json.dumps([{"experiment": b.experiment, "rows": [asdict(r) for r in b.rows], "failed": b.failed}
-                           for b in boards], indent=2)
+        return json.dumps([{**{k: v for k, v in asdict(b).items() if k != "rows"},
+                            "rows": [asdict(r) for r in b.rows]} for b in boards], indent=2)
     if fmt == "csv":
         out = io.StringIO()
         w = csv.writer(out)
-        w.writerow(["experiment", "arm", "n", "mean", "std", "improvement", "pending"])
+        cols = ["n", "mean", "std", "improvement", "ci_low", "ci_high", "p_value", "test", "verdict", "pending",
+                "imported", "parts_sum"]
+        w.writerow(["experiment", "arm", *cols])
         for b in boards:
             for r in b.rows:
-                w.writerow([b.experiment, r.arm, r.n, r.mean, r.std, r.improvement, r.pending])
+                w.writerow([b.experiment, r.arm, *[getattr(r, c) for c in cols]])
             for f in b.failed:
-                w.writerow([b.experiment, f["arm"], 0, "", "", "", f["state"]])
+                w.writerow([b.experiment, f["arm"], 0, *[""] * 7, f["state"], 0, False, ""])
         return out.getvalue()
     if fmt == "markdown":
         parts = []
         for b in boards:
             parts.append(f"### {b.experiment}\n")
-            parts.append("| " + " | ".join(HEADER) + " |")
-            parts.append("|" + "---|" * len(HEADER))
-            parts += ["| " + " | ".join(_cells(r)) + " |" for r in b.rows]
+            parts += [f"{line}\n" for line in summary(b)]
+            if b.rows:
+                header, cells = _columns(b)
+                parts.append("| " + " | ".join(header) + " |")
+                parts.append("|" + "---|" * len(header))
+                parts += ["| " + " | ".join(c) + " |" for c in cells]
             if b.failed:
                 parts.append("\nNot ranked:\n")
                 parts += [f"- {f['arm']} (seed {f['seed']}, run {f['run']}): {f['state']} {f['detail']}".rstrip()
@@ -119,13 +213,17 @@ def render(boards: list[Board], fmt: str = "rich") -> str | None:
     from rich.table import Table
 
     console = Console()
+    colour = {stats.BETTER: "green", stats.WORSE: "red", stats.NOISE: "yellow", stats.UNVERIFIED: "dim"}
     for b in boards:
-        t = Table(title=b.experiment, title_justify="left")
-        for h in HEADER:
-            t.add_column(h, justify="left" if h == "run" else "right")
-        for r in b.rows:
-            style = "bold" if r.arm == BASELINE else None
-            t.add_row(*_cells(r), style=style)
+        t = Table(title=b.experiment, title_justify="left", caption="\n".join(summary(b)) or None,
+                  caption_justify="left")
+        header, all_cells = _columns(b)
+        for h in header:
+            t.add_column(h, justify="left" if h in ("run", "verdict", "sum of parts") else "right")
+        for r, cells in zip(b.rows, all_cells):
+            if r.verdict in colour:
+                cells[6] = f"[{colour[r.verdict]}]{cells[6]}[/]"
+            t.add_row(*cells, style="bold" if r.arm == BASELINE else None)
         console.print(t)
         for f in b.failed:
             console.print(f"  [red]not ranked[/red] {f['arm']} (seed {f['seed']}, run {f['run']}): "

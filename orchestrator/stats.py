@@ -1,0 +1,105 @@
+"""Is an intervention's improvement signal or noise? Every number here comes from scipy / numpy.
+
+An improvement is baseline mean − arm mean of the test loss (positive = lower loss = better), as in the
+blog series' table. With at least two runs on each side it gets a confidence interval and a p-value:
+- paired t-test (scipy.stats.ttest_rel) when arm and baseline ran the same seeds (seed, data seed, repeat):
+  a seed's luck is shared by both sides and cancels in the difference;
+- otherwise Welch's t-test (scipy.stats.ttest_ind, equal_var=False), which assumes no common variance.
+The verdict is "better" / "worse" when p < α, else "within noise"; with a single run on either side there is
+no variance to test against, and the verdict is "unverified" (the series' single runs per intervention).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, stats
+
+Key = tuple  # (seed, data_seed, repeat): which runs pair up
+BETTER, WORSE, NOISE, UNVERIFIED, BASELINE = "better", "worse", "within noise", "unverified", "baseline"
+
+
+@dataclass
+class Comparison:
+    n: int
+    mean: float
+    std: float | None
+    improvement: float | None  # baseline mean − arm mean
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    test: str | None  # "paired" | "welch" | None
+    verdict: str
+
+
+def describe(values: list[float]) -> tuple[int, float, float | None]:
+    arr = np.asarray(values, dtype=float)
+    return len(arr), float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None
+
+
+def compare(arm: dict[Key, float], baseline: dict[Key, float], alpha: float = 0.05) -> Comparison:
+    """Compare one arm's test losses with the baseline's, each keyed by (seed, data seed, repeat)."""
+    n, mean, std = describe(list(arm.values()))
+    if not baseline:
+        return Comparison(n, mean, std, None, None, None, None, None, UNVERIFIED)
+    b = np.asarray(list(baseline.values()), dtype=float)
+    improvement = float(b.mean() - mean)
+    if n < 2 or len(b) < 2:
+        return Comparison(n, mean, std, improvement, None, None, None, None, UNVERIFIED)
+    shared = sorted(set(arm) & set(baseline), key=repr)
+    if len(shared) >= 2 and len(shared) == len(arm) == len(baseline):
+        base_vals = np.array([baseline[k] for k in shared])
+        arm_vals = np.array([arm[k] for k in shared])
+        if np.all(base_vals - arm_vals == base_vals[0] - arm_vals[0]):  # no spread in the differences
+            return _degenerate(n, mean, std, improvement, "paired")
+        result, test = stats.ttest_rel(base_vals, arm_vals), "paired"
+    else:
+        a = np.asarray(list(arm.values()), dtype=float)
+        if np.ptp(a) == 0 and np.ptp(b) == 0:
+            return _degenerate(n, mean, std, improvement, "welch")
+        result, test = stats.ttest_ind(b, a, equal_var=False), "welch"
+    ci = result.confidence_interval(confidence_level=1 - alpha)
+    p = float(result.pvalue)
+    verdict = (BETTER if improvement > 0 else WORSE) if p < alpha else NOISE
+    return Comparison(n, mean, std, improvement, float(ci.low), float(ci.high), p, test, verdict)
+
+
+def _degenerate(n, mean, std, improvement, test) -> Comparison:
+    # Every run on both sides identical (deterministic CPU repeats): there is no noise to test against.
+    verdict = NOISE if improvement == 0 else (BETTER if improvement > 0 else WORSE)
+    return Comparison(n, mean, std, improvement, improvement, improvement, 0.0 if improvement else 1.0, test, verdict)
+
+
+def power(effect: float, sigma: float, n_arm: int, n_base: int, alpha: float = 0.05) -> float:
+    """Probability that a two-sample t-test at level α detects a true improvement `effect` (noncentral t)."""
+    df = n_arm + n_base - 2
+    ncp = effect / (sigma * math.sqrt(1 / n_arm + 1 / n_base))
+    t_crit = stats.t.ppf(1 - alpha / 2, df)
+    return float(stats.nct.sf(t_crit, df, ncp) + stats.nct.cdf(-t_crit, df, ncp))
+
+
+def minimum_detectable(sigma: float, n_arm: int, n_base: int, alpha: float = 0.05, target_power: float = 0.8) -> float | None:
+    """The smallest true improvement detected with `target_power` at these run counts and this σ."""
+    if sigma is None or sigma <= 0 or n_arm < 2 or n_base < 2:
+        return None
+    return float(optimize.brentq(lambda e: power(e, sigma, n_arm, n_base, alpha) - target_power, 1e-12, 1e3 * sigma))
+
+
+def could_decide(c: Comparison, max_runs: int, alpha: float = 0.05) -> bool:
+    """Could more seeds (up to max_runs per side) still move this arm out of "within noise"?
+
+    Yes when the interval with max_runs per side — the observed spread, shrunk as 1/√n — would be
+    narrower than the observed improvement, so that it could exclude zero. An arm with one run always could.
+    """
+    if c.verdict not in (NOISE, UNVERIFIED):
+        return False
+    if c.verdict == UNVERIFIED or c.ci_low is None:
+        return c.n < max_runs
+    if c.n >= max_runs:
+        return False
+    half_now = (c.ci_high - c.ci_low) / 2
+    df_now, df_max = max(1, 2 * c.n - 2), 2 * max_runs - 2
+    half_max = half_now * math.sqrt(c.n / max_runs) * stats.t.ppf(1 - alpha / 2, df_max) / stats.t.ppf(1 - alpha / 2, df_now)
+    return abs(c.improvement) > half_max
