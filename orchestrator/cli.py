@@ -154,6 +154,70 @@ def table(
 
 
 @app.command()
+def noise(
+    experiment: Annotated[str, typer.Argument(help="the experiment whose baseline to repeat")],
+    repeats: Annotated[int, typer.Option(help="runs of the baseline")] = 8,
+    vary: Annotated[str, typer.Option(help="init | data | both | none (nondeterminism alone)")] = "init",
+    db: DbOpt = None,
+):
+    """Repeat an experiment's baseline varying one source of noise; `orch table` shows σ per source."""
+    from orchestrator import studies
+
+    eng = engine(db)
+    with user_errors():
+        report = studies.noise(eng, experiment, repeats, vary)
+    typer.echo(f"{experiment}.noise-{vary}: {len(report.queued)} queued, {len(report.reused)} reused")
+
+
+@app.command("more-seeds")
+def more_seeds(
+    experiment: Annotated[str, typer.Argument()],
+    max_seeds: Annotated[int, typer.Option(help="never more runs than this per arm")] = 8,
+    until_decided: Annotated[bool, typer.Option("--until-decided", help="wait for the runs and repeat until no verdict is open")] = False,
+    alpha: Annotated[float, typer.Option(help="significance level of the verdicts")] = 0.05,
+    poll: Annotated[float, typer.Option(help="seconds between checks with --until-decided")] = 10.0,
+    db: DbOpt = None,
+):
+    """Queue extra seeds only where a verdict is still open and more seeds could still close it."""
+    from orchestrator import queue, studies
+
+    eng = engine(db)
+    while True:
+        with user_errors():
+            report, reasons = studies.more_seeds(eng, experiment, max_seeds, alpha)
+        for arm, why in sorted(reasons.items()):
+            typer.echo(f"  {arm}: {why}")
+        typer.echo(f"{len(report.queued)} run(s) queued")
+        pending = [r for _, _, r in queue.runs_of(eng, [experiment]) if r.state in queue.ACTIVE]
+        if not until_decided or not pending:
+            if until_decided:
+                typer.echo("every verdict is decided or at --max-seeds")
+            return
+        typer.echo(f"waiting for {len(pending)} run(s) (workers must be running: orch worker)")
+        while any(r.state in queue.ACTIVE for _, _, r in queue.runs_of(eng, [experiment])):
+            time.sleep(poll)
+
+
+@app.command("import")
+def import_(
+    file: Annotated[str, typer.Argument(help="CSV or JSON with name, test_loss and optional seed, stack (a+b)")],
+    experiment: Annotated[str, typer.Option(help="experiment to add them to (default: the file's name)")] = "",
+    baseline: Annotated[str, typer.Option(help="the row that is the baseline")] = "baseline",
+    db: DbOpt = None,
+):
+    """Add results measured elsewhere to the table, marked as imported."""
+    from pathlib import Path
+
+    from orchestrator import studies
+
+    name = experiment or Path(file).stem
+    eng = engine(db, create=True)
+    with user_errors():
+        n = studies.import_results(eng, file, name, baseline)
+    typer.echo(f"imported {n} result(s) into {name}: orch table {name}")
+
+
+@app.command()
 def ls(
     experiments: Annotated[Optional[list[str]], typer.Argument()] = None,
     state: Annotated[Optional[str], typer.Option(help="only runs in this state")] = None,

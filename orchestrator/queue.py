@@ -38,7 +38,7 @@ class SubmitReport:
 
 
 def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str | None = None,
-           max_attempts: int = 3) -> SubmitReport:
+           max_attempts: int = 3, priority: int = 0) -> SubmitReport:
     """Queue the runs that do not exist yet and record the experiment's membership of all of them."""
     report = SubmitReport()
     with engine.begin() as conn:
@@ -55,7 +55,7 @@ def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str
                 report.reused.append((r, existing[r.id]))
             else:
                 new_runs.append(dict(id=r.id, state=QUEUED, config=r.config.model_dump(mode="json"), seed=r.seed,
-                                     data_seed=r.data_seed, repeat=r.repeat, priority=0, attempts=0,
+                                     data_seed=r.data_seed, repeat=r.repeat, priority=priority, attempts=0,
                                      max_attempts=max_attempts, created_at=now + len(new_runs) * 1e-6))
                 report.queued.append(r)
                 existing[r.id] = QUEUED
@@ -67,7 +67,10 @@ def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str
         for chunk in _chunks(new_members, 500):
             conn.execute(sa.insert(Membership), chunk)
         row = dict(description=exp.description, spec=exp.model_dump(mode="json"), source=source)
-        if conn.execute(sa.select(ExperimentRow.name).where(ExperimentRow.name == exp.name)).first():
+        if exists := conn.execute(sa.select(ExperimentRow.spec, ExperimentRow.source)
+                                  .where(ExperimentRow.name == exp.name)).first():
+            row["source"] = source or exists.source  # a spec change keeps where it first came from
+        if exists:
             conn.execute(sa.update(ExperimentRow).where(ExperimentRow.name == exp.name).values(**row))
         else:
             conn.execute(sa.insert(ExperimentRow).values(name=exp.name, created_at=now, **row))

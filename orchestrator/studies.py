@@ -1,0 +1,195 @@
+"""How a study grows after its first submit: noise studies, more seeds where the answer is open, and
+results imported from elsewhere.
+
+- `noise`: repeat an experiment's baseline varying one source of randomness at a time — initialisation,
+  data order, both, or nothing (the hardware's nondeterminism alone, which is all that the blog series'
+  seven byte-identical repeats measured). Each becomes experiment "EXP.noise-VARY", shown as σ by source.
+- `more_seeds`: add seeds only to arms whose verdict is still open and could still close with more runs
+  (stats.could_decide), and to the baseline as far as they need; new runs jump the queue.
+- `import_results`: test losses measured elsewhere (a CSV or JSON of name, test_loss[, seed][, stack]) join
+  the table as imported runs, so published numbers and new runs sit in one view.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from orchestrator import queue, stats
+from orchestrator import table as tbl
+from orchestrator.db import Experiment as ExperimentRow
+from orchestrator.db import Membership, Run, db_now
+from orchestrator.specs import BASELINE, Experiment, Intervention, RunSpec, SpecError, run_id, seeded
+
+VARY = ("init", "data", "both", "none")
+
+
+def _spec(engine: Engine, experiment: str) -> Experiment:
+    with engine.connect() as conn:
+        spec = conn.execute(sa.select(ExperimentRow.spec).where(ExperimentRow.name == experiment)).scalar()
+    if spec is None:
+        known = ", ".join(queue.experiment_names(engine)) or "none"
+        raise SpecError(f"no experiment named {experiment!r}; known: {known}")
+    return Experiment.model_validate(spec)
+
+
+def _seed0_configs(engine: Engine, experiment: str) -> dict[str, dict]:
+    """Per arm, the config of its first seed (lowest seed and data seed, repeat 0): the seed-0 template."""
+    first: dict[str, Run] = {}
+    for _, arm, r in queue.runs_of(engine, [experiment]):
+        if (r.result or {}).get("imported"):
+            continue
+        if arm not in first or (r.seed, r.data_seed, r.repeat) < (first[arm].seed, first[arm].data_seed, first[arm].repeat):
+            first[arm] = r
+    return {arm: r.config for arm, r in first.items()}
+
+
+def noise(engine: Engine, experiment: str, repeats: int, vary: str) -> queue.SubmitReport:
+    """Queue `repeats` runs of the experiment's baseline varying `vary` only, as experiment EXP.noise-VARY."""
+    if vary not in VARY:
+        raise SpecError(f"--vary must be one of {', '.join(VARY)}, not {vary!r}")
+    if repeats < 2:
+        raise SpecError("a noise study needs at least 2 repeats to estimate a σ; use --repeats 8, say")
+    parent = _spec(engine, experiment)
+    base = _seed0_configs(engine, experiment).get(BASELINE)
+    if base is None:
+        raise SpecError(f"experiment {experiment!r} has no baseline runs to repeat")
+    name = f"{experiment}{tbl.NOISE_SEP}{vary}"
+    spec = Experiment(name=name, description=f"noise study of {experiment}: vary {vary}", preset=parent.preset,
+                      base=parent.base, seeds=repeats, vary=vary)
+    runs = []
+    for s in range(repeats):
+        cfg, repeat = seeded(base, vary, s, 0, 1, source=name)
+        runs.append(RunSpec(run_id(cfg, repeat), name, BASELINE, cfg, repeat))
+    return queue.submit(engine, spec, runs, source=f"orch noise {experiment} --vary {vary}")
+
+
+def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0.05, step: int = 1
+               ) -> tuple[queue.SubmitReport, dict[str, str]]:
+    """Queue more seeds where a verdict is open and could still close; return what was queued and, per arm,
+    why it got more seeds or not."""
+    if max_seeds < 2:
+        raise SpecError("--max-seeds must be at least 2 (a verdict needs two runs per side)")
+    spec = _spec(engine, experiment)
+    [board] = [b for b in tbl.build(queue.runs_of(engine, [experiment]), queue.stacks(engine), alpha)
+               if b.experiment == experiment] or [None]
+    if board is None:
+        raise SpecError(f"experiment {experiment!r} has no runs yet")
+    templates = _seed0_configs(engine, experiment)
+    targets: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    for row in board.rows:
+        if row.arm == BASELINE or row.imported:
+            continue
+        have = row.n + row.pending
+        c = stats.Comparison(row.n, row.mean, row.std, row.improvement, row.ci_low, row.ci_high, row.p_value,
+                             row.test, row.verdict or stats.UNVERIFIED)
+        if row.pending:
+            reasons[row.arm] = f"{row.pending} run(s) still pending"
+        elif row.verdict in (stats.BETTER, stats.WORSE):
+            reasons[row.arm] = f"decided: {row.verdict} (p = {row.p_value:.3g})"
+        elif have >= max_seeds:
+            reasons[row.arm] = f"at --max-seeds {max_seeds}: {row.verdict}"
+        elif not stats.could_decide(c, max_seeds, alpha):
+            reasons[row.arm] = f"decided: within noise (even {max_seeds} seeds could not exclude zero)"
+        else:
+            targets[row.arm] = min(max_seeds, max(2, have + step))
+            reasons[row.arm] = f"open: {row.verdict}, adding seeds up to {targets[row.arm]}"
+    if targets:
+        base_have = next((r.n + r.pending for r in board.rows if r.arm == BASELINE), 0)
+        targets[BASELINE] = max(base_have, *targets.values())
+    runs: list[RunSpec] = []
+    for arm, target in targets.items():
+        if arm not in templates:
+            continue
+        for s in range(target):
+            cfg, repeat = seeded(templates[arm], spec.vary if spec.vary != "none" else "init", s, 0, 1, source=arm)
+            runs.append(RunSpec(run_id(cfg, repeat), experiment, arm, cfg, repeat))
+    if not runs:
+        return queue.SubmitReport(), reasons
+    spec.seeds = max(spec.seeds, *targets.values())
+    return queue.submit(engine, spec, runs, source=None, priority=1), reasons
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Imported results.
+
+def read_results(path: str | Path) -> list[dict]:
+    """Rows of name, test_loss and optionally seed and stack ("a+b"), from CSV or JSON (a list of objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path} does not exist")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise SpecError(f"{path} must hold a list of objects like {{\"name\": \"baseline\", \"test_loss\": 3.69}}")
+    elif path.suffix == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise SpecError(f"{path}: import reads .csv or .json files")
+    out = []
+    for i, row in enumerate(rows, 2 if path.suffix == ".csv" else 1):
+        where = f"{path}:{i}" if path.suffix == ".csv" else f"{path} item {i}"
+        if "name" not in row or "test_loss" not in row:
+            raise SpecError(f"{where}: needs 'name' and 'test_loss' (optional: 'seed', 'stack'), got {sorted(row)}")
+        try:
+            loss = float(row["test_loss"])
+            seed = int(row["seed"]) if row.get("seed") not in (None, "") else None
+        except ValueError:
+            raise SpecError(f"{where}: test_loss must be a number and seed an integer") from None
+        stack = [p for p in str(row.get("stack") or "").split("+") if p]
+        out.append({"name": str(row["name"]).strip(), "test_loss": loss, "seed": seed, "stack": stack})
+    if not out:
+        raise SpecError(f"{path} holds no rows")
+    return out
+
+
+def import_results(engine: Engine, path: str | Path, experiment: str, baseline: str = BASELINE) -> int:
+    """Store imported results as finished runs of `experiment` (the row named `baseline` is the baseline)."""
+    rows = read_results(path)
+    if baseline not in {r["name"] for r in rows}:
+        raise SpecError(f"{path} has no row named {baseline!r} to compare against; name one with --baseline")
+    interventions = {}
+    for r in rows:
+        if r["name"] != baseline:
+            interventions[r["name"]] = Intervention(name=_arm_name(r["name"]), stack=[_arm_name(p) for p in r["stack"]])
+    try:
+        spec = Experiment(name=experiment, description=f"imported from {path}", interventions=list(interventions.values()))
+    except ValueError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    seen: dict[str, int] = {}
+    with engine.begin() as conn:
+        now = conn.execute(sa.select(db_now())).scalar_one()
+        for r in rows:
+            arm = BASELINE if r["name"] == baseline else _arm_name(r["name"])
+            seed = r["seed"] if r["seed"] is not None else seen.get(arm, 0)
+            seen[arm] = seed + 1
+            rid = "imp" + hashlib.sha256(json.dumps([experiment, arm, seed, r["test_loss"]]).encode()).hexdigest()[:13]
+            if conn.execute(sa.select(Run.id).where(Run.id == rid)).first() is None:
+                conn.execute(sa.insert(Run).values(
+                    id=rid, state=queue.SUCCEEDED, config={"imported": True}, seed=seed, data_seed=0, repeat=0,
+                    priority=0, attempts=0, max_attempts=0, created_at=now, finished_at=now,
+                    test_loss=r["test_loss"], result={"imported": True, "source": str(path), "name": r["name"],
+                                                      "test_loss": r["test_loss"], "status": "succeeded"}))
+            if conn.execute(sa.select(Membership.run_id).where(Membership.experiment == experiment,
+                                                                 Membership.arm == arm, Membership.run_id == rid)).first() is None:
+                conn.execute(sa.insert(Membership).values(experiment=experiment, arm=arm, run_id=rid))
+        # Into an existing experiment the imported arms just join; its own spec stays as submitted.
+        if conn.execute(sa.select(ExperimentRow.name).where(ExperimentRow.name == experiment)).first() is None:
+            conn.execute(sa.insert(ExperimentRow).values(name=experiment, created_at=now, description=spec.description,
+                                                         spec=spec.model_dump(mode="json"), source=str(path)))
+    return len(rows)
+
+
+def _arm_name(name: str) -> str:
+    """Names from a published table ("8xa100m40-gradient-clipping") as valid arm names."""
+    return "".join(ch if ch.isalnum() or ch in "_.+-" else "-" for ch in name).strip("-") or "unnamed"
