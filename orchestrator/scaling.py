@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-if TYPE_CHECKING:
-    from trainer.config import TrainConfig
+from orchestrator import specs
+from trainer.config import TrainConfig
 
 CHINCHILLA = "Hoffmann et al. 2022, 'Training Compute-Optimal Large Language Models' (≈20 tokens per parameter)"
 DEEPSEEK = "DeepSeek-AI 2024, 'DeepSeek LLM: Scaling Open-Source Language Models with Longtermism', §3.1"
@@ -26,10 +27,11 @@ DEEPSEEK_M = "DeepSeek-AI 2024, 'DeepSeek LLM', §3.2 (non-embedding FLOPs per t
 KAPLAN = "Kaplan et al. 2020, 'Scaling Laws for Neural Language Models' (≈6 FLOPs per parameter per token)"
 CEREBRAS = "Bergsma et al. 2025, 'Power Lines: Scaling Laws for Weight Decay and Batch Size in LLM Pre-training'"
 
-# The series' DeepSeek numbers, B_opt = 373 sequences of 1,024 tokens and η = 0.0014, need C ≈ 5.0e18 FLOPs:
-# inverting B_opt gives C = (373 · 1024 / 0.2920)^(1 / 0.3271) = 5.007e18 (any C from 4.986e18 to 5.027e18
-# rounds to 373), and η_opt(5.007e18) = 0.00143. That C is not M·D for GPT-2 small: M = 72·12·768² +
-# 6·12·768·1024 = 566,231,040 FLOPs/token times D = 3.26e9 tokens is C = 1.85e18, which gives B_opt ≈ 269
+# DeepSeek's C is the non-embedding training compute, C = M · D (the series: "specifically the non-embedding
+# training FLOPs"). Its DeepSeek numbers, B_opt = 373 sequences of 1,024 tokens and η = 0.0014, need C ≈ 5.0e18
+# FLOPs: inverting B_opt gives C = (373 · 1024 / 0.2920)^(1 / 0.3271) = 5.007e18 (any C from 4.986e18 to
+# 5.027e18 rounds to 373), and η_opt(5.007e18) = 0.00143. That C is not M · D for GPT-2 small: M = 72·12·768²
+# + 6·12·768·1024 = 566,231,040 FLOPs/token times D = 3.26e9 tokens is C = 1.85e18, which gives B_opt ≈ 269
 # sequences and η_opt ≈ 0.0016. Pass flops=SERIES_DEEPSEEK_FLOPS to reproduce the series' numbers.
 SERIES_DEEPSEEK_FLOPS = (373 * 1024 / 0.2920) ** (1 / 0.3271)
 
@@ -72,14 +74,14 @@ def deepseek_lr(flops: float) -> float:
 def cerebras_batch_sequences(tokens: float) -> float:
     """Power Lines: B_opt = 0.0306 · D^0.383, D in tokens, B in sequences (the series: 3,260,252,160 → 134.68).
 
-    The paper trained on 2,048-token sequences; the series applied B to its 1,024-token ones, as we do."""
+    The paper's sequences were 2,048 tokens; the series applied B to its 1,024-token ones unchanged, as we do."""
     return 0.0306 * tokens**0.383
 
 
 def cerebras_tau(tpp: float) -> float:
     """Power Lines: τ_opt = 1.084 · TPP^−0.527, TPP = D / N tokens per parameter (TPP 20 → 0.22356).
 
-    The series printed 0.22352 for TPP 20 (its λ values follow from that printed τ); the formula gives 0.223556."""
+    The series printed 0.22352 for TPP 20, 0.016% below this formula's 0.223556; its λ values used 0.22352."""
     return 1.084 * tpp**-0.527
 
 
@@ -117,13 +119,15 @@ def suggest(params: int, tokens: int | None = None, batch_sequences: int | None 
     """Every suggestion for a model of `params` parameters trained on `tokens` tokens (default: Chinchilla's).
 
     DeepSeek's C is `flops` if given, else M · D with M from the shape (n_layer, d_model, context), else with
-    M ≈ 6 · non_embedding_params. λ uses `batch_sequences` and `lr` if given, else Cerebras' B_opt and DeepSeek's η_opt.
+    M ≈ 6 · non_embedding_params. λ uses `batch_sequences` and `lr` if given, else Cerebras' B_opt (rounded)
+    and DeepSeek's η_opt. Each path taken is written in the suggestion's note.
     """
     given = dict(params=params, tokens=tokens, batch_sequences=batch_sequences, lr=lr, context=context,
                  n_layer=n_layer, d_model=d_model, non_embedding_params=non_embedding_params, flops=flops)
     for name, value in given.items():
-        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value))
-        if (value is not None or name in ("params", "context")) and bad:
+        if value is None and name not in ("params", "context"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
             raise ValueError(f"{name} must be a positive number (got {value!r}); {_FIXES[name]}")
     if (n_layer is None) != (d_model is None):
         raise ValueError("give both n_layer and d_model (the model shape), or neither")
@@ -138,7 +142,7 @@ def suggest(params: int, tokens: int | None = None, batch_sequences: int | None 
     out = [
         Suggestion("chinchilla_tokens", "compute-optimal training budget D (tokens)", budget, "tokens", "D = 20 · N",
                    {"N": _q(params, "parameters")}, CHINCHILLA,
-                   "used as D below (no tokens given)" if tokens is None else f"D below is the given {tokens:,} tokens"),
+                   f"D below is the given {tokens:,} tokens" if tokens else "used as D below (no tokens given)"),
         Suggestion("tpp", "tokens per parameter TPP", tpp, "tokens per parameter", "TPP = D / N",
                    {"D": _q(D, "tokens"), "N": _q(params, "parameters")}, CHINCHILLA),
     ]
@@ -149,7 +153,8 @@ def suggest(params: int, tokens: int | None = None, batch_sequences: int | None 
         if n_layer is not None:
             M = deepseek_flops_per_token(n_layer, d_model, context)
             m_formula, m_source = "M = 72 · n_layer · d_model² + 6 · n_layer · d_model · l_seq", DEEPSEEK_M
-            m_inputs = {"n_layer": _q(n_layer, "blocks"), "d_model": _q(d_model, "width"), "l_seq": _q(context, "tokens")}
+            m_inputs = {"n_layer": _q(n_layer, "blocks"), "d_model": _q(d_model, "width"),
+                        "l_seq": _q(context, "tokens")}
             how = f"from the model shape, {m_formula}"
         else:  # Kaplan's 6 FLOPs per parameter per token leaves out attention's 6 · n_layer · d_model · l_seq
             M, m_formula, m_source = 6 * non_embedding_params, "M ≈ 6 · N_non-embedding", KAPLAN
@@ -165,9 +170,9 @@ def suggest(params: int, tokens: int | None = None, batch_sequences: int | None 
     out += [
         Suggestion("deepseek_batch_tokens", "DeepSeek optimal batch B_opt (tokens per step)", b_tokens,
                    "tokens per step", "B_opt = 0.2920 · C^0.3271", {"C": _q(C, "FLOPs")}, DEEPSEEK),
-        Suggestion("deepseek_batch_sequences", "DeepSeek optimal batch B_opt (sequences per step)", b_tokens / context,
-                   f"{seqs} per step", "B_opt / l_seq", {"B_opt": _q(b_tokens, "tokens"), "l_seq": _q(context, "tokens")},
-                   DEEPSEEK),
+        Suggestion("deepseek_batch_sequences", "DeepSeek optimal batch B_opt (sequences per step)",
+                   b_tokens / context, f"{seqs} per step", "B_opt / l_seq",
+                   {"B_opt": _q(b_tokens, "tokens"), "l_seq": _q(context, "tokens")}, DEEPSEEK),
         Suggestion("lr", "DeepSeek optimal learning rate η_opt", eta, "AdamW peak learning rate",
                    "η_opt = 0.3118 · C^−0.1250", {"C": _q(C, "FLOPs")}, DEEPSEEK),
     ]
@@ -240,10 +245,11 @@ def _check_lambda(suggestions: Sequence[Suggestion], actual: dict[str, float], w
     """λ holds τ_opt only with the B, η and D it was computed for (Power Lines' τ = B / (η · λ · D))."""
     wd = next(s for s in suggestions if s.key == "weight_decay")
     for symbol, value in actual.items():
-        used = wd.inputs[symbol]["value"]
+        used, unit = wd.inputs[symbol]["value"], wd.inputs[symbol]["unit"]
         if not math.isclose(value, used, rel_tol=max(0.01, 5 * 10.0**-digits)):
-            raise ValueError(f"λ = {wd.value:.5g} was computed for {symbol} = {_fmt(used)} {wd.inputs[symbol]['unit']}, "
-                             f"but {where} has {symbol} = {_fmt(value)}; give suggest() that value, or set {symbol} too")
+            arg = {"η": "lr", "B": "batch_sequences", "D": "tokens"}[symbol]
+            raise ValueError(f"λ = {wd.value:.5g} was computed for {symbol} = {_fmt(used)} {unit}, but {where} has "
+                             f"{symbol} = {_fmt(value)}; pass the run's value to suggest() as {arg}, or set it too")
 
 
 def intervention_changes(suggestions: Sequence[Suggestion], which: Sequence[str] = ("lr", "weight_decay"),
@@ -259,7 +265,8 @@ def intervention_changes(suggestions: Sequence[Suggestion], which: Sequence[str]
         if CONFIG_KEYS[key] in changes:
             raise ValueError(f"two suggestions set {CONFIG_KEYS[key]}; choose one of them")
         value = by_key[key].value
-        changes[CONFIG_KEYS[key]] = round(value) if CONFIG_KEYS[key].startswith("run.") else float(f"{value:.{digits}g}")
+        integer = CONFIG_KEYS[key].startswith("run.")  # run.tokens and run.batch_size are counts
+        changes[CONFIG_KEYS[key]] = round(value) if integer else float(f"{value:.{digits}g}")
     if "weight_decay" in which:
         actual = {"η": changes.get("optim.lr"), "B": changes.get("run.batch_size")}
         _check_lambda(suggestions, {k: v for k, v in actual.items() if v is not None}, "this intervention", digits)
@@ -268,7 +275,7 @@ def intervention_changes(suggestions: Sequence[Suggestion], which: Sequence[str]
 
 def emit_intervention(suggestions: Sequence[Suggestion], which: Sequence[str] = ("lr", "weight_decay"),
                       name: str | None = None, digits: int = 5) -> str:
-    """Python source of one `Intervention(name=..., set={...})`; the name defaults to the changes ("lr-0.0014-wd-0.1")."""
+    """Python source of one `Intervention(name=..., set={...})`, named after its changes unless `name` is given."""
     changes = intervention_changes(suggestions, which, digits)
     name = name or "-".join(f"{_SHORT[k]}-{v}" for k, v in changes.items())
     if not _NAME.match(name):
@@ -281,12 +288,10 @@ def emit_experiment_file(suggestions: Sequence[Suggestion], name: str = "scaling
                          preset: str = "gpt2-small", which: Sequence[str] = ("lr", "weight_decay"),
                          intervention_name: str | None = None, digits: int = 5) -> str:
     """A complete experiment file (the baseline and one intervention), checked to load and expand at `preset`."""
-    from orchestrator import specs
-
     if not _NAME.match(name):
         raise ValueError(f"experiment name {name!r} may use only letters, digits and _ . + -; choose another")
     line = emit_intervention(suggestions, which, intervention_name, digits)
-    notes = [f"- {CONFIG_KEYS[s.key]}: {s.formula} = {_fmt(s.value)}" + (f" with {_plugged(s)}" if s.inputs else "")
+    notes = [f"- {CONFIG_KEYS[s.key]}: {s.formula} = {_fmt(s.value)}" + (f", {_plugged(s)}" if s.inputs else "")
              + f"\n  ({s.source})" for key in which for s in suggestions if s.key == key]
     text = "\n".join([f'"""Suggested by `orch suggest` (orchestrator/scaling.py) for preset {preset}:', "", *notes,
                       '"""', "", "from orchestrator.specs import Experiment, Intervention", "",
@@ -294,7 +299,7 @@ def emit_experiment_file(suggestions: Sequence[Suggestion], name: str = "scaling
                       "    interventions=[", f"        {line},", "    ],", ")", ""])
     namespace: dict[str, Any] = {}
     exec(compile(text, f"<experiment {name}>", "exec"), namespace)  # what load_experiment will run
-    runs = specs.expand(namespace["experiment"], source=f"experiment {name!r}")  # SpecError names a bad preset/value
+    runs = specs.expand(namespace["experiment"], source=f"experiment {name!r}")  # SpecError: bad preset or value
     if "weight_decay" in which:
         cfg = next(r.config for r in runs if r.arm != specs.BASELINE)
         actual = {"B": cfg.run.batch_size, "η": cfg.optim.lr, "D": cfg.total_steps() * cfg.run.batch_size}

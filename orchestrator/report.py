@@ -1,0 +1,235 @@
+"""`orch report`: one experiment as a page to read and pass around — curves, effects and the leaderboard.
+
+    out_dir/index.html          self-contained: the PNGs are inlined as base64 data URIs, so the page still
+                                works when mailed or moved alone
+    out_dir/train_loss.png      training loss vs tokens: per arm the mean over seeds, a band from min to max
+    out_dir/val_loss.png        validation loss vs tokens, the same way
+    out_dir/improvement.png     each intervention's improvement vs the baseline with its 95% CI, by verdict
+
+The numbers are orchestrator/table.py's, so the page and `orch table` never disagree. Curves come from each
+run's metrics.jsonl (trainer/rundir.py); imported runs have only a result, and are left out of the plots.
+With a Tracker the files also go to MLflow, as artifacts of a run named "report" in the experiment.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator import queue, stats
+from orchestrator import table as tbl
+from orchestrator.specs import BASELINE
+from trainer.rundir import read_metrics
+
+VERDICT_COLOURS = {stats.BETTER: "#2e7d32", stats.WORSE: "#c62828", stats.NOISE: "#9e9e9e",
+                   stats.UNVERIFIED: "#cfcfcf"}
+PLOTS = {"train_loss.png": "Training loss", "val_loss.png": "Validation loss",
+         "improvement.png": "Improvement vs baseline"}
+REPORT_TAG = "orch.kind"
+
+
+def write_report(engine, experiment: str, out_dir: Path, alpha: float = 0.05, tracker=None,
+                 runs_dir: Path | None = None) -> Path:
+    """Write index.html and its PNGs for `experiment` into out_dir; return the path of index.html."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a worker node or in CI; Agg renders PNGs anywhere
+    # The noise studies of this experiment (`orch noise`) feed its board's summary, as in `orch table`.
+    names = [experiment] + [n for n in queue.experiment_names(engine) if n.startswith(experiment + tbl.NOISE_SEP)]
+    triples = queue.runs_of(engine, names)
+    board = next((b for b in tbl.build(triples, queue.stacks(engine), alpha) if b.experiment == experiment), None)
+    if board is None:
+        raise ValueError(f"no runs in experiment {experiment!r}")
+    runs = [(arm, run) for exp, arm, run in triples if exp == experiment]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # One colour per arm on every plot: the baseline first (always the same blue), then in leaderboard order.
+    arms = sorted((r.arm for r in board.rows), key=lambda a: a != BASELINE)  # sorted() is stable
+    colours = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
+    events = _events(runs, runs_dir)
+    _curve_plot(out_dir / "train_loss.png", events, "loss", colours, smooth=True, title="Training loss")
+    _curve_plot(out_dir / "val_loss.png", events, "val_loss", colours, smooth=False, title="Validation loss")
+    _improvement_plot(out_dir / "improvement.png", board)
+
+    index = out_dir / "index.html"
+    index.write_text(_page(board, runs, out_dir))
+    if tracker is not None:
+        _log_to_mlflow(tracker, experiment, [index, *(out_dir / name for name in PLOTS)])
+    return index
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Curves.
+
+def _events(runs: list[tuple[str, object]], runs_dir: Path | None) -> dict[str, list[list[dict]]]:
+    """arm → the metrics.jsonl events of each of its finished runs that has a run directory."""
+    out: dict[str, list[list[dict]]] = {}
+    for arm, run in runs:
+        # Only the runs the leaderboard ranks: a failed or half-finished curve would drag the mean.
+        if run.state != queue.SUCCEEDED or (run.result or {}).get("imported"):
+            continue
+        # run_dir is what the worker's heartbeat recorded; it may be relative to that worker's cwd, so
+        # fall back to the runs folder we were given.
+        candidates = [Path(run.run_dir)] if run.run_dir else []
+        candidates += [Path(runs_dir) / run.id] if runs_dir is not None else []
+        run_dir = next((d for d in candidates if (d / "metrics.jsonl").exists()), None)
+        if run_dir is not None:
+            out.setdefault(arm, []).append(read_metrics(run_dir))
+    return out
+
+
+def _series(events: list[dict], key: str, smooth: bool) -> tuple[np.ndarray, np.ndarray]:
+    points = sorted((e["tokens"], e[key]) for e in events if e.get(key) is not None and "tokens" in e)
+    x, y = (np.array(v, dtype=float) for v in zip(*points)) if points else (np.array([]), np.array([]))
+    if smooth and len(y) > 1:
+        # EMA over ~1/10 of the run's metric lines, debiased (as TensorBoard does) so the first points are
+        # not pulled towards 0; the band then shows seed-to-seed spread rather than step-to-step noise.
+        beta = 1 - 2 / (max(1, min(50, len(y) // 10)) + 1)
+        s, out = 0.0, np.empty_like(y)
+        for i, v in enumerate(y):
+            s = beta * s + (1 - beta) * v
+            out[i] = s / (1 - beta ** (i + 1)) if beta > 0 else v
+        y = out
+    return x, y
+
+
+def _curve_plot(path: Path, events: dict[str, list[list[dict]]], key: str, colours: dict[str, str],
+                smooth: bool, title: str) -> None:
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot state to leak between reports
+
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.subplots()
+    tops = []
+    for arm, per_run in events.items():
+        series = [s for s in (_series(ev, key, smooth) for ev in per_run) if len(s[0])]
+        if not series:
+            continue
+        # Seeds of an arm usually log at the same tokens, but a resumed run may not: put every seed on the
+        # token grid they all cover, by linear interpolation, before taking mean, min and max.
+        lo, hi = max(x[0] for x, _ in series), min(x[-1] for x, _ in series)
+        grid = np.unique(np.concatenate([x for x, _ in series]))
+        grid = grid[(grid >= lo) & (grid <= hi)]
+        ys = np.array([np.interp(grid, x, y) for x, y in series])
+        mean = ys.mean(axis=0)
+        ax.plot(grid, mean, color=colours[arm], lw=1.8, label=f"{arm} ({len(series)} run{'s' * (len(series) > 1)})",
+                marker="o" if len(grid) < 20 else None, ms=3)
+        if len(series) > 1:
+            ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=colours[arm], alpha=0.2, lw=0)
+        tops.append(mean[min(len(mean) - 1, len(mean) // 10)])
+    if tops:
+        # The first steps sit near ln(50257) ≈ 10.8 and would squash the part where the arms differ.
+        ymin, ymax = ax.get_ylim()
+        ax.set_ylim(ymin, min(ymax, max(tops) + 0.1 * (max(tops) - ymin)))
+        ax.legend(loc="upper right", fontsize=9)
+    else:
+        ax.text(0.5, 0.5, f"no {key} curves: no finished run with a run directory (imported runs have none)",
+                ha="center", va="center", transform=ax.transAxes, wrap=True)
+    band = "band: min–max over seeds" + ("; each seed EMA-smoothed" if smooth else "")
+    ax.set(title=f"{title} — mean over seeds ({band})", xlabel="tokens", ylabel=key.replace("_", " "))
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+
+
+def _improvement_plot(path: Path, board: tbl.Board) -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    rows = [r for r in board.rows if r.arm != BASELINE and r.improvement is not None]
+    fig = Figure(figsize=(9, 1.6 + 0.5 * max(1, len(rows))), layout="constrained")
+    ax = fig.subplots()
+    if rows:
+        rows = rows[::-1]  # barh draws bottom-up; keep the leaderboard's order top-down
+        y = np.arange(len(rows))
+        imp = np.array([r.improvement for r in rows])
+        # Unverified arms (one run a side) have no interval: a bar without whiskers.
+        err = np.array([[r.improvement - r.ci_low, r.ci_high - r.improvement] if r.ci_low is not None else [0, 0]
+                        for r in rows]).T
+        ax.barh(y, imp, xerr=err, capsize=4, color=[VERDICT_COLOURS.get(r.verdict, "#cfcfcf") for r in rows],
+                edgecolor="#444", lw=0.6)
+        ax.set_yticks(y, [r.arm for r in rows])
+        seen = list(dict.fromkeys(r.verdict for r in rows[::-1]))
+        ax.legend(handles=[Patch(color=VERDICT_COLOURS.get(v, "#cfcfcf"), label=v) for v in seen],
+                  loc="best", fontsize=9)
+    else:
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no intervention has a finished run beside a finished baseline yet",
+                ha="center", va="center", transform=ax.transAxes)
+    ax.axvline(0, color="black", lw=1)
+    ax.set(title=f"Improvement vs baseline (test loss; > 0 = better) with {1 - board.alpha:.0%} CI",
+           xlabel="baseline mean − arm mean test loss")
+    ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The page.
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; } th, td { padding: 4px 10px; border-bottom: 1px solid #ddd; }
+th { text-align: left; background: #f4f4f4; } td { font-variant-numeric: tabular-nums; }
+tr.baseline { font-weight: bold; } img { max-width: 100%; display: block; margin: 1em 0; }
+.better { color: #2e7d32; } .worse { color: #c62828; } .noise { color: #777; } .meta { color: #666; }
+"""
+# Lets a headless browser (tests/test_report.py) confirm that every plot decoded: naturalWidth is 0 for a
+# broken image.
+SCRIPT = """
+window.addEventListener("load", () => {
+  const ok = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.imagesLoaded = ok;
+});
+"""
+
+
+def _page(board: tbl.Board, runs: list[tuple[str, object]], out_dir: Path) -> str:
+    e = html.escape
+    states: dict[str, int] = {}
+    for _, run in runs:
+        states[run.state] = states.get(run.state, 0) + 1
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>orch report: {e(board.experiment)}"
+             f"</title><style>{STYLE}</style><script>{SCRIPT}</script></head><body>",
+             f"<h1>{e(board.experiment)}</h1>",
+             f"<p class=meta>generated {e(when)} · {len(runs)} run{'s' * (len(runs) != 1)} ("
+             + ", ".join(f"{n} {e(s)}" for s, n in sorted(states.items())) + f") · α = {board.alpha:g}</p>"]
+    for name, title in PLOTS.items():
+        data = base64.b64encode((out_dir / name).read_bytes()).decode()
+        parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{data}'>")
+
+    parts.append("<h2>Leaderboard</h2>")
+    parts += [f"<p>{e(line)}</p>" for line in tbl.summary(board)]
+    if board.rows:
+        header, cells = tbl._columns(board)  # the same cells as `orch table --format markdown`
+        parts.append("<table id=leaderboard><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header)
+                     + "</tr></thead><tbody>")
+        for row, cs in zip(board.rows, cells):
+            cls = {stats.BETTER: "better", stats.WORSE: "worse", stats.NOISE: "noise"}.get(row.verdict, "")
+            cls += " baseline" if row.arm == BASELINE else ""
+            parts.append(f"<tr class='{cls.strip()}'>" + "".join(f"<td>{e(c)}</td>" for c in cs) + "</tr>")
+        parts.append("</tbody></table>")
+    if board.failed:
+        parts.append("<h3>Not ranked</h3><ul id=failed>")
+        parts += [f"<li>{e(f['arm'])} (seed {f['seed']}, run <code>{e(f['run'])}</code>): {e(f['state'])} "
+                  f"{e(f['detail'] or '')}</li>" for f in board.failed]
+        parts.append("</ul>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _log_to_mlflow(tracker, experiment: str, files: list[Path]) -> str:
+    """Log the files to the experiment's "report" run (made once, then reused); return its MLflow id."""
+    exp_id = tracker.experiment_id(experiment)
+    found = tracker.client.search_runs([exp_id], filter_string=f"tags.`{REPORT_TAG}` = 'report'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = tracker.client.create_run(exp_id, run_name="report", tags={REPORT_TAG: "report"}).info.run_id
+    for path in files:
+        tracker.client.log_artifact(run_id, str(path))  # same names each time: a new report replaces the old
+    tracker.client.set_terminated(run_id)
+    return run_id
