@@ -218,6 +218,42 @@ def import_(
 
 
 @app.command()
+def suggest(
+    params: Annotated[Optional[int], typer.Option(help="parameters N (default: from --preset)")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="take N, shape and batch from a preset, e.g. gpt2-small")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="training tokens D (default: Chinchilla's 20·N)")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="batch B in sequences")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="peak learning rate η for λ (default: DeepSeek's η_opt)")] = None,
+    context: Annotated[Optional[int], typer.Option(help="tokens per sequence")] = None,
+    flops: Annotated[Optional[float], typer.Option(help="training compute C in FLOPs, if known")] = None,
+    emit: Annotated[Optional[str], typer.Option(help="write an experiment file with the suggested η and λ")] = None,
+    format: Annotated[str, typer.Option("--format", help="text | json")] = "text",
+):
+    """Scaling-law suggestions (Chinchilla, DeepSeek, Cerebras), each with its formula, inputs and source."""
+    from pathlib import Path
+
+    from orchestrator import scaling
+    from trainer import config
+
+    with user_errors():
+        inputs = scaling.config_inputs(config.load(preset_name=preset)) if preset else {}
+        given = dict(params=params, tokens=tokens, batch_sequences=batch, lr=lr, context=context, flops=flops)
+        inputs.update({k: v for k, v in given.items() if v is not None})
+        if "params" not in inputs:
+            fail("give --params N or --preset NAME")
+        suggestions = scaling.suggest(**inputs)
+        if emit:
+            Path(emit).write_text(scaling.emit_experiment_file(suggestions, name=Path(emit).stem.replace("_", "-"),
+                                                               preset=preset or "gpt2-small"))
+    if format == "json":
+        typer.echo(scaling.to_json(suggestions))
+    else:
+        typer.echo(scaling.render_text(suggestions))
+    if emit:
+        typer.echo(f"wrote {emit}: orch submit {emit}", err=format == "json")
+
+
+@app.command()
 def ls(
     experiments: Annotated[Optional[list[str]], typer.Argument()] = None,
     state: Annotated[Optional[str], typer.Option(help="only runs in this state")] = None,

@@ -148,12 +148,12 @@ def test_old_schema_is_refused_with_the_upgrade_command(tmp_path):
     connect(url)
     eng = sa.create_engine(url)
     with eng.begin() as conn:
-        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
+        conn.exec_driver_sql("UPDATE orch_alembic_version SET version_num = '0000'")
     with pytest.raises(SchemaError, match="newer orch"):
         connect(url)
     foreign = f"sqlite:///{tmp_path / 'foreign.db'}"
     with sa.create_engine(foreign).begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE something (x int)")
+        conn.exec_driver_sql("CREATE TABLE runs (x int)")
     with pytest.raises(SchemaError, match="no orch schema version"):
         connect(foreign)
 

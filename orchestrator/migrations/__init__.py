@@ -27,9 +27,14 @@ def head(engine: sa.Engine) -> str:
     return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
 
 
+# Optuna keeps its own Alembic history in the same database (`orch sweep` stores studies beside the runs),
+# in the default table "alembic_version"; ours has a name of its own.
+VERSION_TABLE = "orch_alembic_version"
+
+
 def current(engine: sa.Engine) -> str | None:
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
 
 
 def upgrade(engine: sa.Engine) -> tuple[str | None, str]:
@@ -46,9 +51,9 @@ def ensure_current(engine: sa.Engine, create: bool = True) -> None:
     if rev == want:
         return
     if rev is None:
-        tables = sa.inspect(engine).get_table_names()
+        tables = [t for t in sa.inspect(engine).get_table_names() if t in ("runs", "memberships", "experiments")]
         if tables:
-            raise SchemaError(f"{url} holds tables ({', '.join(sorted(tables)[:5])}) but no orch schema version; "
+            raise SchemaError(f"{url} holds orch's tables ({', '.join(sorted(tables))}) but no orch schema version; "
                               "point --db at a new database file or an empty PostgreSQL database")
         if create:
             upgrade(engine)
