@@ -243,8 +243,10 @@ def suggest(
             fail("give --params N or --preset NAME")
         suggestions = scaling.suggest(**inputs)
         if emit:
+            # λ was computed for the η given (keep that η: emit λ alone) or for DeepSeek's η_opt (emit both).
+            which = ("weight_decay",) if lr is not None else ("lr", "weight_decay")
             Path(emit).write_text(scaling.emit_experiment_file(suggestions, name=Path(emit).stem.replace("_", "-"),
-                                                               preset=preset or "gpt2-small"))
+                                                               preset=preset or "gpt2-small", which=which))
     if format == "json":
         typer.echo(scaling.to_json(suggestions))
     else:
