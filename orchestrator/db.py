@@ -57,6 +57,8 @@ class Run(Base):
     tokens_per_s: Mapped[float | None] = mapped_column(Float)
     total_steps: Mapped[int | None] = mapped_column(Integer)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    val_curve: Mapped[list | None] = mapped_column(JSON)  # [[step, val_loss], …] so far, for pruning
+    stop: Mapped[str | None] = mapped_column(String(16))  # a stop request ("pruned") for the run's worker
 
     __table_args__ = (sa.Index("ix_runs_claim", "state", "priority", "created_at"),)
 

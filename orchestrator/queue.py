@@ -93,7 +93,7 @@ def claim(engine: Engine, worker: str, limit: int = 1) -> list[Run]:
         ids = conn.execute(
             sa.update(Run).where(Run.id.in_(candidates), Run.state == QUEUED)
             .values(state=RUNNING, worker=worker, attempts=Run.attempts + 1, started_at=now, heartbeat_at=now,
-                    finished_at=None, exit_code=None)
+                    finished_at=None, exit_code=None, stop=None)
             .returning(Run.id).execution_options(synchronize_session=False)
         ).scalars().all()
         if not ids:
@@ -102,20 +102,31 @@ def claim(engine: Engine, worker: str, limit: int = 1) -> list[Run]:
         return sorted(rows, key=lambda r: (-r.priority, r.created_at, r.id))
 
 
-def heartbeat(engine: Engine, worker: str, progress: dict[str, dict]) -> set[str]:
-    """Beat for each of this worker's runs (with its progress); return the ids it still owns.
+def heartbeat(engine: Engine, worker: str, progress: dict[str, dict]) -> dict[str, str | None]:
+    """Beat for each of this worker's runs (with its progress); return the runs it still owns, each with
+    its stop request if one was made (request_stop), else None.
 
     A run missing from the answer was taken away — cancelled, or requeued because our beats stopped
     arriving in time — and its trainer must be stopped.
     """
-    owned = set()
+    owned: dict[str, str | None] = {}
     with engine.begin() as conn:
         for run_id, fields in progress.items():
-            n = conn.execute(sa.update(Run).where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)
-                             .values(heartbeat_at=db_now(), **fields)).rowcount
-            if n:
-                owned.add(run_id)
+            stop = conn.execute(sa.update(Run).where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)
+                                .values(heartbeat_at=db_now(), **fields).returning(Run.stop)).first()
+            if stop is not None:
+                owned[run_id] = stop[0]
     return owned
+
+
+def request_stop(engine: Engine, run_ids: Iterable[str], reason: str = "pruned") -> list[str]:
+    """Ask the workers of running runs to stop them (through the trainer's STOP file) with this reason.
+
+    The database carries the request, so whoever asks (a sweep on another machine) needs no access to
+    the run directories."""
+    with engine.begin() as conn:
+        return list(conn.execute(sa.update(Run).where(Run.id.in_(list(run_ids)), Run.state == RUNNING)
+                                 .values(stop=reason).returning(Run.id)).scalars())
 
 
 def requeue_stale(engine: Engine, grace_s: float) -> list[str]:

@@ -211,10 +211,15 @@ class Worker:
         progress = {rid: {k: v for k, v in l.progress.items() if not k.startswith("_")} for rid, l in self.active.items()}
         owned = queue.heartbeat(self.engine, self.name, progress)
         for run_id, launch in self.active.items():
-            if run_id not in owned and launch.stop_sent_at is None:
+            if launch.stop_sent_at is not None:
+                continue
+            if run_id not in owned:
                 self.echo(f"{run_id} was cancelled or taken over: stopping its trainer")
                 launch.progress["_cancelled"] = True
                 self._send_stop(launch)
+            elif owned[run_id]:
+                self.echo(f"{run_id}: stop requested ({owned[run_id]})")
+                self._send_stop(launch, owned[run_id])
         for launch in self.active.values():  # escalate on trainers that ignore STOP
             if launch.stop_sent_at is not None and time.monotonic() - launch.stop_sent_at > STOP_TIMEOUT_S:
                 _kill(launch.proc)
@@ -239,8 +244,8 @@ class Worker:
             elif time.monotonic() - launch.stop_sent_at > STOP_TIMEOUT_S:
                 _kill(launch.proc)
 
-    def _send_stop(self, launch: Launch) -> None:
-        (launch.run_dir / STOP).write_text("preempted\n")
+    def _send_stop(self, launch: Launch, reason: str = "preempted") -> None:
+        (launch.run_dir / STOP).write_text(reason + "\n")
         launch.stop_sent_at = time.monotonic()
 
     # -- metrics ------------------------------------------------------------------------------------------
@@ -264,8 +269,12 @@ class Worker:
         launch.offset += end
         events = [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
         for e in events:
-            if "loss" in e:
+            if e.get("event") == "resume":  # a relaunch: curve points past the checkpoint are superseded
+                launch.progress["val_curve"] = [p for p in launch.progress.get("val_curve", []) if p[0] <= e["step"]]
+            elif "loss" in e:
                 launch.progress.update(step=e["step"], train_loss=e["loss"], tokens_per_s=e.get("tokens_per_s"))
+            elif "val_loss" in e and "test_loss" not in e:
+                launch.progress["val_curve"] = [*launch.progress.get("val_curve", []), [e["step"], e["val_loss"]]]
         if self.tracker is not None and launch.mlflow_id:
             self.tracker.log_events(launch.mlflow_id, events, launch.last_steps)
 

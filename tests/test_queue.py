@@ -61,8 +61,10 @@ def test_claim_heartbeat_finish(db_url):
     queue.submit(eng, exp, specs.expand(exp))
     [run] = queue.claim(eng, "w1", 1)
     assert run.state == "running" and run.worker == "w1" and run.attempts == 1
-    assert queue.heartbeat(eng, "w1", {run.id: {"step": 3}}) == {run.id}
-    assert queue.heartbeat(eng, "w2", {run.id: {"step": 3}}) == set()  # not w2's run
+    assert queue.heartbeat(eng, "w1", {run.id: {"step": 3}}) == {run.id: None}
+    assert queue.heartbeat(eng, "w2", {run.id: {"step": 3}}) == {}  # not w2's run
+    assert queue.request_stop(eng, [run.id], "pruned") == [run.id]
+    assert queue.heartbeat(eng, "w1", {run.id: {"step": 4, "val_curve": [[2, 9.5], [4, 9.1]]}}) == {run.id: "pruned"}
     assert queue.finish(eng, run.id, "w1", "succeeded", result={"test_loss": 7.5, "step": 12}) == "succeeded"
     assert queue.finish(eng, run.id, "w1", "failed") is None  # a finished run is never modified
     [done] = queue.find(eng, run.id)
@@ -98,7 +100,7 @@ def test_stale_runs_are_requeued_on_the_database_clock(db_url):
     queue.heartbeat(eng, "dead", {b.id: {}})  # b still beats
     assert queue.requeue_stale(eng, 0.5) == [a.id]
     assert queue.counts(eng) == {"queued": 1, "running": 1}
-    assert queue.heartbeat(eng, "dead", {a.id: {}}) == set()  # the old worker learns it lost the run
+    assert queue.heartbeat(eng, "dead", {a.id: {}}) == {}  # the old worker learns it lost the run
 
 
 def test_cancel(db_url):
@@ -108,7 +110,7 @@ def test_cancel(db_url):
     [running] = queue.claim(eng, "w", 1)
     assert len(queue.cancel(eng, [r.id for _, _, r in queue.runs_of(eng)])) == 4
     assert queue.counts(eng) == {"cancelled": 4}
-    assert queue.heartbeat(eng, "w", {running.id: {}}) == set()
+    assert queue.heartbeat(eng, "w", {running.id: {}}) == {}
 
 
 def test_eight_concurrent_claimers_claim_each_run_exactly_once(db_url):
@@ -163,3 +165,26 @@ def test_unreachable_database_is_one_clear_error():
         connect("postgresql+psycopg://nobody@127.0.0.1:1/none")
     with pytest.raises(SchemaError, match="not a database URL"):
         connect("results.db")
+
+
+def test_a_database_from_the_previous_schema_is_refused_then_upgraded_with_its_data(tmp_path):
+    from alembic import command
+
+    from orchestrator import migrations
+
+    url = f"sqlite:///{tmp_path / 'v1.db'}"
+    raw = sa.create_engine(url)
+    command.upgrade(migrations.alembic_config(raw), "0001")  # what orch wrote before the sweep columns
+    with raw.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO runs (id, state, config, seed, data_seed, repeat, priority, attempts, "
+                             "max_attempts, created_at, test_loss) VALUES ('abc', 'succeeded', '{}', 42, 0, 0, 0, 1, 3, 0, 3.7)")
+    with pytest.raises(SchemaError, match=r"schema 0001, this orch needs 0002.*orch db upgrade"):
+        connect(url)
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "db", "upgrade", "--db", url],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "0001 -> 0002" in out.stdout, out.stderr
+    [run] = queue.find(connect(url), "abc")
+    assert run.test_loss == 3.7 and run.val_curve is None and run.stop is None
