@@ -76,7 +76,7 @@ def environment(device: torch.device, world_size: int) -> dict:
         "cuda": torch.version.cuda,
         "host": platform.node(),
         "world_size": world_size,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
     }
@@ -87,6 +87,16 @@ def environment(device: torch.device, world_size: int) -> dict:
     except ImportError:  # pragma: no cover - numpy is a dependency
         pass
     return env
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def git_commit() -> str | None:

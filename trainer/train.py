@@ -139,19 +139,21 @@ def batch_layout(cfg: TrainConfig, d: Dist, model: GPT, opt: torch.optim.Optimiz
 
 def _probe(model: GPT, opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device, micro: int) -> None:
     """One forward+backward+optimizer step at this micro-batch size, leaving no trace in weights or RNG."""
+    lrs = [g["lr"] for g in opt.param_groups]
     with torch.random.fork_rng(devices=[device]):
-        x = torch.randint(0, cfg.model.vocab_size, (micro, cfg.model.context_length), device=device)
-        with autocast(device, cfg.precision.amp):
-            loss = cross_entropy(model(x), x)
-        loss.backward()
-        lrs = [g["lr"] for g in opt.param_groups]
-        for g in opt.param_groups:
-            g["lr"] = 0.0  # allocate Adam's moments at full size without moving any weight
-        opt.step()
-        for g, lr in zip(opt.param_groups, lrs):
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        opt.state.clear()
+        try:
+            x = torch.randint(0, cfg.model.vocab_size, (micro, cfg.model.context_length), device=device)
+            with autocast(device, cfg.precision.amp):
+                loss = cross_entropy(model(x), x)
+            loss.backward()
+            for g in opt.param_groups:
+                g["lr"] = 0.0  # allocate Adam's moments at full size without moving any weight
+            opt.step()
+        finally:  # also when it ran out of memory half-way: no probe gradient may reach the first real step
+            for g, lr in zip(opt.param_groups, lrs):
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            opt.state.clear()
 
 
 def config_hash(cfg: TrainConfig) -> str:
