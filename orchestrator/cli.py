@@ -255,6 +255,97 @@ def suggest(
         typer.echo(f"wrote {emit}: orch submit {emit}", err=format == "json")
 
 
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def sweep(
+    target: Annotated[str, typer.Argument(help="a sweep file to run, or: status | plot | confirm")],
+    name: Annotated[Optional[str], typer.Argument(help="the sweep's name (for status, plot, confirm)")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="scale preset for the trials")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a config key of every trial")] = [],
+    out: Annotated[str, typer.Option(help="plot: output folder")] = "sweep-plots",
+    seeds: Annotated[int, typer.Option(help="confirm: seeds for the best configuration and the baseline")] = 4,
+    format: Annotated[str, typer.Option("--format", help="status: text | json")] = "text",
+    poll: Annotated[float, typer.Option(help="seconds between checks of the queue")] = 2.0,
+    no_mlflow: Annotated[bool, typer.Option("--no-mlflow")] = False,
+    db: DbOpt = None,
+    mlflow: MlflowOpt = None,
+):
+    """Optuna search through the queue: `orch sweep FILE` runs (or resumes) it while `orch worker`s train the
+    trials; `orch sweep status NAME`, `orch sweep plot NAME --out DIR`, `orch sweep confirm NAME --seeds K`.
+    optuna-dashboard works on the same database: optuna-dashboard sqlite:///results.db"""
+    import json
+
+    from orchestrator import sweep as sw
+
+    if target in ("status", "plot", "confirm"):
+        if not name:
+            fail(f"orch sweep {target} needs the sweep's name (see `orch sweep status NAME`)")
+        eng = engine(db)
+        with user_errors():
+            if target == "status":
+                info = sw.status(eng, name)
+                if format == "json":
+                    typer.echo(json.dumps(info, indent=2))
+                    return
+                typer.echo(f"sweep {name}: " + ", ".join(f"{v} {k}" for k, v in sorted(info["counts"].items())))
+                for t in info["trials"]:
+                    value = f"{t['value']:.4f}" if t["value"] is not None else "—"
+                    params = sw._fmt(t["params"])
+                    typer.echo(f"  trial {t['number']:>3}  {t['state']:<9} {value:>8}  last step {t['last_step'] or '—':>5}  {params}")
+                if info["best"]:
+                    typer.echo(f"best: trial {info['best']['number']} val loss {info['best']['value']:.4f}  "
+                               f"{sw._fmt(info['best']['params'])}")
+            elif target == "plot":
+                for path in sw.plot(eng, name, out):
+                    typer.echo(f"wrote {path}")
+            else:
+                exp, report = sw.confirm(eng, name, seeds)
+                typer.echo(f"{exp.name}: {len(report.queued)} queued, {len(report.reused)} reused; "
+                           f"when trained: orch table {exp.name}")
+        return
+    from orchestrator import specs
+
+    with user_errors():
+        spec = specs.load_sweep(target)
+    eng = engine(db, create=True)
+    tracker = None
+    if not no_mlflow:
+        from orchestrator.tracking import Tracker
+
+        tracker = Tracker(mlflow)
+    with user_errors():
+        driver = sw.Driver(eng, spec, preset=preset, overrides=parse_sets(set_), tracker=tracker, poll_s=poll,
+                           echo=typer.echo)
+    typer.echo(f"sweep {spec.name}: {spec.trials} trials, {spec.in_flight} in flight, {spec.sampler} sampler, "
+               f"{spec.pruner} pruner (needs `orch worker` running)")
+    driver.run()
+
+
+@app.command()
+def report(
+    experiment: Annotated[str, typer.Argument()],
+    out: Annotated[str, typer.Option(help="folder for index.html and the PNGs")] = "report",
+    alpha: Annotated[float, typer.Option(help="significance level of the verdicts")] = 0.05,
+    runs_dir: Annotated[str, typer.Option(help="where the workers' run directories are")] = "runs",
+    no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="do not attach the report to MLflow")] = False,
+    db: DbOpt = None,
+    mlflow: MlflowOpt = None,
+):
+    """One self-contained HTML page with loss curves, improvements with CIs and the table (also in MLflow)."""
+    from pathlib import Path
+
+    from orchestrator.report import write_report
+
+    eng = engine(db)
+    tracker = None
+    if not no_mlflow:
+        from orchestrator.tracking import Tracker
+
+        tracker = Tracker(mlflow)
+    with user_errors():
+        path = write_report(eng, experiment, Path(out), alpha=alpha, tracker=tracker, runs_dir=Path(runs_dir))
+    typer.echo(f"wrote {path}")
+
+
 @app.command()
 def ls(
     experiments: Annotated[Optional[list[str]], typer.Argument()] = None,

@@ -12,6 +12,7 @@ revision; a database written by an older orch is refused with the command that m
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -143,8 +144,42 @@ def connect(url: str | None = None, *, create: bool = True) -> Engine:
                           f"{str(exc.orig).strip().splitlines()[0]}") from None
     from orchestrator import migrations
 
-    migrations.ensure_current(engine, create=create)
+    with init_lock(engine):  # workers started together must not create the schema twice
+        migrations.ensure_current(engine, create=create)
     return engine
+
+
+@contextmanager
+def init_lock(engine: Engine):
+    """Serialise schema creation between processes: a lock file beside a SQLite database, an advisory
+    lock on PostgreSQL."""
+    if engine.url.get_backend_name() == "sqlite":
+        if not engine.url.database or engine.url.database == ":memory:":
+            yield
+            return
+        with file_lock(Path(engine.url.database)):
+            yield
+    else:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT pg_advisory_lock(7414023)")  # any constant of our own
+            try:
+                yield
+            finally:
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(7414023)")
+                conn.commit()
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on `path`.lock (flock: released by the kernel if this process dies)."""
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _sqlite_on_connect(dbapi_conn, record) -> None:

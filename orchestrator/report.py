@@ -57,7 +57,7 @@ def write_report(engine, experiment: str, out_dir: Path, alpha: float = 0.05, tr
     _improvement_plot(out_dir / "improvement.png", board)
 
     index = out_dir / "index.html"
-    index.write_text(_page(board, runs, out_dir))
+    index.write_text(_page(board, runs, out_dir), encoding="utf-8")  # σ, ±, — whatever the locale
     if tracker is not None:
         _log_to_mlflow(tracker, experiment, [index, *(out_dir / name for name in PLOTS)])
     return index
@@ -105,8 +105,8 @@ def _curve_plot(path: Path, events: dict[str, list[list[dict]]], key: str, colou
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.subplots()
     tops = []
-    for arm, per_run in events.items():
-        series = [s for s in (_series(ev, key, smooth) for ev in per_run) if len(s[0])]
+    for arm in [a for a in colours if a in events]:  # baseline first, as in the legend of every plot
+        series = [s for s in (_series(ev, key, smooth) for ev in events[arm]) if len(s[0])]
         if not series:
             continue
         # Seeds of an arm usually log at the same tokens, but a resumed run may not: put every seed on the
@@ -125,12 +125,13 @@ def _curve_plot(path: Path, events: dict[str, list[list[dict]]], key: str, colou
         # The first steps sit near ln(50257) ≈ 10.8 and would squash the part where the arms differ.
         ymin, ymax = ax.get_ylim()
         ax.set_ylim(ymin, min(ymax, max(tops) + 0.1 * (max(tops) - ymin)))
-        ax.legend(loc="upper right", fontsize=9)
+        ax.legend(loc="upper right", fontsize=9, title_fontsize=8,
+                  title="each seed EMA-smoothed over ~1/10 of its points" if smooth else None)
     else:
         ax.text(0.5, 0.5, f"no {key} curves: no finished run with a run directory (imported runs have none)",
                 ha="center", va="center", transform=ax.transAxes, wrap=True)
-    band = "band: min–max over seeds" + ("; each seed EMA-smoothed" if smooth else "")
-    ax.set(title=f"{title} — mean over seeds ({band})", xlabel="tokens", ylabel=key.replace("_", " "))
+        ax.set(xticks=[], yticks=[])
+    ax.set(title=f"{title}: mean over seeds, band from min to max", xlabel="tokens", ylabel=key.replace("_", " "))
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110)
 
@@ -152,6 +153,9 @@ def _improvement_plot(path: Path, board: tbl.Board) -> None:
         ax.barh(y, imp, xerr=err, capsize=4, color=[VERDICT_COLOURS.get(r.verdict, "#cfcfcf") for r in rows],
                 edgecolor="#444", lw=0.6)
         ax.set_yticks(y, [r.arm for r in rows])
+        # Keep 0 inside the axes with a margin, so the line at 0 shows which side of it each interval falls.
+        lo, hi = min(0.0, *(imp - err[0])), max(0.0, *(imp + err[1]))
+        ax.set_xlim(lo - 0.08 * (hi - lo or 1), hi + 0.08 * (hi - lo or 1))
         seen = list(dict.fromkeys(r.verdict for r in rows[::-1]))
         ax.legend(handles=[Patch(color=VERDICT_COLOURS.get(v, "#cfcfcf"), label=v) for v in seen],
                   loc="best", fontsize=9)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer import config as train_config
 from trainer.config import ConfigError, TrainConfig
@@ -95,6 +95,122 @@ class Experiment(BaseModel):
                 merged[key] = value
                 owner[key] = part
         return merged
+
+
+class LogUniform(BaseModel):
+    """A positive float searched on a log scale (learning rates, weight decays)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["log"] = "log"
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+
+class Uniform(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["uniform"] = "uniform"
+    low: float
+    high: float
+
+
+class Choice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["choice"] = "choice"
+    choices: list[Any] = Field(min_length=1)
+
+
+Param = LogUniform | Uniform | Choice
+
+
+class Sweep(BaseModel):
+    """A search over config keys, run as ordinary queued runs (orchestrator/sweep.py).
+
+    The objective is the final validation loss (mean over the trial's seeds): tuning on the test set would
+    leak it into every comparison made later. Pruning reads the intermediate validation losses, so runs
+    evaluate every eval.interval steps (set to an eighth of the run when the base leaves it at 0).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
+    description: str = ""
+    preset: str = "tiny"
+    base: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Param] = Field(default_factory=lambda: {
+        "optim.lr": LogUniform(low=1e-4, high=1e-2), "optim.weight_decay": LogUniform(low=1e-3, high=1.0)})
+    sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe"
+    grid_points: int = Field(4, ge=2, description="grid sampler: values per searched key")
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    trials: int = Field(20, ge=1, description="trials that complete or are pruned")
+    in_flight: int = Field(2, ge=1, description="trials queued or running at once")
+    seeds: int = Field(1, ge=1, description="runs per trial (the objective is their mean)")
+    sampler_seed: int = 0
+    # Known configurations to evaluate first (e.g. the published ones), before the sampler proposes any.
+    start_with: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("space")
+    @classmethod
+    def _ranges(cls, space: dict[str, Param]) -> dict[str, Param]:
+        if not space:
+            raise ValueError("space is empty: name at least one config key to search, e.g. 'optim.lr'")
+        for key, p in space.items():
+            if isinstance(p, (LogUniform, Uniform)) and not p.low < p.high:
+                raise ValueError(f"space[{key!r}]: low ({p.low}) must be below high ({p.high})")
+        return space
+
+    @model_validator(mode="after")
+    def _start_inside_space(self) -> Sweep:
+        for point in self.start_with:
+            extra = set(point) - set(self.space)
+            if extra:
+                raise ValueError(f"start_with point {point} sets {', '.join(sorted(extra))}, which the space "
+                                 f"does not search (space: {', '.join(self.space)})")
+        return self
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Execute a sweep file and return its `sweep`, or raise SpecError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"sweep file {path} does not exist (see experiments/sweep_lr_wd.py)")
+    try:
+        namespace = runpy.run_path(str(path), run_name="__orch_sweep__")
+    except ValidationError as exc:
+        raise SpecError(f"{path}: invalid sweep:\n{_pydantic_lines(exc)}") from None
+    except Exception as exc:  # user code
+        raise SpecError(f"{path}{_user_line(exc, path)}: {type(exc).__name__}: {exc}") from None
+    sweep = namespace.get("sweep")
+    if not isinstance(sweep, Sweep):
+        raise SpecError(f"{path} must define `sweep = Sweep(...)` (from orchestrator.specs)")
+    return sweep
+
+
+def sweep_base(sweep: Sweep, preset: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sweep's base config as a dict, with validation every eval.interval steps for the pruner."""
+    try:
+        data = train_config.apply_overrides(train_config.preset(preset or sweep.preset), sweep.base)
+        data = train_config.apply_overrides(data, overrides or {})
+        steps = train_config.validate(data, source=f"sweep {sweep.name!r}").total_steps()
+        for key in sweep.space:
+            train_config.apply_overrides(data, {key: None})  # an unknown key fails here, named
+    except ConfigError as exc:
+        raise SpecError(f"sweep {sweep.name!r}: {exc}") from None
+    if not data["eval"]["interval"]:
+        data["eval"]["interval"] = max(1, steps // 8)
+    return data
+
+
+def trial_runs(sweep: Sweep, base: dict[str, Any], params: dict[str, Any], arm: str) -> list[RunSpec]:
+    """The runs of one trial: the base with the trial's parameters, one per seed."""
+    try:
+        data = train_config.apply_overrides(base, params)
+    except ConfigError as exc:
+        raise SpecError(f"sweep {sweep.name!r}: {exc}") from None
+    runs = []
+    for s in range(sweep.seeds):
+        cfg, repeat = seeded(data, "init", s, 0, 1, source=f"sweep {sweep.name!r} {arm}")
+        runs.append(RunSpec(run_id(cfg, repeat), sweep.name, arm, cfg, repeat))
+    return runs
 
 
 @dataclass(frozen=True)

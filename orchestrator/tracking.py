@@ -41,8 +41,19 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_uri(uri)
-        self.client = MlflowClient(self.uri)
         self._experiments: dict[str, str] = {}
+        if self.uri.startswith("sqlite:///"):
+            # MLflow creates and migrates its SQLite schema when a client first opens it; two workers
+            # starting together race in that migration and one dies. The first does it, the others wait.
+            from orchestrator.db import file_lock
+
+            path = Path(self.uri.removeprefix("sqlite:///"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with file_lock(path):
+                self.client = MlflowClient(self.uri)
+                self.client.search_experiments(max_results=1)
+        else:
+            self.client = MlflowClient(self.uri)
 
     def experiment_id(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
@@ -123,3 +134,33 @@ class Tracker:
                 self.client.log_artifact(mlflow_run_id, str(run_dir / name))
         if state in TERMINAL:
             self.client.set_terminated(mlflow_run_id, status=TERMINAL[state])
+
+    # -- sweeps: a parent run per sweep, the trials' runs as its children ---------------------------------
+
+    def sweep_parent(self, sweep: str) -> str:
+        """The sweep's parent run (found by tag, so a restarted driver reuses it)."""
+        exp_id = self.experiment_id(sweep)
+        found = self.client.search_runs([exp_id], filter_string=f"tags.`orch.kind` = 'sweep' and tags.`orch.sweep` = '{sweep}'",
+                                        max_results=1)
+        if found:
+            return found[0].info.run_id
+        return self.client.create_run(exp_id, run_name=f"sweep {sweep}",
+                                      tags={"orch.kind": "sweep", "orch.sweep": sweep}).info.run_id
+
+    def set_parent(self, child_run_id: str, parent_run_id: str) -> None:
+        """Nest a trial's run under the sweep in the MLflow UI (the standard mlflow.parentRunId tag)."""
+        self.client.set_tag(child_run_id, "mlflow.parentRunId", parent_run_id)
+
+    def finish_sweep(self, parent_run_id: str, params: dict, value: float, study) -> None:
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        counts: dict[str, int] = {}
+        for t in study.get_trials(deepcopy=False):
+            counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+        run = self.client.get_run(parent_run_id)
+        new_params = [Param(f"best.{k}", str(v)) for k, v in params.items() if f"best.{k}" not in run.data.params]
+        self.client.log_batch(parent_run_id, params=new_params,
+                              metrics=[Metric("best.val_loss", value, now, 0)]
+                              + [Metric(f"trials.{k}", float(v), now, 0) for k, v in counts.items()])
+        self.client.set_terminated(parent_run_id, status="FINISHED")

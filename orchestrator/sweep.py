@@ -1,0 +1,310 @@
+"""`orch sweep`: an Optuna search whose trials are ordinary queued runs (the only module importing optuna).
+
+The study lives in the same database as the queue (Optuna's RDB storage), so nothing about a sweep is held
+in a process: the driver (`orch sweep FILE`) is a loop of idempotent steps over the database —
+
+    reconcile  for every RUNNING trial: (re)submit its runs if a crash left it without them; report the
+               mean validation curve of its runs as intermediate values; if the pruner says so, ask the
+               runs' workers to stop them as "pruned"; once all its runs are final, tell the study
+               (COMPLETE with the mean final validation loss, PRUNED, or FAIL)
+    ask        while fewer than `in_flight` trials run and the budget is not reached: ask a trial, suggest
+               its parameters, store its run ids on the trial, queue the runs
+
+Kill it at any moment and run it again: a trial is told once (only RUNNING trials are told), runs are
+identified by their config hash (resubmitting reuses them), and intermediate values are written once per
+step. Workers never know they serve a sweep. Pruning requests travel through the database (runs.stop), so
+the driver needs no access to the workers' run directories.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import optuna
+import sqlalchemy as sa
+from optuna.trial import TrialState
+from sqlalchemy.engine import Engine
+
+from orchestrator import queue
+from orchestrator.db import Run
+from orchestrator.specs import Experiment, LogUniform, Sweep, Uniform, sweep_base, trial_runs
+
+RUNS_ATTR = "orch_runs"
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _sampler(sweep: Sweep, trials_so_far: int) -> optuna.samplers.BaseSampler:
+    # A restarted driver must not replay the random stream of the first one (it would propose the same
+    # points again), so the seed moves on with the trials already in the study.
+    seed = sweep.sampler_seed + trials_so_far
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if sweep.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if sweep.sampler == "grid":
+        import numpy as np
+
+        grid = {}
+        for key, p in sweep.space.items():
+            if isinstance(p, LogUniform):
+                grid[key] = [float(v) for v in np.geomspace(p.low, p.high, sweep.grid_points)]
+            elif isinstance(p, Uniform):
+                grid[key] = [float(v) for v in np.linspace(p.low, p.high, sweep.grid_points)]
+            else:
+                grid[key] = list(p.choices)
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _pruner(sweep: Sweep, total_steps: int) -> optuna.pruners.BasePruner:
+    if sweep.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=total_steps, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def _suggest(trial: optuna.Trial, sweep: Sweep) -> dict:
+    params = {}
+    for key, p in sweep.space.items():
+        if isinstance(p, LogUniform):
+            params[key] = trial.suggest_float(key, p.low, p.high, log=True)
+        elif isinstance(p, Uniform):
+            params[key] = trial.suggest_float(key, p.low, p.high)
+        else:
+            params[key] = trial.suggest_categorical(key, p.choices)
+    return params
+
+
+def storage(engine: Engine) -> optuna.storages.RDBStorage:
+    """Optuna's storage on the queue's database (its own tables beside ours)."""
+    kwargs: dict = {"pool_pre_ping": True}
+    if engine.url.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"timeout": 60}  # wait for the workers' short write transactions
+    return optuna.storages.RDBStorage(engine.url.render_as_string(hide_password=False), engine_kwargs=kwargs)
+
+
+def open_study(engine: Engine, sweep: Sweep, total_steps: int) -> optuna.Study:
+    store = storage(engine)
+    try:
+        existing = len(optuna.load_study(study_name=sweep.name, storage=store).get_trials(deepcopy=False))
+    except KeyError:
+        existing = 0
+    return optuna.create_study(study_name=sweep.name, storage=store, direction="minimize", load_if_exists=True,
+                               sampler=_sampler(sweep, existing), pruner=_pruner(sweep, total_steps))
+
+
+@dataclass
+class Driver:
+    engine: Engine
+    sweep: Sweep
+    preset: str | None = None
+    overrides: dict | None = None
+    tracker: object | None = None
+    poll_s: float = 2.0
+    echo: object = print
+
+    def __post_init__(self):
+        self.base = sweep_base(self.sweep, self.preset, self.overrides)
+        from trainer.config import TrainConfig
+
+        self.total_steps = TrainConfig.model_validate(self.base).total_steps()
+        self.study = open_study(self.engine, self.sweep, self.total_steps)
+        if self.sweep.start_with and not self.study.get_trials(deepcopy=False):  # a new study only
+            for point in self.sweep.start_with:
+                self.study.enqueue_trial(point)
+        self.experiment = Experiment(name=self.sweep.name, description=self.sweep.description or "sweep",
+                                     preset=self.preset or self.sweep.preset, base=self.sweep.base,
+                                     include_baseline=False)
+        self.parent_run = self.tracker.sweep_parent(self.sweep.name) if self.tracker else None
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def run(self) -> optuna.Study:
+        while True:
+            self.reconcile()
+            trials = self.study.get_trials(deepcopy=False)
+            done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            if len(done) >= self.sweep.trials and not running:
+                break
+            for _ in range(min(self.sweep.in_flight - len(running), self.sweep.trials - len(done) - len(running))):
+                if not self.ask():
+                    break
+            time.sleep(self.poll_s)
+        self.finish()
+        return self.study
+
+    def ask(self) -> bool:
+        trial = self.study.ask()
+        params = _suggest(trial, self.sweep)
+        runs = trial_runs(self.sweep, self.base, params, f"trial-{trial.number}")
+        trial.set_user_attr(RUNS_ATTR, [r.id for r in runs])  # before queuing: a crash here resubmits
+        report = queue.submit(self.engine, self.experiment, runs, source=f"sweep {self.sweep.name}")
+        reused = f" ({len(report.reused)} reused)" if report.reused else ""
+        self.echo(f"trial {trial.number}: {_fmt(params)} -> {len(runs)} run(s){reused}")
+        return True
+
+    def reconcile(self) -> None:
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            trial = optuna.trial.Trial(self.study, frozen._trial_id)
+            if not frozen.params or len(frozen.params) < len(self.sweep.space):
+                self.study.tell(frozen.number, state=TrialState.FAIL)  # died between ask and suggest
+                self.echo(f"trial {frozen.number}: abandoned before its parameters were chosen")
+                continue
+            run_ids = frozen.user_attrs.get(RUNS_ATTR)
+            if run_ids is None:  # died between suggest and storing the runs: queue them now
+                runs = trial_runs(self.sweep, self.base, frozen.params, f"trial-{frozen.number}")
+                trial.set_user_attr(RUNS_ATTR, [r.id for r in runs])
+                queue.submit(self.engine, self.experiment, runs, source=f"sweep {self.sweep.name}")
+                continue
+            runs = _runs(self.engine, run_ids)
+            self._link_mlflow(runs)
+            self._report(trial, frozen, runs)
+            if all(r.state in queue.FINAL for r in runs) and len(runs) == len(run_ids):
+                self._tell(frozen, runs)
+
+    def _report(self, trial: optuna.Trial, frozen, runs: list[Run]) -> None:
+        """Mean validation loss over the trial's runs at each step all of them reached; prune if told to."""
+        curves = [dict((int(s), v) for s, v in (r.val_curve or [])) for r in runs]
+        common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        for step in common:
+            if step not in frozen.intermediate_values and step < self.total_steps:
+                trial.report(sum(c[step] for c in curves) / len(curves), step)
+        if common and not frozen.user_attrs.get("pruning") and trial.should_prune():
+            trial.set_user_attr("pruning", True)
+            active = [r.id for r in runs if r.state in queue.ACTIVE]
+            queue.cancel(self.engine, [r.id for r in runs if r.state == queue.QUEUED])
+            queue.request_stop(self.engine, active, "pruned")
+            self.echo(f"trial {frozen.number}: pruned at step {common[-1]}")
+
+    def _tell(self, frozen, runs: list[Run]) -> None:
+        values = [(r.result or {}).get("val_loss") for r in runs]
+        if frozen.user_attrs.get("pruning") or any(r.state == queue.PRUNED for r in runs):
+            self.study.tell(frozen.number, state=TrialState.PRUNED)
+            self.echo(f"trial {frozen.number}: pruned")
+        elif all(r.state == queue.SUCCEEDED for r in runs) and None not in values:
+            value = sum(values) / len(values)
+            tests = [r.test_loss for r in runs]
+            optuna.trial.Trial(self.study, frozen._trial_id).set_user_attr("test_loss", sum(tests) / len(tests))
+            self.study.tell(frozen.number, value)
+            self.echo(f"trial {frozen.number}: val loss {value:.4f}")
+        else:
+            self.study.tell(frozen.number, state=TrialState.FAIL)
+            self.echo(f"trial {frozen.number}: failed ({', '.join(sorted({r.state for r in runs}))})")
+
+    def _link_mlflow(self, runs: list[Run]) -> None:
+        if self.tracker is None:
+            return
+        for r in runs:
+            if r.mlflow_run_id:
+                self.tracker.set_parent(r.mlflow_run_id, self.parent_run)
+
+    def finish(self) -> None:
+        best = best_trial(self.study)
+        if best is None:
+            self.echo("no trial completed")
+            return
+        self.echo(f"best: trial {best.number}, val loss {best.value:.4f}, {_fmt(best.params)}")
+        if self.tracker is not None:
+            self.tracker.finish_sweep(self.parent_run, best.params, best.value, self.study)
+
+
+def _runs(engine: Engine, ids: list[str]) -> list[Run]:
+    from sqlalchemy.orm import Session
+
+    with Session(engine, expire_on_commit=False) as s:
+        return list(s.execute(sa.select(Run).where(Run.id.in_(ids))).scalars())
+
+
+def best_trial(study: optuna.Study):
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return min(complete, key=lambda t: t.value) if complete else None
+
+
+def _fmt(params: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Status, plots, confirmation.
+
+def status(engine: Engine, name: str) -> dict:
+    store = storage(engine)
+    try:
+        study = optuna.load_study(study_name=name, storage=store)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+        raise ValueError(f"no sweep named {name!r}; known: {', '.join(names) or 'none'}") from None
+    trials = study.get_trials(deepcopy=False)
+    best = best_trial(study)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    return {
+        "name": name,
+        "counts": counts,
+        "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params},
+        "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
+                    "runs": t.user_attrs.get(RUNS_ATTR, []),
+                    "last_step": max(t.intermediate_values, default=None)} for t in trials],
+    }
+
+
+def plot(engine: Engine, name: str, out_dir) -> list:
+    """Optimisation history, λ × η contour and parameter importances, as PNGs and one HTML page."""
+    import base64
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    study = optuna.load_study(study_name=name, storage=storage(engine))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    plots = [("history", lambda: ovm.plot_optimization_history(study))]
+    keys = list(complete[0].params) if complete else []
+    if len(keys) >= 2:
+        plots.append(("contour", lambda: ovm.plot_contour(study, params=keys[:2])))
+    if len(complete) >= 2 and keys:
+        plots.append(("importances", lambda: ovm.plot_param_importances(study)))
+    written = []
+    for stem, make in plots:
+        ax = make()
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        fig.set_size_inches(8, 6)
+        fig.tight_layout()
+        path = out / f"{stem}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    images = "".join(f'<h2>{p.stem}</h2><img alt="{p.stem}" src="data:image/png;base64,'
+                     f'{base64.b64encode(p.read_bytes()).decode()}">' for p in written)
+    html = out / "index.html"
+    html.write_text(f"<!doctype html><meta charset=utf-8><title>sweep {name}</title><h1>sweep {name}</h1>{images}")
+    return [html, *written]
+
+
+def confirm(engine: Engine, name: str, seeds: int, sweep: Sweep | None = None) -> tuple[Experiment, queue.SubmitReport]:
+    """Queue the best trial's parameters as an intervention against the sweep's base, with `seeds` seeds
+    each, as experiment NAME.confirm: `orch table NAME.confirm` then gives the noise-aware verdict."""
+    from orchestrator import specs
+
+    info = status(engine, name)
+    if info["best"] is None:
+        raise ValueError(f"sweep {name!r} has no completed trial yet")
+    with engine.connect() as conn:
+        from orchestrator.db import Experiment as ExperimentRow
+
+        spec = conn.execute(sa.select(ExperimentRow.spec).where(ExperimentRow.name == name)).scalar()
+    base_exp = Experiment.model_validate(spec)
+    exp = Experiment(name=f"{name}.confirm", description=f"best trial of sweep {name}", preset=base_exp.preset,
+                     base=base_exp.base, seeds=seeds,
+                     interventions=[specs.Intervention(name=f"best-trial-{info['best']['number']}",
+                                                       set=info["best"]["params"])])
+    return exp, queue.submit(engine, exp, specs.expand(exp, source=f"sweep {name} confirm"))
