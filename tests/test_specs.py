@@ -11,7 +11,18 @@ import pytest
 from orchestrator import specs
 from tests.conftest import REPO, subprocess_env
 
-EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
+EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("*.py") if not p.stem.startswith("sweep"))
+SWEEPS = sorted((REPO / "experiments").glob("sweep*.py"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_shipped_sweep_files_load_at_both_scales(path):
+    sweep = specs.load_sweep(path)
+    for preset in ("tiny", "gpt2-small"):
+        base = specs.sweep_base(sweep, preset=preset)
+        assert base["eval"]["interval"] > 0
+        runs = specs.trial_runs(sweep, base, {k: 1e-3 for k in sweep.space}, "trial-0")
+        assert len(runs) == sweep.seeds
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
