@@ -36,6 +36,7 @@ from trainer.rundir import CONFIG, METRICS, RESULT, STOP, write_json
 
 LOG = "train.log"
 STOP_TIMEOUT_S = 120  # how long a trainer gets to checkpoint after STOP before it is killed
+IDLE_CLAIM_S = 1.0  # how often an idle worker asks an empty queue for work
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Worker:
         """Work until stopped (or, with until_empty, until the queue is empty); return #runs finished."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         finished, last_beat, last_forward, last_reap, last_progress = 0, 0.0, 0.0, 0.0, time.monotonic()
+        next_claim = 0.0
         try:
             while True:
                 now = time.monotonic()
@@ -113,9 +115,13 @@ class Worker:
                             self.echo(f"requeued {run_id}: its worker stopped heartbeating")
                         last_reap = now
                     free = [s for s in self.slots if s.index not in {l.slot.index for l in self.active.values()}]
-                    if free:
-                        for run, slot in zip(queue.claim(self.engine, self.name, len(free)), free):
-                            self._start(run, slot)
+                    if free and now >= next_claim:
+                        claimed = queue.claim(self.engine, self.name, len(free))
+                        for run, slot in zip(claimed, free):
+                            self._start_or_fail(run, slot)
+                        # An empty queue is asked again in a second, not every poll: idle workers should
+                        # not keep the database's write lock busy.
+                        next_claim = now + (0.0 if len(claimed) == len(free) else IDLE_CLAIM_S)
                     if until_empty and not self.active and not queue.counts(self.engine).get(queue.QUEUED):
                         if not queue.counts(self.engine).get(queue.RUNNING):
                             break
@@ -142,6 +148,23 @@ class Worker:
 
     # -- one run ------------------------------------------------------------------------------------------
 
+    def _start_or_fail(self, run: Run, slot: Slot) -> None:
+        """Launch a claimed run; if even that fails (disk full, bad run directory), record it as a failed
+        attempt rather than leaving it to go stale."""
+        try:
+            self._start(run, slot)
+        except Exception as exc:  # noqa: BLE001 - any launch error is the run's failure, not the worker's
+            self.echo(f"{run.id}: could not start: {exc}")
+            queue.finish(self.engine, run.id, self.name, queue.FAILED, error=f"launch failed: {exc!r}")
+
+    def _track(self, what: str, fn, *args, **kwargs):
+        """Call the tracker; MLflow being down must not stop training (the runs table has the results)."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self.echo(f"warning: MLflow {what} failed: {exc}")
+            return None
+
     def _start(self, run: Run, slot: Slot) -> None:
         run_dir = self.runs_dir / run.id
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,12 +178,14 @@ class Worker:
                 memberships = queue.memberships(self.engine, run.id)
                 exps = sorted({e for e, _ in memberships})
                 first_exp, arm = memberships[0] if memberships else ("orch", "run")
-                mlflow_id = self.tracker.start_run(experiment=first_exp, all_experiments=exps, arm=arm, run_id=run.id,
-                                                   config=run.config, seed=run.seed, data_seed=run.data_seed,
-                                                   repeat=run.repeat, git_commit=self.commit)
-                queue.set_mlflow_run(self.engine, run.id, mlflow_id)
+                mlflow_id = self._track("start_run", self.tracker.start_run, experiment=first_exp,
+                                        all_experiments=exps, arm=arm, run_id=run.id, config=run.config,
+                                        seed=run.seed, data_seed=run.data_seed, repeat=run.repeat,
+                                        git_commit=self.commit)
+                if mlflow_id:
+                    queue.set_mlflow_run(self.engine, run.id, mlflow_id)
             else:
-                last_steps = self.tracker.last_steps(mlflow_id)
+                last_steps = self._track("last_steps", self.tracker.last_steps, mlflow_id) or {}
         env = dict(os.environ, PYTHONUNBUFFERED="1", ORCH_WORKER_PID=str(os.getpid()))
         if self.commit:
             env["ORCH_GIT_COMMIT"] = self.commit
@@ -200,7 +225,7 @@ class Worker:
         if new_state is None and launch.progress.get("_cancelled"):
             new_state = queue.CANCELLED  # the database already says so; close the MLflow run to match
         if self.tracker is not None and launch.mlflow_id and new_state in queue.FINAL:
-            self.tracker.finish_run(launch.mlflow_id, new_state, launch.run_dir, result)
+            self._track("finish_run", self.tracker.finish_run, launch.mlflow_id, new_state, launch.run_dir, result)
         self.active.pop(run.id)
         loss = f", test loss {result['test_loss']:.4f}" if result and result.get("test_loss") is not None else ""
         self.echo(f"{run.id} {status} (exit {code}){loss} -> {new_state or 'no longer ours'}")
@@ -276,7 +301,7 @@ class Worker:
             elif "val_loss" in e and "test_loss" not in e:
                 launch.progress["val_curve"] = [*launch.progress.get("val_curve", []), [e["step"], e["val_loss"]]]
         if self.tracker is not None and launch.mlflow_id:
-            self.tracker.log_events(launch.mlflow_id, events, launch.last_steps)
+            self._track("log_events", self.tracker.log_events, launch.mlflow_id, events, launch.last_steps)
 
 
 def _kill(proc: subprocess.Popen) -> None:
