@@ -61,7 +61,8 @@ class Run(Base):
     val_curve: Mapped[list | None] = mapped_column(JSON)  # [[step, val_loss], …] so far, for pruning
     stop: Mapped[str | None] = mapped_column(String(16))  # a stop request ("pruned") for the run's worker
 
-    __table_args__ = (sa.Index("ix_runs_claim", "state", "priority", "created_at"),)
+    # In queue.claim's order (migration 0003), so a claim reads the index instead of sorting the queue.
+    __table_args__ = (sa.Index("ix_runs_claim", "state", sa.text("priority DESC"), "created_at", "id"),)
 
 
 class Membership(Base):

@@ -178,13 +178,13 @@ def test_a_database_from_the_previous_schema_is_refused_then_upgraded_with_its_d
     with raw.begin() as conn:
         conn.exec_driver_sql("INSERT INTO runs (id, state, config, seed, data_seed, repeat, priority, attempts, "
                              "max_attempts, created_at, test_loss) VALUES ('abc', 'succeeded', '{}', 42, 0, 0, 0, 1, 3, 0, 3.7)")
-    with pytest.raises(SchemaError, match=r"schema 0001, this orch needs 0002.*orch db upgrade"):
+    with pytest.raises(SchemaError, match=r"schema 0001, this orch needs 0003.*orch db upgrade"):
         connect(url)
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "db", "upgrade", "--db", url],
                          capture_output=True, text=True)
-    assert out.returncode == 0 and "0001 -> 0002" in out.stdout, out.stderr
+    assert out.returncode == 0 and "0001 -> 0003" in out.stdout, out.stderr
     [run] = queue.find(connect(url), "abc")
     assert run.test_loss == 3.7 and run.val_curve is None and run.stop is None

@@ -41,9 +41,11 @@ def workers(tmp_path):
 
     def start(n=2, mlflow=True):
         for _ in range(n):
-            procs.append(orch.start("worker", "--heartbeat", "0.3", *([] if mlflow else ["--no-mlflow"])))
+            procs.append(orch.start("worker", "--heartbeat", "0.3", "--grace", "3",
+                                    *([] if mlflow else ["--no-mlflow"])))
         return orch
 
+    start.procs = procs
     yield start
     for p in procs:
         p.send_signal(signal.SIGTERM)
@@ -124,8 +126,10 @@ def test_killed_sweep_command_resumes_and_counts_every_trial_once(tmp_path, data
         except AssertionError:
             return False
     wait_until(completed, timeout=300, what="two completed trials")
-    os.kill(driver.pid, signal.SIGKILL)
+    os.kill(driver.pid, signal.SIGKILL)  # the sweep command, and one of the two workers, die at once
+    os.kill(workers.procs[0].pid, signal.SIGKILL)
     driver.wait()
+    workers.procs[0].wait()
     time.sleep(1)
     out = orch("sweep", str(path), "--poll", "0.3", "--no-mlflow", timeout=600)
     assert "best: trial" in out.stdout

@@ -59,4 +59,9 @@ def _record_failure(run_dir: Path, message: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything the run leaves behind is written (atomically) by now; skipping the interpreter's
+    # teardown of torch saves ~0.6 s of GPU-idle time per run between a worker's runs.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
