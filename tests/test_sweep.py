@@ -139,3 +139,19 @@ def test_killed_sweep_command_resumes_and_counts_every_trial_once(tmp_path, data
     assert len(runs) == len(set(runs)) == 6
     assert all(r.state == "succeeded" for _, _, r in queue.runs_of(eng, ["kl"]))
     assert sorted(t["number"] for t in info["trials"]) == list(range(6))
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "grid", "cmaes"])
+def test_every_sampler_proposes_inside_the_space(sampler, tmp_path):
+    import optuna
+
+    from orchestrator import specs
+    from orchestrator import sweep as sw
+
+    spec = specs.Sweep(name=f"s-{sampler}", sampler=sampler, grid_points=2)
+    study = optuna.create_study(sampler=sw._sampler(spec, 0), direction="minimize")
+    for _ in range(4):
+        trial = study.ask()
+        params = sw._suggest(trial, spec)
+        assert 1e-4 <= params["optim.lr"] <= 1e-2 and 1e-3 <= params["optim.weight_decay"] <= 1.0
+        study.tell(trial, params["optim.lr"])
