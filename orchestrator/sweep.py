@@ -53,8 +53,25 @@ def _sampler(sweep: Sweep, trials_so_far: int) -> optuna.samplers.BaseSampler:
                 grid[key] = [float(v) for v in np.linspace(p.low, p.high, sweep.grid_points)]
             else:
                 grid[key] = list(p.choices)
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        return _Grid(grid, seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
+
+
+class _Grid(optuna.samplers.GridSampler):
+    """Optuna's grid, without its end-of-grid study.stop(): that only works inside study.optimize, and with
+    ask-and-tell it would fail the last tell. The driver stops at its budget (capped at the grid's size)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+def budget(sweep: Sweep) -> int:
+    if sweep.sampler != "grid":
+        return sweep.trials
+    size = 1
+    for p in sweep.space.values():
+        size *= len(p.choices) if hasattr(p, "choices") else sweep.grid_points
+    return min(sweep.trials, size)
 
 
 def _pruner(sweep: Sweep, total_steps: int) -> optuna.pruners.BasePruner:
@@ -127,9 +144,9 @@ class Driver:
             trials = self.study.get_trials(deepcopy=False)
             done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
             running = [t for t in trials if t.state == TrialState.RUNNING]
-            if len(done) >= self.sweep.trials and not running:
+            if len(done) >= budget(self.sweep) and not running:
                 break
-            for _ in range(min(self.sweep.in_flight - len(running), self.sweep.trials - len(done) - len(running))):
+            for _ in range(min(self.sweep.in_flight - len(running), budget(self.sweep) - len(done) - len(running))):
                 if not self.ask():
                     break
             time.sleep(self.poll_s)
