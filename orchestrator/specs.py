@@ -170,19 +170,7 @@ class Sweep(BaseModel):
 
 def load_sweep(path: str | Path) -> Sweep:
     """Execute a sweep file and return its `sweep`, or raise SpecError saying what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"sweep file {path} does not exist (see experiments/sweep_lr_wd.py)")
-    try:
-        namespace = runpy.run_path(str(path), run_name="__orch_sweep__")
-    except ValidationError as exc:
-        raise SpecError(f"{path}: invalid sweep:\n{_pydantic_lines(exc)}") from None
-    except Exception as exc:  # user code
-        raise SpecError(f"{path}{_user_line(exc, path)}: {type(exc).__name__}: {exc}") from None
-    sweep = namespace.get("sweep")
-    if not isinstance(sweep, Sweep):
-        raise SpecError(f"{path} must define `sweep = Sweep(...)` (from orchestrator.specs)")
-    return sweep
+    return _load(path, "sweep", Sweep, "see experiments/sweep_lr_wd.py")
 
 
 def sweep_base(sweep: Sweep, preset: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -240,20 +228,24 @@ def run_id(cfg: TrainConfig, repeat: int) -> str:
 
 def load_experiment(path: str | Path) -> Experiment:
     """Execute an experiment file and return its `experiment`, or raise SpecError saying what is wrong."""
+    return _load(path, "experiment", Experiment, "see experiments/ for examples")
+
+
+def _load(path: str | Path, kind: str, cls: type, example: str):
+    """Run a spec file (user code: any exception is a spec error, reported with its line) and take `kind`."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"experiment file {path} does not exist (see experiments/ for examples)")
+        raise SpecError(f"{kind} file {path} does not exist ({example})")
     try:
-        namespace = runpy.run_path(str(path), run_name="__orch_experiment__")
+        namespace = runpy.run_path(str(path), run_name=f"__orch_{kind}__")
     except ValidationError as exc:
-        raise SpecError(f"{path}: invalid experiment:\n{_pydantic_lines(exc)}") from None
-    except Exception as exc:  # the file is user code: any exception is a spec error, reported with its line
-        line = _user_line(exc, path)
-        raise SpecError(f"{path}{line}: {type(exc).__name__}: {exc}") from None
-    exp = namespace.get("experiment")
-    if not isinstance(exp, Experiment):
-        raise SpecError(f"{path} must define `experiment = Experiment(...)` (from orchestrator.specs)")
-    return exp
+        raise SpecError(f"{path}: invalid {kind}:\n{_pydantic_lines(exc)}") from None
+    except Exception as exc:
+        raise SpecError(f"{path}{_user_line(exc, path)}: {type(exc).__name__}: {exc}") from None
+    spec = namespace.get(kind)
+    if not isinstance(spec, cls):
+        raise SpecError(f"{path} must define `{kind} = {cls.__name__}(...)` (from orchestrator.specs)")
+    return spec
 
 
 def expand(exp: Experiment, *, source: str = "experiment", preset: str | None = None, seeds: int | None = None,
