@@ -233,6 +233,7 @@ class Worker:
     def _beat(self) -> None:
         if not self.active:
             return
+        self._forward_all()  # the newest progress (and validation curve, which a pruner reads) goes with it
         progress = {rid: {k: v for k, v in l.progress.items() if not k.startswith("_")} for rid, l in self.active.items()}
         owned = queue.heartbeat(self.engine, self.name, progress)
         for run_id, launch in self.active.items():
