@@ -223,3 +223,14 @@ def test_failures_keep_the_error_and_are_retried_only_when_a_retry_can_help(tmp_
     [(_, _, run)] = queue.runs_of(eng, ["crash"])
     assert run.state == "failed" and run.attempts == 3 and run.exit_code != 0
     assert "IndexError" in run.error or "index out of range" in run.error
+
+
+def test_gpu_slots_split_the_listed_gpus():
+    from orchestrator.worker import plan_slots
+
+    slots = plan_slots(["0", "1", "2", "3"], 2, 1)
+    assert [s.gpus for s in slots] == [["0", "1"], ["2", "3"]]
+    assert [s.gpus for s in plan_slots(["4", "5"], 1, 1)] == [["4"], ["5"]]
+    assert [s.gpus for s in plan_slots([], 1, 3)] == [None, None, None]  # CPU slots
+    with pytest.raises(ValueError, match="not a multiple of --gpus-per-run 2"):
+        plan_slots(["0", "1", "2"], 2, 1)
