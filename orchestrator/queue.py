@@ -14,6 +14,7 @@ guards the rest. Either way each run is claimed by exactly one worker.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -107,6 +108,18 @@ def claim(engine: Engine, worker: str, limit: int = 1) -> list[Run]:
         return sorted(rows, key=lambda r: (-r.priority, r.created_at, r.id))
 
 
+def finite(obj):
+    """JSON-safe: NaN and infinities (a diverged run's losses) become None. PostgreSQL's json type refuses
+    them, where SQLite would store them silently."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def heartbeat(engine: Engine, worker: str, progress: dict[str, dict]) -> dict[str, str | None]:
     """Beat for each of this worker's runs (with its progress); return the runs it still owns, each with
     its stop request if one was made (request_stop), else None.
@@ -118,7 +131,7 @@ def heartbeat(engine: Engine, worker: str, progress: dict[str, dict]) -> dict[st
     with engine.begin() as conn:
         for run_id, fields in progress.items():
             stop = conn.execute(sa.update(Run).where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)
-                                .values(heartbeat_at=db_now(), **fields).returning(Run.stop)).first()
+                                .values(heartbeat_at=db_now(), **finite(fields)).returning(Run.stop)).first()
             if stop is not None:
                 owned[run_id] = stop[0]
     return owned
@@ -134,13 +147,16 @@ def request_stop(engine: Engine, run_ids: Iterable[str], reason: str = "pruned")
                                  .values(stop=reason).returning(Run.id)).scalars())
 
 
-def requeue_stale(engine: Engine, grace_s: float) -> list[str]:
+def requeue_stale(engine: Engine, grace_s: float, except_worker: str | None = None) -> list[str]:
     """Runs whose worker has not beaten for `grace_s` seconds go back to the queue (or fail, out of attempts).
 
     The next worker relaunches the trainer on the same run directory, which resumes from its checkpoint.
+    A worker never reaps its own runs (`except_worker`): it is alive, only late.
     """
     with engine.begin() as conn:
         stale = (Run.state == RUNNING) & (Run.heartbeat_at < db_now() - grace_s)
+        if except_worker is not None:
+            stale = stale & (Run.worker != except_worker)
         failed = conn.execute(sa.update(Run).where(stale, Run.attempts >= Run.max_attempts)
                               .values(state=FAILED, finished_at=db_now(),
                                       error=sa.func.coalesce(Run.error, "") + "\nworker stopped heartbeating; "
@@ -159,12 +175,16 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
     without using up an attempt; a crash is retried while attempts remain.
     """
     with engine.begin() as conn:
-        run = conn.execute(sa.select(Run.attempts, Run.max_attempts)
-                           .where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)).first()
+        run = conn.execute(sa.select(Run.attempts, Run.max_attempts, Run.stop)
+                           .where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)
+                           .with_for_update()).first()
         if run is None:
             return None
+        if run.stop == PRUNED and status in ("preempted", FAILED):
+            status = PRUNED  # a prune request outlives the preemption or crash that ended this attempt
         values: dict = dict(exit_code=exit_code, worker=None if status in ("preempted", FAILED) else worker)
         if result is not None:
+            result = finite(result)
             values.update(result=result, test_loss=result.get("test_loss"), step=result.get("step"),
                           train_loss=result.get("train_loss"), tokens_per_s=result.get("tokens_per_s"))
         if error is not None:
@@ -177,7 +197,8 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
         else:
             new = status if status in FINAL else FAILED
             values["finished_at"] = db_now()
-        conn.execute(sa.update(Run).where(Run.id == run_id, Run.state == RUNNING).values(state=new, **values))
+        conn.execute(sa.update(Run).where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)
+                     .values(state=new, **values))
         return new
 
 

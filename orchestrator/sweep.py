@@ -147,7 +147,8 @@ class Driver:
         while True:
             self.reconcile()
             trials = self.study.get_trials(deepcopy=False)
-            done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+            # Failed trials count too: a sweep whose runs all fail must end, not ask forever.
+            done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
             running = [t for t in trials if t.state == TrialState.RUNNING]
             if len(done) >= budget(self.sweep) and not running:
                 break
@@ -172,16 +173,21 @@ class Driver:
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             trial = optuna.trial.Trial(self.study, frozen._trial_id)
             if not frozen.params or len(frozen.params) < len(self.sweep.space):
-                self.study.tell(frozen.number, state=TrialState.FAIL)  # died between ask and suggest
+                self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)  # died before suggesting
                 self.echo(f"trial {frozen.number}: abandoned before its parameters were chosen")
                 continue
             run_ids = frozen.user_attrs.get(RUNS_ATTR)
-            if run_ids is None:  # died between suggest and storing the runs: queue them now
-                runs = trial_runs(self.sweep, self.base, frozen.params, f"trial-{frozen.number}")
-                trial.set_user_attr(RUNS_ATTR, [r.id for r in runs])
-                queue.submit(self.engine, self.experiment, runs, source=f"sweep {self.sweep.name}")
+            runs = _runs(self.engine, run_ids or [])
+            if run_ids is None or len(runs) < len(run_ids):
+                # Died between suggesting and queuing: queue them now (submitting is idempotent).
+                specs_ = trial_runs(self.sweep, self.base, frozen.params, f"trial-{frozen.number}")
+                if run_ids is None:
+                    trial.set_user_attr(RUNS_ATTR, [r.id for r in specs_])
+                queue.submit(self.engine, self.experiment, specs_, source=f"sweep {self.sweep.name}")
                 continue
-            runs = _runs(self.engine, run_ids)
+            if frozen.user_attrs.get("pruning"):  # re-asked each pass: a requeue clears a stop request
+                queue.cancel(self.engine, [r.id for r in runs if r.state == queue.QUEUED])
+                queue.request_stop(self.engine, [r.id for r in runs if r.state == queue.RUNNING], "pruned")
             self._link_mlflow(runs)
             self._report(trial, frozen, runs)
             if all(r.state in queue.FINAL for r in runs) and len(runs) == len(run_ids):
@@ -204,16 +210,16 @@ class Driver:
     def _tell(self, frozen, runs: list[Run]) -> None:
         values = [(r.result or {}).get("val_loss") for r in runs]
         if frozen.user_attrs.get("pruning") or any(r.state == queue.PRUNED for r in runs):
-            self.study.tell(frozen.number, state=TrialState.PRUNED)
+            self.study.tell(frozen.number, state=TrialState.PRUNED, skip_if_finished=True)
             self.echo(f"trial {frozen.number}: pruned")
         elif all(r.state == queue.SUCCEEDED for r in runs) and None not in values:
             value = sum(values) / len(values)
             tests = [r.test_loss for r in runs]
             optuna.trial.Trial(self.study, frozen._trial_id).set_user_attr("test_loss", sum(tests) / len(tests))
-            self.study.tell(frozen.number, value)
+            self.study.tell(frozen.number, value, skip_if_finished=True)
             self.echo(f"trial {frozen.number}: val loss {value:.4f}")
         else:
-            self.study.tell(frozen.number, state=TrialState.FAIL)
+            self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
             self.echo(f"trial {frozen.number}: failed ({', '.join(sorted({r.state for r in runs}))})")
 
     def _link_mlflow(self, runs: list[Run]) -> None:

@@ -11,6 +11,7 @@ tracking URI works, e.g. http://host:5000 for a shared tracking server.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -38,6 +39,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 class Tracker:
     def __init__(self, uri: str | None = None):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # MLflow's client retries for minutes by default; a worker must not miss its heartbeats meanwhile.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_uri(uri)
@@ -103,7 +107,7 @@ class Tracker:
         """Log metrics.jsonl events, skipping (key, step) pairs at or before what was logged; return #points."""
         from mlflow.entities import Metric
 
-        points = []
+        points, sent = [], dict(last_steps)
         for e in events:
             if "event" in e:
                 continue
@@ -111,12 +115,13 @@ class Tracker:
             for key, value in e.items():
                 if key in ("step", "time") or not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
-                if step <= last_steps.get(key, -1):
+                if step <= sent.get(key, -1) or not math.isfinite(value):
                     continue
                 points.append(Metric(key, float(value), ts, step))
-                last_steps[key] = step
+                sent[key] = step
         for i in range(0, len(points), BATCH):
             self.client.log_batch(mlflow_run_id, metrics=points[i : i + BATCH])
+        last_steps.update(sent)  # only once MLflow has them: a failed send is retried from the same events
         return len(points)
 
     def finish_run(self, mlflow_run_id: str, state: str, run_dir: Path, result: dict | None) -> None:
@@ -125,7 +130,7 @@ class Tracker:
         if result:
             ts = int(time.time() * 1000)
             final = {f"final.{k}": v for k, v in result.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
             self.client.log_batch(mlflow_run_id, metrics=[Metric(k, float(v), ts, int(result.get("step") or 0))
                                                           for k, v in final.items()])
             self.client.set_tag(mlflow_run_id, "orch.status", result.get("status", state))

@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from orchestrator import queue
@@ -54,7 +55,8 @@ class Launch:
     proc: subprocess.Popen
     run_dir: Path
     mlflow_id: str | None
-    offset: int = 0  # bytes of metrics.jsonl already forwarded
+    offset: int = 0  # bytes of metrics.jsonl read into progress
+    mlflow_offset: int = 0  # bytes of metrics.jsonl that MLflow has
     last_steps: dict[str, int] = field(default_factory=dict)
     progress: dict = field(default_factory=dict)
     stop_sent_at: float | None = None
@@ -97,43 +99,52 @@ class Worker:
         """Work until stopped (or, with until_empty, until the queue is empty); return #runs finished."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         finished, last_beat, last_forward, last_reap, last_progress = 0, 0.0, 0.0, 0.0, time.monotonic()
-        next_claim = 0.0
+        next_claim, failures = 0.0, 0
         try:
             while True:
-                now = time.monotonic()
-                if self.stopping:
-                    self._stop_all()
-                for launch in list(self.active.values()):
-                    if launch.proc.poll() is not None:
-                        self._finish(launch)
-                        finished += 1
-                if self.stopping and not self.active:
-                    break
-                if not self.stopping:
-                    if now - last_reap >= self.heartbeat_s:
-                        for run_id in queue.requeue_stale(self.engine, self.grace_s):
-                            self.echo(f"requeued {run_id}: its worker stopped heartbeating")
-                        last_reap = now
-                    free = [s for s in self.slots if s.index not in {l.slot.index for l in self.active.values()}]
-                    if free and now >= next_claim:
-                        claimed = queue.claim(self.engine, self.name, len(free))
-                        for run, slot in zip(claimed, free):
-                            self._start_or_fail(run, slot)
-                        # An empty queue is asked again in a second, not every poll: idle workers should
-                        # not keep the database's write lock busy.
-                        next_claim = now + (0.0 if len(claimed) == len(free) else IDLE_CLAIM_S)
-                    if until_empty and not self.active and not queue.counts(self.engine).get(queue.QUEUED):
-                        if not queue.counts(self.engine).get(queue.RUNNING):
-                            break
-                if now - last_forward >= self.forward_s:
-                    self._forward_all()
-                    last_forward = now
-                if now - last_beat >= self.heartbeat_s:
-                    self._beat()
-                    last_beat = now
-                if self.progress_s and now - last_progress >= self.progress_s and self.active:
-                    self._show_progress()
-                    last_progress = now
+                try:
+                    now = time.monotonic()
+                    if self.stopping:
+                        self._stop_all()
+                    for launch in list(self.active.values()):
+                        if launch.proc.poll() is not None:
+                            self._finish(launch)
+                            finished += 1
+                    if self.stopping and not self.active:
+                        break
+                    if not self.stopping:
+                        if now - last_reap >= self.heartbeat_s:
+                            for run_id in queue.requeue_stale(self.engine, self.grace_s, except_worker=self.name):
+                                self.echo(f"requeued {run_id}: its worker stopped heartbeating")
+                            last_reap = now
+                        free = [s for s in self.slots if s.index not in {l.slot.index for l in self.active.values()}]
+                        if free and now >= next_claim:
+                            claimed = queue.claim(self.engine, self.name, len(free))
+                            for run, slot in zip(claimed, free):
+                                self._start_or_fail(run, slot)
+                            # An empty queue is asked again in a second, not every poll: idle workers should
+                            # not keep the database's write lock busy.
+                            next_claim = now + (0.0 if len(claimed) == len(free) else IDLE_CLAIM_S)
+                        if until_empty and not self.active and not queue.counts(self.engine).get(queue.QUEUED):
+                            if not queue.counts(self.engine).get(queue.RUNNING):
+                                break
+                    if now - last_forward >= self.forward_s:
+                        self._forward_all()
+                        last_forward = now
+                    if now - last_beat >= self.heartbeat_s:
+                        self._beat()
+                        last_beat = now
+                    if self.progress_s and now - last_progress >= self.progress_s and self.active:
+                        self._show_progress()
+                        last_progress = now
+                except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+                    # The database restarted or is unreachable for a moment: trainers keep training;
+                    # retry, and let heartbeats resume before anyone's grace period ends.
+                    failures += 1
+                    self.echo(f"warning: database error ({type(exc).__name__}); retrying: {str(exc).splitlines()[0]}")
+                    time.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                    continue
+                failures = 0
                 time.sleep(self.poll_s)
         finally:
             for s, handler in previous.items():
@@ -169,6 +180,9 @@ class Worker:
         run_dir = self.runs_dir / run.id
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / STOP).unlink(missing_ok=True)  # a STOP from an earlier preemption is spent
+        # So is a result.json from an earlier attempt: if this one dies before the trainer removes it, a
+        # stale "preempted" must not be read as this attempt's ending (and requeue it for free, forever).
+        (run_dir / RESULT).unlink(missing_ok=True)
         if not (run_dir / CONFIG).exists():
             write_json(run_dir / CONFIG, run.config)
         mlflow_id = run.mlflow_run_id
@@ -185,7 +199,9 @@ class Worker:
                 if mlflow_id:
                     queue.set_mlflow_run(self.engine, run.id, mlflow_id)
             else:
-                last_steps = self._track("last_steps", self.tracker.last_steps, mlflow_id) or {}
+                last_steps = self._track("last_steps", self.tracker.last_steps, mlflow_id)
+                if last_steps is None:  # unknown what MLflow has: send nothing rather than everything twice
+                    mlflow_id, last_steps = None, {}
         env = dict(os.environ, PYTHONUNBUFFERED="1", ORCH_WORKER_PID=str(os.getpid()))
         if self.commit:
             env["ORCH_GIT_COMMIT"] = self.commit
@@ -233,7 +249,8 @@ class Worker:
     def _beat(self) -> None:
         if not self.active:
             return
-        self._forward_all()  # the newest progress (and validation curve, which a pruner reads) goes with it
+        for launch in self.active.values():  # the newest progress and validation curve (a pruner reads it)
+            self._read_progress(launch)
         progress = {rid: {k: v for k, v in l.progress.items() if not k.startswith("_")} for rid, l in self.active.items()}
         owned = queue.heartbeat(self.engine, self.name, progress)
         for run_id, launch in self.active.items():
@@ -281,19 +298,19 @@ class Worker:
             self._forward(launch)
 
     def _forward(self, launch: Launch) -> None:
-        """Read the complete new lines of metrics.jsonl; update progress; send them to MLflow."""
-        path = launch.run_dir / METRICS
-        try:
-            with open(path, "rb") as f:
-                f.seek(launch.offset)
-                chunk = f.read()
-        except FileNotFoundError:
+        """New metrics.jsonl lines: into the run's progress (for the database), then to MLflow.
+
+        Two read positions: progress always moves on; MLflow's only once MLflow has taken the points, so
+        an outage delays them rather than losing them."""
+        self._read_progress(launch)
+        if self.tracker is None or not launch.mlflow_id or launch.mlflow_offset >= launch.offset:
             return
-        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next read
-        if end == 0:
-            return
-        launch.offset += end
-        events = [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
+        pending, end = _new_events(launch.run_dir / METRICS, launch.mlflow_offset, until=launch.offset)
+        if self._track("log_events", self.tracker.log_events, launch.mlflow_id, pending, launch.last_steps) is not None:
+            launch.mlflow_offset = end
+
+    def _read_progress(self, launch: Launch) -> None:
+        events, launch.offset = _new_events(launch.run_dir / METRICS, launch.offset)
         for e in events:
             if e.get("event") == "resume":  # a relaunch: curve points past the checkpoint are superseded
                 launch.progress["val_curve"] = [p for p in launch.progress.get("val_curve", []) if p[0] <= e["step"]]
@@ -301,8 +318,25 @@ class Worker:
                 launch.progress.update(step=e["step"], train_loss=e["loss"], tokens_per_s=e.get("tokens_per_s"))
             elif "val_loss" in e and "test_loss" not in e:
                 launch.progress["val_curve"] = [*launch.progress.get("val_curve", []), [e["step"], e["val_loss"]]]
-        if self.tracker is not None and launch.mlflow_id:
-            self._track("log_events", self.tracker.log_events, launch.mlflow_id, events, launch.last_steps)
+
+
+def _new_events(path: Path, offset: int, until: int | None = None) -> tuple[list[dict], int]:
+    """Complete JSON lines of `path` from byte `offset` (to `until`), and the offset after them. A line still
+    being written waits for the next read; a damaged line (a full disk, say) is skipped, not fatal."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read() if until is None else f.read(until - offset)
+    except FileNotFoundError:
+        return [], offset
+    end = chunk.rfind(b"\n") + 1
+    events = []
+    for line in chunk[:end].splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events, offset + end
 
 
 def _kill(proc: subprocess.Popen) -> None:

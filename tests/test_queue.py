@@ -188,3 +188,25 @@ def test_a_database_from_the_previous_schema_is_refused_then_upgraded_with_its_d
     assert out.returncode == 0 and "0001 -> 0003" in out.stdout, out.stderr
     [run] = queue.find(connect(url), "abc")
     assert run.test_loss == 3.7 and run.val_curve is None and run.stop is None
+
+
+def test_non_finite_numbers_are_stored_as_null_on_both_databases(db_url):
+    eng = connect(db_url)
+    exp = experiment(n_seeds=1, include_baseline=False)
+    queue.submit(eng, exp, specs.expand(exp))
+    [r] = queue.claim(eng, "w", 1)
+    assert queue.heartbeat(eng, "w", {r.id: {"train_loss": float("nan"), "val_curve": [[2, float("inf")]]}}) == {r.id: None}
+    result = {"status": "diverged", "train_loss": float("nan"), "diverged_step": 7, "test_loss": None}
+    assert queue.finish(eng, r.id, "w", "diverged", result=result) == "diverged"
+    [r] = queue.find(eng, r.id)
+    assert r.result["train_loss"] is None and r.result["diverged_step"] == 7 and r.val_curve == [[2, None]]
+
+
+def test_a_prune_request_outlives_a_preemption(db_url):
+    eng = connect(db_url)
+    exp = experiment(n_seeds=1, include_baseline=False)
+    queue.submit(eng, exp, specs.expand(exp))
+    [r] = queue.claim(eng, "w", 1)
+    queue.request_stop(eng, [r.id], "pruned")
+    # The worker was stopped (SIGTERM) before it passed the request on: the trainer says "preempted".
+    assert queue.finish(eng, r.id, "w", "preempted", result={"status": "preempted", "step": 3}) == "pruned"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
 import statistics
@@ -329,7 +330,7 @@ def _train(cfg: TrainConfig, run_dir: Path, d: Dist) -> Status:
         "tokens": tokens,
         "test_loss": test_loss,
         "val_loss": val_loss,
-        "train_loss": last_loss,
+        "train_loss": last_loss if last_loss is not None and math.isfinite(last_loss) else None,
         "diverged_step": int(first_bad.item()) if status is Status.DIVERGED else None,
         "wall_time_s": counters["wall_time"],
         "train_time_s": counters["train_time"],
