@@ -121,7 +121,8 @@ class Worker:
                         if free and now >= next_claim:
                             claimed = queue.claim(self.engine, self.name, len(free))
                             for run, slot in zip(claimed, free):
-                                self._start_or_fail(run, slot)
+                                if run.id not in self.active:  # ours already: requeued while we were late
+                                    self._start_or_fail(run, slot)
                             # An empty queue is asked again in a second, not every poll: idle workers should
                             # not keep the database's write lock busy.
                             next_claim = now + (0.0 if len(claimed) == len(free) else IDLE_CLAIM_S)
