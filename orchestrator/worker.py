@@ -98,46 +98,14 @@ class Worker:
     def run(self, until_empty: bool = False) -> int:
         """Work until stopped (or, with until_empty, until the queue is empty); return #runs finished."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        finished, last_beat, last_forward, last_reap, last_progress = 0, 0.0, 0.0, 0.0, time.monotonic()
-        next_claim, failures = 0.0, 0
+        self.finished, failures = 0, 0
+        self._due = {"reap": 0.0, "claim": 0.0, "forward": 0.0, "beat": 0.0,
+                     "progress": time.monotonic() + self.progress_s}
         try:
             while True:
                 try:
-                    now = time.monotonic()
-                    if self.stopping:
-                        self._stop_all()
-                    for launch in list(self.active.values()):
-                        if launch.proc.poll() is not None:
-                            self._finish(launch)
-                            finished += 1
-                    if self.stopping and not self.active:
+                    if self._tick(until_empty):
                         break
-                    if not self.stopping:
-                        if now - last_reap >= self.heartbeat_s:
-                            for run_id in queue.requeue_stale(self.engine, self.grace_s, except_worker=self.name):
-                                self.echo(f"requeued {run_id}: its worker stopped heartbeating")
-                            last_reap = now
-                        free = [s for s in self.slots if s.index not in {l.slot.index for l in self.active.values()}]
-                        if free and now >= next_claim:
-                            claimed = queue.claim(self.engine, self.name, len(free))
-                            for run, slot in zip(claimed, free):
-                                if run.id not in self.active:  # ours already: requeued while we were late
-                                    self._start_or_fail(run, slot)
-                            # An empty queue is asked again in a second, not every poll: idle workers should
-                            # not keep the database's write lock busy.
-                            next_claim = now + (0.0 if len(claimed) == len(free) else IDLE_CLAIM_S)
-                        if until_empty and not self.active and not queue.counts(self.engine).get(queue.QUEUED):
-                            if not queue.counts(self.engine).get(queue.RUNNING):
-                                break
-                    if now - last_forward >= self.forward_s:
-                        self._forward_all()
-                        last_forward = now
-                    if now - last_beat >= self.heartbeat_s:
-                        self._beat()
-                        last_beat = now
-                    if self.progress_s and now - last_progress >= self.progress_s and self.active:
-                        self._show_progress()
-                        last_progress = now
                 except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
                     # The database restarted or is unreachable for a moment: trainers keep training;
                     # retry, and let heartbeats resume before anyone's grace period ends.
@@ -150,7 +118,56 @@ class Worker:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        return finished
+        return self.finished
+
+    def _every(self, what: str, interval: float, now: float) -> bool:
+        if now < self._due[what]:
+            return False
+        self._due[what] = now + interval
+        return True
+
+    def _tick(self, until_empty: bool) -> bool:
+        """One pass of the loop; True when the worker is done."""
+        now = time.monotonic()
+        if self.stopping:
+            self._stop_all()
+        for launch in list(self.active.values()):
+            if launch.proc.poll() is not None:
+                self._finish(launch)
+                self.finished += 1
+        if self.stopping:
+            if not self.active:
+                return True
+        elif self._take_work(now, until_empty):
+            return True
+        # Also while stopping: trainers that are checkpointing still report and beat.
+        if self._every("forward", self.forward_s, now):
+            self._forward_all()
+        if self._every("beat", self.heartbeat_s, now):
+            self._beat()
+        if self.progress_s and self.active and self._every("progress", self.progress_s, now):
+            self._show_progress()
+        return False
+
+    def _take_work(self, now: float, until_empty: bool) -> bool:
+        """Requeue stale runs, fill free slots; True when until_empty and nothing is left anywhere."""
+        if self._every("reap", self.heartbeat_s, now):
+            for run_id in queue.requeue_stale(self.engine, self.grace_s, except_worker=self.name):
+                self.echo(f"requeued {run_id}: its worker stopped heartbeating")
+        busy = {launch.slot.index for launch in self.active.values()}
+        free = [s for s in self.slots if s.index not in busy]
+        if free and now >= self._due["claim"]:
+            claimed = queue.claim(self.engine, self.name, len(free))
+            for run, slot in zip(claimed, free):
+                if run.id not in self.active:  # ours already: requeued while we were late
+                    self._start_or_fail(run, slot)
+            # An empty queue is asked again in a second, not every poll: idle workers should not keep the
+            # database's write lock busy.
+            self._due["claim"] = now + (0.0 if len(claimed) == len(free) else IDLE_CLAIM_S)
+        if until_empty and not self.active:
+            counts = queue.counts(self.engine)
+            return not counts.get(queue.QUEUED) and not counts.get(queue.RUNNING)
+        return False
 
     def _on_signal(self, signum, frame) -> None:
         if self.stopping:  # a second Ctrl-C: stop waiting for checkpoints
