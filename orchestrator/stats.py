@@ -19,6 +19,7 @@ from scipy import optimize, stats
 
 Key = tuple  # (seed, data_seed, repeat): which runs pair up
 BETTER, WORSE, NOISE, UNVERIFIED, BASELINE = "better", "worse", "within noise", "unverified", "baseline"
+FUTILITY_MIN_RUNS = 3  # more_seeds never calls an arm hopeless on fewer runs per side than this
 
 
 @dataclass
@@ -97,16 +98,20 @@ def minimum_detectable(sigma: float, n_arm: int, n_base: int, alpha: float = 0.0
 def could_decide(c: Comparison, max_runs: int, alpha: float = 0.05) -> bool:
     """Could more seeds (up to max_runs per side) still move this arm out of "within noise"?
 
-    Yes when the interval with max_runs per side — the observed spread, shrunk as 1/√n — would be
-    narrower than the observed improvement, so that it could exclude zero. An arm with one run always could.
+    Yes when the interval with max_runs per side — the observed standard error shrunk as 1/√n, with the
+    t quantile of the test actually used (paired: n − 1 degrees of freedom; Welch: about 2n − 2) — would be
+    narrower than the observed improvement, so that it could exclude zero. An arm with one run always could,
+    and so could one with fewer than FUTILITY_MIN_RUNS: a spread measured on two runs (one degree of freedom
+    when paired) is too uncertain to give up on an arm.
     """
     if c.verdict not in (NOISE, UNVERIFIED):
         return False
-    if c.verdict == UNVERIFIED or c.ci_low is None:
-        return c.n < max_runs
     if c.n >= max_runs:
         return False
-    half_now = (c.ci_high - c.ci_low) / 2
-    df_now, df_max = max(1, 2 * c.n - 2), 2 * max_runs - 2
-    half_max = half_now * math.sqrt(c.n / max_runs) * stats.t.ppf(1 - alpha / 2, df_max) / stats.t.ppf(1 - alpha / 2, df_now)
+    if c.verdict == UNVERIFIED or c.ci_low is None or c.n < FUTILITY_MIN_RUNS:
+        return True
+    def df(n: int) -> int:
+        return n - 1 if c.test == "paired" else 2 * n - 2
+    se_now = (c.ci_high - c.ci_low) / 2 / stats.t.ppf(1 - alpha / 2, df(c.n))
+    half_max = se_now * math.sqrt(c.n / max_runs) * stats.t.ppf(1 - alpha / 2, df(max_runs))
     return abs(c.improvement) > half_max
