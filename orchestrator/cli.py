@@ -141,7 +141,7 @@ def table(
         fail(f"--alpha must be between 0 and 1, e.g. 0.05, not {alpha}")
     names = experiments and [*experiments, *(n for n in queue.experiment_names(eng)
                                                if n.split(tbl.NOISE_SEP)[0] in experiments)]
-    boards = tbl.build(queue.runs_of(eng, names), queue.stacks(eng), alpha)
+    boards = tbl.build(queue.runs_of(eng, names), queue.specs(eng), alpha)
     known = queue.experiment_names(eng)
     unknown = sorted(set(experiments or []) - set(known))
     if unknown:

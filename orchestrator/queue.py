@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db import Experiment as ExperimentRow
 from orchestrator.db import Membership, Run, db_now
-from orchestrator.specs import Experiment, RunSpec
+from orchestrator.specs import Experiment, Looks, RunSpec
 
 QUEUED, RUNNING = "queued", "running"
 SUCCEEDED, FAILED, DIVERGED, CANCELLED, PRUNED = "succeeded", "failed", "diverged", "cancelled", "pruned"
@@ -67,9 +67,14 @@ def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str
             conn.execute(sa.insert(Run), chunk)
         for chunk in _chunks(new_members, 500):
             conn.execute(sa.insert(Membership), chunk)
+        exists = conn.execute(sa.select(ExperimentRow.spec, ExperimentRow.source)
+                              .where(ExperimentRow.name == exp.name)).first()
+        if exists and (stored := (exists.spec or {}).get("looks")):
+            # Looks already taken stay on record: a resubmitted file must not turn sequential verdicts
+            # back into fixed-sample ones.
+            exp = exp.model_copy(update={"looks": Looks.model_validate(stored).union(exp.looks)})
         row = dict(description=exp.description, spec=exp.model_dump(mode="json"), source=source)
-        if exists := conn.execute(sa.select(ExperimentRow.spec, ExperimentRow.source)
-                                  .where(ExperimentRow.name == exp.name)).first():
+        if exists:
             row["source"] = source or exists.source  # a spec change keeps where it first came from
         if exists:
             conn.execute(sa.update(ExperimentRow).where(ExperimentRow.name == exp.name).values(**row))
@@ -248,12 +253,11 @@ def experiment_names(engine: Engine) -> list[str]:
         return list(conn.execute(sa.select(ExperimentRow.name).order_by(ExperimentRow.name)).scalars())
 
 
-def stacks(engine: Engine) -> dict[str, dict[str, list[str]]]:
-    """experiment → stacked intervention → its parts, from the specs as last submitted."""
+def specs(engine: Engine) -> dict[str, Experiment]:
+    """experiment name → its spec as last submitted (stacks and looks for `orch table`)."""
     with engine.connect() as conn:
         rows = conn.execute(sa.select(ExperimentRow.name, ExperimentRow.spec)).all()
-    return {name: {i["name"]: i.get("stack", []) for i in (spec or {}).get("interventions", []) if i.get("stack")}
-            for name, spec in rows}
+    return {name: Experiment.model_validate(spec) for name, spec in rows if spec}
 
 
 def memberships(engine: Engine, run_id: str) -> list[tuple[str, str]]:

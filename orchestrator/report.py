@@ -41,7 +41,7 @@ def write_report(engine, experiment: str, out_dir: Path, alpha: float = 0.05, tr
     # The noise studies of this experiment (`orch noise`) feed its board's summary, as in `orch table`.
     names = [experiment] + [n for n in queue.experiment_names(engine) if n.startswith(experiment + tbl.NOISE_SEP)]
     triples = queue.runs_of(engine, names)
-    board = next((b for b in tbl.build(triples, queue.stacks(engine), alpha) if b.experiment == experiment), None)
+    board = next((b for b in tbl.build(triples, queue.specs(engine), alpha) if b.experiment == experiment), None)
     if board is None:
         raise ValueError(f"no runs in experiment {experiment!r}")
     runs = [(arm, run) for exp, arm, run in triples if exp == experiment]
@@ -164,7 +164,8 @@ def _improvement_plot(path: Path, board: tbl.Board) -> None:
         ax.text(0.5, 0.5, "no intervention has a finished run beside a finished baseline yet",
                 ha="center", va="center", transform=ax.transAxes)
     ax.axvline(0, color="black", lw=1)
-    ax.set(title=f"Improvement vs baseline (test loss; > 0 = better) with {1 - board.alpha:.0%} CI",
+    ci = "sequential CI" if board.looks else f"{100 * (1 - board.alpha):.4g}% CI"
+    ax.set(title=f"Improvement vs baseline (test loss; > 0 = better) with {ci}",
            xlabel="baseline mean − arm mean test loss")
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=110)

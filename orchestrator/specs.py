@@ -46,6 +46,21 @@ class Intervention(BaseModel):
     description: str = ""
 
 
+class Looks(BaseModel):
+    """The run counts at which `orch more-seeds` looked at an experiment's verdicts: after every run added,
+    from `first` to `last` per arm. `orch table` then tests each verdict at the sequential level
+    (orchestrator/stats.py), so that looking again and again cannot manufacture a verdict. The tool records
+    it, and a resubmission never drops it (queue.submit); a file may also declare it up front."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    first: int = Field(2, ge=2)
+    last: int = Field(ge=2)
+
+    def union(self, other: Looks | None) -> Looks:
+        return self if other is None else Looks(first=min(self.first, other.first), last=max(self.last, other.last))
+
+
 class Experiment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -60,6 +75,7 @@ class Experiment(BaseModel):
     vary: Literal["init", "data", "both", "none"] = "init"
     repeats: int = Field(1, ge=1, description="identical repeats per seed (measure nondeterminism alone)")
     include_baseline: bool = True
+    looks: Looks | None = None  # set by `orch more-seeds`: verdicts are sequential tests from then on
 
     @field_validator("interventions")
     @classmethod

@@ -7,12 +7,19 @@ blog series' table. With at least two runs on each side it gets a confidence int
 - otherwise Welch's t-test (scipy.stats.ttest_ind, equal_var=False), which assumes no common variance.
 The verdict is "better" / "worse" when p < α, else "within noise"; with a single run on either side there is
 no variance to test against, and the verdict is "unverified" (the series' single runs per intervention).
+
+Adding seeds until a verdict appears (`orch more-seeds`) tests the same arm again and again; at p < 0.05 on
+every look, a null intervention from 2 to 10 seeds is called better or worse about 19% of the time, not 5%.
+An experiment grown that way is therefore tested at the sequential level of `sequential_alpha`: one nominal
+level for every look (Pocock's constant boundary), calibrated so that the chance of any look deciding a null
+arm stays α.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import optimize, stats
@@ -33,6 +40,7 @@ class Comparison:
     p_value: float | None
     test: str | None  # "paired" | "welch" | None
     verdict: str
+    level: float = 0.05  # the p-value a verdict needs (α, or the sequential level); the CI is at 1 − level
 
 
 def describe(values: list[float]) -> tuple[int, float, float | None]:
@@ -40,37 +48,73 @@ def describe(values: list[float]) -> tuple[int, float, float | None]:
     return len(arr), float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None
 
 
-def compare(arm: dict[Key, float], baseline: dict[Key, float], alpha: float = 0.05) -> Comparison:
-    """Compare one arm's test losses with the baseline's, each keyed by (seed, data seed, repeat)."""
+def compare(arm: dict[Key, float], baseline: dict[Key, float], alpha: float = 0.05,
+            looks: tuple[int, int] | None = None) -> Comparison:
+    """Compare one arm's test losses with the baseline's, each keyed by (seed, data seed, repeat).
+
+    `looks` = (first, last): the verdict was looked at after every run added from `first` to `last` runs per
+    side (`orch more-seeds`), so it is tested at `sequential_alpha` for that test instead of α.
+    """
     n, mean, std = describe(list(arm.values()))
     if not baseline:
-        return Comparison(n, mean, std, None, None, None, None, None, UNVERIFIED)
+        return Comparison(n, mean, std, None, None, None, None, None, UNVERIFIED, alpha)
     b = np.asarray(list(baseline.values()), dtype=float)
     improvement = float(b.mean() - mean)
     if n < 2 or len(b) < 2:
-        return Comparison(n, mean, std, improvement, None, None, None, None, UNVERIFIED)
+        return Comparison(n, mean, std, improvement, None, None, None, None, UNVERIFIED, alpha)
     shared = sorted(set(arm) & set(baseline), key=repr)
-    if len(shared) >= 2 and len(shared) == len(arm) == len(baseline):
+    paired = len(shared) >= 2 and len(shared) == len(arm) == len(baseline)
+    test = "paired" if paired else "welch"
+    level = sequential_alpha(looks[0], looks[1], alpha, paired) if looks else alpha
+    if paired:
         base_vals = np.array([baseline[k] for k in shared])
         arm_vals = np.array([arm[k] for k in shared])
         if np.all(base_vals - arm_vals == base_vals[0] - arm_vals[0]):  # no spread in the differences
-            return _degenerate(n, mean, std, improvement, "paired")
-        result, test = stats.ttest_rel(base_vals, arm_vals), "paired"
+            return _degenerate(n, mean, std, improvement, test, level)
+        result = stats.ttest_rel(base_vals, arm_vals)
     else:
         a = np.asarray(list(arm.values()), dtype=float)
         if np.ptp(a) == 0 and np.ptp(b) == 0:
-            return _degenerate(n, mean, std, improvement, "welch")
-        result, test = stats.ttest_ind(b, a, equal_var=False), "welch"
-    ci = result.confidence_interval(confidence_level=1 - alpha)
+            return _degenerate(n, mean, std, improvement, test, level)
+        result = stats.ttest_ind(b, a, equal_var=False)
+    ci = result.confidence_interval(confidence_level=1 - level)
     p = float(result.pvalue)
-    verdict = (BETTER if improvement > 0 else WORSE) if p < alpha else NOISE
-    return Comparison(n, mean, std, improvement, float(ci.low), float(ci.high), p, test, verdict)
+    verdict = (BETTER if improvement > 0 else WORSE) if p < level else NOISE
+    return Comparison(n, mean, std, improvement, float(ci.low), float(ci.high), p, test, verdict, level)
 
 
-def _degenerate(n, mean, std, improvement, test) -> Comparison:
+@lru_cache(maxsize=64)
+def sequential_alpha(first: int, last: int, alpha: float = 0.05, paired: bool = True) -> float:
+    """The p-value a verdict needs when it is looked at after every added run, from `first` to `last` runs
+    per side, and a study stops at the first look that decides: the level at which a null arm is decided at
+    any look with probability α (Pocock's constant boundary, for the t-tests actually used).
+
+    The smallest p-value over the looks is pivotal under the null (it does not depend on σ), so its α-quantile
+    is read off 100,000 simulated null studies: the same scipy tests on standard normal losses, with a fixed
+    generator seed so that a table never changes between two reads. Paired: ttest_rel's one-sample test on
+    the differences; Welch: ttest_ind with equal_var=False on equal variances. 2…10 runs, paired: 0.0099.
+    """
+    first = max(first, 2)  # no verdict before two runs per side
+    if last <= first:
+        return alpha
+    rng = np.random.default_rng(20261121)
+    paths = 100_000
+    a = rng.standard_normal((paths, last))
+    b = None if paired else rng.standard_normal((paths, last))
+    min_p = np.ones(paths)
+    for n in range(first, last + 1):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = (stats.ttest_1samp(a[:, :n], 0.0, axis=1) if paired
+                 else stats.ttest_ind(a[:, :n], b[:, :n], axis=1, equal_var=False)).pvalue
+        min_p = np.fmin(min_p, p)
+    return float(np.quantile(min_p, alpha))
+
+
+def _degenerate(n, mean, std, improvement, test, level) -> Comparison:
     # Every run on both sides identical (deterministic CPU repeats): there is no noise to test against.
     verdict = NOISE if improvement == 0 else (BETTER if improvement > 0 else WORSE)
-    return Comparison(n, mean, std, improvement, improvement, improvement, 0.0 if improvement else 1.0, test, verdict)
+    return Comparison(n, mean, std, improvement, improvement, improvement, 0.0 if improvement else 1.0, test,
+                      verdict, level)
 
 
 def _power_at(ncp: float, df: int, alpha: float) -> float:
@@ -95,14 +139,14 @@ def minimum_detectable(sigma: float, n_arm: int, n_base: int, alpha: float = 0.0
     return float(ncp * sigma * math.sqrt(1 / n_arm + 1 / n_base))
 
 
-def could_decide(c: Comparison, max_runs: int, alpha: float = 0.05) -> bool:
+def could_decide(c: Comparison, max_runs: int) -> bool:
     """Could more seeds (up to max_runs per side) still move this arm out of "within noise"?
 
     Yes when the interval with max_runs per side — the observed standard error shrunk as 1/√n, with the
-    t quantile of the test actually used (paired: n − 1 degrees of freedom; Welch: about 2n − 2) — would be
-    narrower than the observed improvement, so that it could exclude zero. An arm with one run always could,
-    and so could one with fewer than FUTILITY_MIN_RUNS: a spread measured on two runs (one degree of freedom
-    when paired) is too uncertain to give up on an arm.
+    t quantile of the test actually used (paired: n − 1 degrees of freedom; Welch: about 2n − 2) at the
+    comparison's own level — would be narrower than the observed improvement, so that it could exclude zero.
+    An arm with one run always could, and so could one with fewer than FUTILITY_MIN_RUNS: a spread measured
+    on two runs (one degree of freedom when paired) is too uncertain to give up on an arm.
     """
     if c.verdict not in (NOISE, UNVERIFIED):
         return False
@@ -112,6 +156,7 @@ def could_decide(c: Comparison, max_runs: int, alpha: float = 0.05) -> bool:
         return True
     def df(n: int) -> int:
         return n - 1 if c.test == "paired" else 2 * n - 2
-    se_now = (c.ci_high - c.ci_low) / 2 / stats.t.ppf(1 - alpha / 2, df(c.n))
-    half_max = se_now * math.sqrt(c.n / max_runs) * stats.t.ppf(1 - alpha / 2, df(max_runs))
+    q = 1 - c.level / 2
+    se_now = (c.ci_high - c.ci_low) / 2 / stats.t.ppf(q, df(c.n))
+    half_max = se_now * math.sqrt(c.n / max_runs) * stats.t.ppf(q, df(max_runs))
     return abs(c.improvement) > half_max

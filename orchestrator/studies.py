@@ -5,7 +5,8 @@ results imported from elsewhere.
   data order, both, or nothing (the hardware's nondeterminism alone, which is all that the blog series'
   seven byte-identical repeats measured). Each becomes experiment "EXP.noise-VARY", shown as σ by source.
 - `more_seeds`: add seeds only to arms whose verdict is still open and could still close with more runs
-  (stats.could_decide), and to the baseline as far as they need; new runs jump the queue.
+  (stats.could_decide), and to the baseline as far as they need; new runs jump the queue. Its looks are
+  recorded on the experiment, whose verdicts become sequential tests (stats.sequential_alpha).
 - `import_results`: test losses measured elsewhere (a CSV or JSON of name, test_loss[, seed][, stack]) join
   the table as imported runs, so published numbers and new runs sit in one view.
 """
@@ -24,7 +25,7 @@ from orchestrator import queue, stats
 from orchestrator import table as tbl
 from orchestrator.db import Experiment as ExperimentRow
 from orchestrator.db import Membership, Run, db_now
-from orchestrator.specs import BASELINE, Experiment, Intervention, RunSpec, SpecError, run_id, seeded
+from orchestrator.specs import BASELINE, Experiment, Intervention, Looks, RunSpec, SpecError, run_id, seeded
 
 VARY = ("init", "data", "both", "none")
 
@@ -76,10 +77,18 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
     if max_seeds < 2:
         raise SpecError("--max-seeds must be at least 2 (a verdict needs two runs per side)")
     spec = _spec(engine, experiment)
-    [board] = [b for b in tbl.build(queue.runs_of(engine, [experiment]), queue.stacks(engine), alpha)
-               if b.experiment == experiment] or [None]
-    if board is None:
+    runs = queue.runs_of(engine, [experiment])
+    if not runs:
         raise SpecError(f"experiment {experiment!r} has no runs yet")
+    # This call looks at the verdicts, and may look again after every seed it adds: from now on they are
+    # sequential tests (stats.sequential_alpha), from the runs per arm at the first look up to max_seeds.
+    done: dict[str, int] = {}
+    for _, arm, r in runs:
+        done[arm] = done.get(arm, 0) + (r.state == queue.SUCCEEDED and r.test_loss is not None)
+    first = min((n for arm, n in done.items() if arm != BASELINE), default=2)
+    spec.looks = Looks(first=max(2, min(first, max_seeds)), last=max_seeds).union(spec.looks)
+    queue.submit(engine, spec, [], source=None)
+    [board] = [b for b in tbl.build(runs, queue.specs(engine), alpha) if b.experiment == experiment]
     templates = _seed0_configs(engine, experiment)
     targets: dict[str, int] = {}
     reasons: dict[str, str] = {}
@@ -88,14 +97,14 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
             continue
         have = row.n + row.pending
         c = stats.Comparison(row.n, row.mean, row.std, row.improvement, row.ci_low, row.ci_high, row.p_value,
-                             row.test, row.verdict or stats.UNVERIFIED)
+                             row.test, row.verdict or stats.UNVERIFIED, row.level or alpha)
         if row.pending:
             reasons[row.arm] = f"{row.pending} run(s) still pending"
         elif row.verdict in (stats.BETTER, stats.WORSE):
             reasons[row.arm] = f"decided: {row.verdict} (p = {row.p_value:.3g})"
         elif have >= max_seeds:
             reasons[row.arm] = f"at --max-seeds {max_seeds}: {row.verdict}"
-        elif not stats.could_decide(c, max_seeds, alpha):
+        elif not stats.could_decide(c, max_seeds):
             reasons[row.arm] = f"decided: within noise (even {max_seeds} seeds could not exclude zero)"
         else:
             targets[row.arm] = min(max_seeds, max(2, have + step))

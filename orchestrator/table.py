@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from orchestrator import queue, stats
-from orchestrator.specs import BASELINE
+from orchestrator.specs import BASELINE, Experiment
 
 NOISE_SEP = ".noise-"  # `orch noise EXP --vary V` writes experiment "EXP.noise-V"
 
@@ -34,6 +34,7 @@ class Row:
     p_value: float | None = None
     test: str | None = None
     verdict: str | None = None
+    level: float | None = None  # the p-value its verdict needs: α, or the sequential level
     pending: int = 0
     imported: bool = False
     parts: list[str] = field(default_factory=list)  # for a stack: its interventions
@@ -47,15 +48,22 @@ class Board:
     rows: list[Row]
     failed: list[dict]
     alpha: float
+    looks: tuple[int, int] | None = None  # (first, last) when `orch more-seeds` grew it: sequential verdicts
     baseline_sigma: float | None = None
     baseline_n: int = 0
     detectable: float | None = None  # smallest improvement detectable at 80% power with the current counts
     noise: dict[str, dict] = field(default_factory=dict)  # vary mode -> {"n", "sigma"}
 
+    @property
+    def level(self) -> float:
+        """The strictest p-value a verdict here needs: α, or the sequential level once more-seeds looked."""
+        return min([r.level for r in self.rows if r.level is not None] or [self.alpha])
 
-def build(runs: list[tuple[str, str, object]], stacks: dict[str, dict[str, list[str]]] | None = None,
+
+def build(runs: list[tuple[str, str, object]], specs: dict[str, Experiment] | None = None,
           alpha: float = 0.05) -> list[Board]:
-    """One board per experiment from (experiment, arm, run) triples; `stacks` maps experiment → arm → parts."""
+    """One board per experiment from (experiment, arm, run) triples; `specs` (queue.specs) gives each
+    experiment's stacks and, once `orch more-seeds` has looked at it, its sequential looks."""
     by_exp: dict[str, dict[str, list]] = {}
     for exp, arm, run in runs:
         by_exp.setdefault(exp, {}).setdefault(arm, []).append(run)
@@ -63,7 +71,10 @@ def build(runs: list[tuple[str, str, object]], stacks: dict[str, dict[str, list[
     for exp, arms in sorted(by_exp.items()):
         if NOISE_SEP in exp:
             continue  # shown as noise sources of their parent experiment
-        boards[exp] = _board(exp, arms, (stacks or {}).get(exp, {}), alpha)
+        spec = (specs or {}).get(exp)
+        stacks = {i.name: i.stack for i in spec.interventions if i.stack} if spec else {}
+        looks = (spec.looks.first, spec.looks.last) if spec and spec.looks else None
+        boards[exp] = _board(exp, arms, stacks, alpha, looks)
     for exp, arms in by_exp.items():
         if NOISE_SEP in exp:
             parent, vary = exp.split(NOISE_SEP, 1)
@@ -82,7 +93,8 @@ def _key(run) -> tuple:
     return (run.seed, run.data_seed, run.repeat)
 
 
-def _board(exp: str, arms: dict[str, list], stacks: dict[str, list[str]], alpha: float) -> Board:
+def _board(exp: str, arms: dict[str, list], stacks: dict[str, list[str]], alpha: float,
+           looks: tuple[int, int] | None) -> Board:
     base_losses = {_key(r): r.test_loss for r in arms.get(BASELINE, []) if _done(r)}
     rows, failed = [], []
     for arm, rs in arms.items():
@@ -99,10 +111,10 @@ def _board(exp: str, arms: dict[str, list], stacks: dict[str, list[str]], alpha:
                 row.n, row.mean, row.std = stats.describe(list(losses.values()))
                 row.verdict = stats.BASELINE
             else:
-                c = stats.compare(losses, base_losses, alpha)
+                c = stats.compare(losses, base_losses, alpha, looks)
                 row.n, row.mean, row.std = c.n, c.mean, c.std
                 row.improvement, row.ci_low, row.ci_high = c.improvement, c.ci_low, c.ci_high
-                row.p_value, row.test, row.verdict = c.p_value, c.test, c.verdict
+                row.p_value, row.test, row.verdict, row.level = c.p_value, c.test, c.verdict, c.level
         rows.append(row)
     by_arm = {r.arm: r for r in rows}
     for r in rows:
@@ -111,12 +123,13 @@ def _board(exp: str, arms: dict[str, list], stacks: dict[str, list[str]], alpha:
         if parts and all(p is not None and p.improvement is not None for p in parts):
             r.parts_sum = sum(p.improvement for p in parts)
     rows.sort(key=lambda r: (r.mean is None, r.mean if r.mean is not None else 0.0))
-    board = Board(exp, rows, failed, alpha)
+    board = Board(exp, rows, failed, alpha, looks)
     if len(base_losses) > 1:
         board.baseline_n, _, board.baseline_sigma = stats.describe(list(base_losses.values()))
         arm_ns = [r.n for r in rows if r.arm != BASELINE and r.n]
         if arm_ns:
-            board.detectable = stats.minimum_detectable(board.baseline_sigma, min(arm_ns), board.baseline_n, alpha)
+            board.detectable = stats.minimum_detectable(board.baseline_sigma, min(arm_ns), board.baseline_n,
+                                                        board.level)
     elif base_losses:
         board.baseline_n = 1
     return board
@@ -155,9 +168,11 @@ def _cells(r: Row) -> list[str]:
 def _columns(b: Board) -> tuple[list[str], list[list[str]]]:
     """Header and cells, without the stack column when nothing in this experiment is stacked."""
     cells = [_cells(r) for r in b.rows]
+    header = list(HEADER)
+    header[4] = "CI (sequential)" if b.looks else f"{100 * (1 - b.alpha):.4g}% CI"
     if not any(r.parts for r in b.rows):
-        return HEADER[:-1], [c[:-1] for c in cells]
-    return HEADER, cells
+        return header[:-1], [c[:-1] for c in cells]
+    return header, cells
 
 
 def summary(b: Board) -> list[str]:
@@ -165,9 +180,14 @@ def summary(b: Board) -> list[str]:
     if b.baseline_sigma is not None:
         line = f"baseline σ = {b.baseline_sigma:.4f} over {b.baseline_n} runs"
         if b.detectable is not None:
-            line += (f"; with these run counts the smallest improvement detected 80% of the time at α = {b.alpha:g}"
+            line += (f"; with these run counts the smallest improvement detected 80% of the time at p < {b.level:.3g}"
                      f" is {b.detectable:.4f}")
         lines.append(line)
+    if b.looks:
+        levels = sorted({f"{r.level:.3g} ({r.test})" for r in b.rows if r.level is not None and r.test})
+        lines.append(f"sequential: orch more-seeds looked after every run from {b.looks[0]} to {b.looks[1]} per arm, "
+                     f"so a verdict needs p < {' or '.join(levels) or f'{b.level:.3g}'} and its CI is at that level; "
+                     f"over all looks a null intervention is called better or worse with probability α = {b.alpha:g}")
     elif b.baseline_n == 1:
         lines.append("one baseline run: no noise estimate, every verdict is unverified (add seeds: orch more-seeds)")
     if b.noise:
@@ -184,14 +204,14 @@ def render(boards: list[Board], fmt: str = "rich") -> str | None:
     if fmt == "csv":
         out = io.StringIO()
         w = csv.writer(out)
-        cols = ["n", "mean", "std", "improvement", "ci_low", "ci_high", "p_value", "test", "verdict", "pending",
-                "imported", "parts_sum"]
+        cols = ["n", "mean", "std", "improvement", "ci_low", "ci_high", "p_value", "test", "verdict", "level",
+                "pending", "imported", "parts_sum"]
         w.writerow(["experiment", "arm", *cols])
         for b in boards:
             for r in b.rows:
                 w.writerow([b.experiment, r.arm, *[getattr(r, c) for c in cols]])
             for f in b.failed:
-                w.writerow([b.experiment, f["arm"], 0, *[""] * 7, f["state"], 0, False, ""])
+                w.writerow([b.experiment, f["arm"], 0, *[""] * 7, f["state"], "", 0, False, ""])
         return out.getvalue()
     if fmt == "markdown":
         parts = []

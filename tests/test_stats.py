@@ -69,6 +69,22 @@ def test_minimum_detectable_effect_has_the_promised_power():
     assert stats.minimum_detectable(sigma, 8, 8) < mde  # more seeds, finer resolution
 
 
+def test_sequential_looks_keep_the_false_positive_rate_at_alpha():
+    # A null arm, paired with its baseline, looked at after every seed from 2 to 10 and stopped at the first
+    # verdict: at p < 0.05 per look that manufactures a verdict in ~19% of studies; at the sequential level,
+    # ~5%. Checked with scipy's own ttest_rel per study, on draws independent of the level's calibration.
+    level = stats.sequential_alpha(2, 10, 0.05, paired=True)
+    assert 0.005 < level < 0.02
+    assert stats.sequential_alpha(2, 10, 0.05, paired=False) > level  # Welch's df are larger: a milder level
+    assert stats.sequential_alpha(2, 2) == 0.05 and stats.sequential_alpha(5, 20) > stats.sequential_alpha(2, 20)
+    rng = np.random.default_rng(11)
+    studies_ = rng.normal(0, 0.01, (2000, 2, 10))  # (study, baseline|arm, seed)
+    first_p = np.array([[sps.ttest_rel(b[:n], a[:n]).pvalue for n in range(2, 11)] for b, a in studies_])
+    naive, sequential = np.mean(first_p.min(1) < 0.05), np.mean(first_p.min(1) < level)
+    assert naive > 0.14
+    assert 0.035 <= sequential <= 0.065
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Studies through the real queue with simulated training.
 
@@ -88,7 +104,7 @@ def simulate(eng, loss_of=lambda run, arm: TRUE_LOSS[arm]):
 
 
 def board(eng, name, alpha=0.05):
-    [b] = [b for b in tbl.build(queue.runs_of(eng), queue.stacks(eng), alpha) if b.experiment == name]
+    [b] = [b for b in tbl.build(queue.runs_of(eng), queue.specs(eng), alpha) if b.experiment == name]
     return {r.arm: r for r in b.rows}, b
 
 
@@ -135,6 +151,13 @@ def test_more_seeds_spends_runs_where_the_answer_is_open_and_stops_when_decided(
     # Once decided, a further call queues nothing.
     again, _ = studies.more_seeds(eng, "planted", max_seeds=10)
     assert not again.queued
+    # The verdicts were sequential tests, and say so; resubmitting the file does not make them fixed-sample.
+    _, b = board(eng, "planted")
+    assert b.looks == (2, 10) and rows["effect"].level == pytest.approx(stats.sequential_alpha(2, 10))
+    assert rows["effect"].p_value < rows["effect"].level
+    assert any(line.startswith("sequential:") for line in tbl.summary(b))
+    queue.submit(eng, planted(2), specs.expand(planted(2)))
+    assert board(eng, "planted")[1].looks == (2, 10)
 
 
 def test_noise_study_varies_one_source_at_a_time(eng):
