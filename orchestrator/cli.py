@@ -265,6 +265,7 @@ def sweep(
     seeds: Annotated[int, typer.Option(help="confirm: seeds for the best configuration and the baseline")] = 4,
     format: Annotated[str, typer.Option("--format", help="status: text | json")] = "text",
     poll: Annotated[float, typer.Option(help="seconds between checks of the queue")] = 2.0,
+    grace: Annotated[float, typer.Option(help="seconds without a beat after which a standby `orch sweep` takes over")] = 60.0,
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow")] = False,
     db: DbOpt = None,
     mlflow: MlflowOpt = None,
@@ -314,7 +315,7 @@ def sweep(
         tracker = Tracker(mlflow)
     with user_errors():
         driver = sw.Driver(eng, spec, preset=preset, overrides=parse_sets(set_), tracker=tracker, poll_s=poll,
-                           echo=typer.echo)
+                           echo=typer.echo, lease_grace_s=grace)
     typer.echo(f"sweep {spec.name}: {spec.trials} trials, {spec.in_flight} in flight, {spec.sampler} sampler, "
                f"{spec.pruner} pruner (needs `orch worker` running)")
     driver.run()
@@ -428,16 +429,32 @@ def logs(run: Annotated[str, typer.Argument(help="run id (a unique prefix is eno
 
 
 @app.command()
-def cancel(target: Annotated[str, typer.Argument(help="a run id prefix or an experiment name")], db: DbOpt = None):
-    """Cancel queued and running runs of a run or an experiment (running trainers checkpoint and stop)."""
+def cancel(
+    target: Annotated[str, typer.Argument(help="a run id prefix or an experiment name")],
+    include_shared: Annotated[bool, typer.Option("--include-shared", help="also cancel an experiment's runs that other experiments share")] = False,
+    db: DbOpt = None,
+):
+    """Cancel queued and running runs of a run or an experiment (running trainers checkpoint and stop).
+
+    An experiment's runs that other experiments share (the same config, trained once for all) are kept
+    unless --include-shared: cancelling one study must not take the baseline from under another."""
     from orchestrator import queue
 
     eng = engine(db)
-    ids = [r.id for _, _, r in queue.runs_of(eng, [target])] or [r.id for r in queue.find(eng, target)]
-    if not ids:
-        fail(f"no run or experiment matches {target!r} (see `orch ls`)")
+    ids = [r.id for _, _, r in queue.runs_of(eng, [target])]
+    kept: dict[str, list[str]] = {}
+    if ids and not include_shared:
+        kept = queue.shared(eng, ids, target)
+        ids = [i for i in ids if i not in kept]
+    elif not ids:
+        ids = [r.id for r in queue.find(eng, target)]
+        if not ids:
+            fail(f"no run or experiment matches {target!r} (see `orch ls`)")
     done = queue.cancel(eng, ids)
     typer.echo(f"cancelled {len(done)} run(s)" + (f"; {len(ids) - len(done)} were already finished" if len(ids) > len(done) else ""))
+    if kept:
+        names = sorted({n for v in kept.values() for n in v})
+        typer.echo(f"kept {len(kept)} run(s) that {', '.join(names)} also use(s); add --include-shared to cancel them too")
 
 
 @app.command()

@@ -83,6 +83,16 @@ class Experiment(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class Lease(Base):
+    """Which process drives a sweep (queue.take_lease): one holder at a time, beating on the database clock;
+    a holder whose beats stop is replaced once the grace period has passed."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The database clock.
 

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from orchestrator.db import Experiment as ExperimentRow
-from orchestrator.db import Membership, Run, db_now
+from orchestrator.db import Lease, Membership, Run, db_now
 from orchestrator.specs import Experiment, Looks, RunSpec
 
 QUEUED, RUNNING = "queued", "running"
@@ -222,6 +222,18 @@ def cancel(engine: Engine, run_ids: Iterable[str]) -> list[str]:
     return done
 
 
+def shared(engine: Engine, run_ids: Iterable[str], experiment: str) -> dict[str, list[str]]:
+    """Of these runs, those that other experiments share (same config hash), with those experiments' names.
+    Cancelling or pruning a run on behalf of one experiment must leave these alone: they are not its own."""
+    out: dict[str, list[str]] = {}
+    with engine.connect() as conn:
+        for chunk in _chunks(list(run_ids), 500):
+            for run_id, other in conn.execute(sa.select(Membership.run_id, Membership.experiment).where(
+                    Membership.run_id.in_(chunk), Membership.experiment != experiment).distinct()):
+                out.setdefault(run_id, []).append(other)
+    return {k: sorted(v) for k, v in out.items()}
+
+
 def retry(engine: Engine, run_ids: Iterable[str]) -> list[str]:
     """A finished run that did not succeed goes back to the queue with its attempts reset."""
     done: list[str] = []
@@ -277,3 +289,34 @@ def find(engine: Engine, prefix: str) -> list[Run]:
 def _chunks(items: list, n: int):
     for i in range(0, len(items), n):
         yield items[i : i + n]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Leases: one driver per sweep.
+
+def take_lease(engine: Engine, name: str, holder: str, grace_s: float) -> str | None:
+    """Take or renew the lease `name` for `holder`. Returns None when `holder` holds it now, or a line
+    saying who does: a holder keeps the lease while it beats at least every `grace_s` seconds (database
+    clock), and loses it to the next taker once it has not."""
+    for _ in range(3):  # two first takers on PostgreSQL: one insert wins, the other reads it next pass
+        try:
+            with engine.begin() as conn:
+                now = conn.execute(sa.select(db_now())).scalar_one()
+                row = conn.execute(sa.select(Lease.holder, Lease.heartbeat_at).where(Lease.name == name)
+                                   .with_for_update()).first()
+                if row is None:
+                    conn.execute(sa.insert(Lease).values(name=name, holder=holder, heartbeat_at=now))
+                    return None
+                if row.holder == holder or row.heartbeat_at < now - grace_s:
+                    conn.execute(sa.update(Lease).where(Lease.name == name).values(holder=holder, heartbeat_at=now))
+                    return None
+                return f"{row.holder} (last beat {now - row.heartbeat_at:.0f} s ago)"
+        except sa.exc.IntegrityError:
+            continue
+    raise RuntimeError(f"could not take or read lease {name!r}")
+
+
+def release_lease(engine: Engine, name: str, holder: str) -> None:
+    """Give the lease up (a clean exit), so that a standby takes over at once rather than after the grace."""
+    with engine.begin() as conn:
+        conn.execute(sa.delete(Lease).where(Lease.name == name, Lease.holder == holder))

@@ -14,10 +14,16 @@ Kill it at any moment and run it again: a trial is told once (only RUNNING trial
 identified by their config hash (resubmitting reuses them), and intermediate values are written once per
 step. Workers never know they serve a sweep. Pruning requests travel through the database (runs.stop), so
 the driver needs no access to the workers' run directories.
+
+One driver asks at a time: it holds the sweep's lease (queue.take_lease) and renews it every pass. A second
+`orch sweep` on the same study waits as a standby and takes over within `lease_grace_s` of the first one's
+death, or at once when the first one exits cleanly.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -126,8 +132,14 @@ class Driver:
     tracker: object | None = None
     poll_s: float = 2.0
     echo: object = print
+    lease_grace_s: float = 60.0  # a driver that has not renewed its lease for this long is replaced
 
     def __post_init__(self):
+        if self.lease_grace_s < 3 * self.poll_s:
+            raise ValueError(f"the lease grace ({self.lease_grace_s:g} s) must be at least 3 polls "
+                             f"({3 * self.poll_s:g} s), or a live driver would lose its sweep between two passes")
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        self.lease = f"sweep:{self.sweep.name}"
         self.base = sweep_base(self.sweep, self.preset, self.overrides)
         from trainer.config import TrainConfig
 
@@ -144,7 +156,29 @@ class Driver:
     # -- the loop ----------------------------------------------------------------------------------------
 
     def run(self) -> optuna.Study:
+        self._wait_for_lease()
+        try:
+            return self._drive()
+        finally:
+            queue.release_lease(self.engine, self.lease, self.holder)
+
+    def _wait_for_lease(self) -> None:
+        told = False
+        while (holder := queue.take_lease(self.engine, self.lease, self.holder, self.lease_grace_s)) is not None:
+            if not told:
+                self.echo(f"sweep {self.sweep.name} is driven by {holder}; waiting as a standby, to take over "
+                          f"if it stops for {self.lease_grace_s:g} s (Ctrl-C to leave)")
+                told = True
+            time.sleep(self.poll_s)
+        if told:
+            self.echo(f"sweep {self.sweep.name}: took over")
+
+    def _drive(self) -> optuna.Study:
         while True:
+            if (holder := queue.take_lease(self.engine, self.lease, self.holder, self.lease_grace_s)) is not None:
+                # Stalled past the grace (a suspended laptop, say) and replaced: the new driver goes on.
+                self.echo(f"sweep {self.sweep.name}: {holder} took over this sweep; leaving it to that driver")
+                return self.study
             self.reconcile()
             trials = self.study.get_trials(deepcopy=False)
             # Failed trials count too: a sweep whose runs all fail must end, not ask forever.
@@ -186,8 +220,7 @@ class Driver:
                 queue.submit(self.engine, self.experiment, specs_, source=f"sweep {self.sweep.name}")
                 continue
             if frozen.user_attrs.get("pruning"):  # re-asked each pass: a requeue clears a stop request
-                queue.cancel(self.engine, [r.id for r in runs if r.state == queue.QUEUED])
-                queue.request_stop(self.engine, [r.id for r in runs if r.state == queue.RUNNING], "pruned")
+                self._stop(runs)
             self._link_mlflow(runs)
             self._report(trial, frozen, runs)
             if all(r.state in queue.FINAL for r in runs) and len(runs) == len(run_ids):
@@ -202,10 +235,17 @@ class Driver:
                 trial.report(sum(c[step] for c in curves) / len(curves), step)
         if common and not frozen.user_attrs.get("pruning") and trial.should_prune():
             trial.set_user_attr("pruning", True)
-            active = [r.id for r in runs if r.state in queue.ACTIVE]
-            queue.cancel(self.engine, [r.id for r in runs if r.state == queue.QUEUED])
-            queue.request_stop(self.engine, active, "pruned")
+            self._stop(runs)
             self.echo(f"trial {frozen.number}: pruned at step {common[-1]}")
+
+    def _stop(self, runs: list[Run]) -> None:
+        """Stop a pruned trial's runs: cancel the queued ones, ask the running ones' trainers to stop as
+        pruned. A run another experiment shares (same config) trains on for it; the trial is told pruned
+        once that run is final."""
+        others = queue.shared(self.engine, [r.id for r in runs], self.sweep.name)
+        queue.cancel(self.engine, [r.id for r in runs if r.state == queue.QUEUED and r.id not in others])
+        queue.request_stop(self.engine, [r.id for r in runs if r.state == queue.RUNNING and r.id not in others],
+                           "pruned")
 
     def _tell(self, frozen, runs: list[Run]) -> None:
         values = [(r.result or {}).get("val_loss") for r in runs]

@@ -113,6 +113,32 @@ def test_cancel(db_url):
     assert queue.heartbeat(eng, "w", {running.id: {}}) == {}
 
 
+def test_shared_names_the_other_experiments_of_a_run(db_url):
+    eng = connect(db_url)
+    a = specs.Experiment(name="a", interventions=[specs.Intervention(name="x", set={"optim.lr": 1e-3})])
+    b = specs.Experiment(name="b")  # its baseline is a's baseline: one run, two experiments
+    queue.submit(eng, a, specs.expand(a))
+    queue.submit(eng, b, specs.expand(b))
+    ids = {arm: r.id for exp, arm, r in queue.runs_of(eng, ["a"])}
+    assert queue.shared(eng, ids.values(), "a") == {ids["baseline"]: ["b"]}
+    assert queue.shared(eng, ids.values(), "b") == {ids["x"]: ["a"]}
+
+
+def test_a_lease_has_one_holder_until_its_beats_stop(db_url):
+    eng = connect(db_url)
+    assert queue.take_lease(eng, "sweep:s", "a", grace_s=0.5) is None
+    assert queue.take_lease(eng, "sweep:s", "b", grace_s=0.5).startswith("a (last beat")
+    assert queue.take_lease(eng, "sweep:s", "a", grace_s=0.5) is None  # the holder renews
+    assert queue.take_lease(eng, "sweep:other", "b", grace_s=0.5) is None  # leases are per name
+    time.sleep(0.7)
+    assert queue.take_lease(eng, "sweep:s", "b", grace_s=0.5) is None  # a's beats stopped: b takes over
+    assert queue.take_lease(eng, "sweep:s", "a", grace_s=0.5).startswith("b ")  # and a learns it lost
+    queue.release_lease(eng, "sweep:s", "a")  # not a's to release: nothing happens
+    assert queue.take_lease(eng, "sweep:s", "c", grace_s=60).startswith("b ")
+    queue.release_lease(eng, "sweep:s", "b")
+    assert queue.take_lease(eng, "sweep:s", "c", grace_s=60) is None  # released: taken at once
+
+
 def test_eight_concurrent_claimers_claim_each_run_exactly_once(db_url):
     eng = connect(db_url)
     exp = specs.Experiment(name="many", seeds=200)
@@ -178,16 +204,19 @@ def test_a_database_from_the_previous_schema_is_refused_then_upgraded_with_its_d
     with raw.begin() as conn:
         conn.exec_driver_sql("INSERT INTO runs (id, state, config, seed, data_seed, repeat, priority, attempts, "
                              "max_attempts, created_at, test_loss) VALUES ('abc', 'succeeded', '{}', 42, 0, 0, 0, 1, 3, 0, 3.7)")
-    with pytest.raises(SchemaError, match=r"schema 0001, this orch needs 0003.*orch db upgrade"):
+    head = migrations.head(raw)
+    assert head >= "0004"
+    with pytest.raises(SchemaError, match=rf"schema 0001, this orch needs {head}.*orch db upgrade"):
         connect(url)
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "db", "upgrade", "--db", url],
                          capture_output=True, text=True)
-    assert out.returncode == 0 and "0001 -> 0003" in out.stdout, out.stderr
+    assert out.returncode == 0 and f"0001 -> {head}" in out.stdout, out.stderr
     [run] = queue.find(connect(url), "abc")
     assert run.test_loss == 3.7 and run.val_curve is None and run.stop is None
+    assert queue.take_lease(connect(url), "sweep:s", "a", grace_s=60) is None  # 0004's table is there
 
 
 def test_non_finite_numbers_are_stored_as_null_on_both_databases(db_url):

@@ -117,7 +117,8 @@ def test_pruning_stops_hopeless_trials_early(tmp_path, data_dir, workers):
 def test_killed_sweep_command_resumes_and_counts_every_trial_once(tmp_path, data_dir, workers):
     orch = workers(2, mlflow=False)
     path = sweep_file(tmp_path, data_dir, "kl", trials=6, steps=12, pruner="none")
-    driver = orch.start("sweep", str(path), "--poll", "0.3", "--no-mlflow")
+    args = ("sweep", str(path), "--poll", "0.3", "--grace", "3", "--no-mlflow")
+    driver = orch.start(*args)
     eng = connect(orch.db)
 
     def completed():
@@ -126,13 +127,17 @@ def test_killed_sweep_command_resumes_and_counts_every_trial_once(tmp_path, data
         except AssertionError:
             return False
     wait_until(completed, timeout=300, what="two completed trials")
-    os.kill(driver.pid, signal.SIGKILL)  # the sweep command, and one of the two workers, die at once
+    # A second sweep command on the same study waits as a standby while the first one drives it ...
+    standby = orch.start(*args)
+    time.sleep(2)
+    assert standby.poll() is None
+    os.kill(driver.pid, signal.SIGKILL)  # ... then the sweep command, and one of the two workers, die at once
     os.kill(workers.procs[0].pid, signal.SIGKILL)
     driver.wait()
     workers.procs[0].wait()
-    time.sleep(1)
-    out = orch("sweep", str(path), "--poll", "0.3", "--no-mlflow", timeout=600)
-    assert "best: trial" in out.stdout
+    out, _ = standby.communicate(timeout=600)  # the standby takes over and finishes the budget
+    assert standby.returncode == 0, out
+    assert "waiting as a standby" in out and "took over" in out and "best: trial" in out
     info = status(orch, "kl")
     assert info["counts"] == {"complete": 6}
     runs = [r for t in info["trials"] for r in t["runs"]]
@@ -155,3 +160,23 @@ def test_every_sampler_proposes_inside_the_space(sampler, tmp_path):
         params = sw._suggest(trial, spec)
         assert 1e-4 <= params["optim.lr"] <= 1e-2 and 1e-3 <= params["optim.weight_decay"] <= 1.0
         study.tell(trial, params["optim.lr"])
+
+
+def test_pruning_leaves_runs_that_other_experiments_share(tmp_path):
+    # A pruned trial's own runs are cancelled or stopped; a run an ordinary experiment shares (the same
+    # config, trained once for both) trains on, for that experiment's table.
+    from orchestrator import specs
+    from orchestrator.sweep import Driver
+
+    eng = connect(f"sqlite:///{tmp_path / 'results.db'}")
+    sweep = specs.Sweep(name="sw", base={"run.steps": 4}, seeds=2)
+    driver = Driver(eng, sweep, echo=lambda *_: None)
+    runs = specs.trial_runs(sweep, driver.base, {"optim.lr": 1e-3, "optim.weight_decay": 0.1}, "trial-0")
+    queue.submit(eng, driver.experiment, runs)
+    queue.submit(eng, specs.Experiment(name="other", include_baseline=False), runs[:1])  # shares seed 0
+    queue.claim(eng, "w", 2)
+    driver._stop(queue.find(eng, runs[0].id) + queue.find(eng, runs[1].id))
+    assert queue.heartbeat(eng, "w", {runs[0].id: {}, runs[1].id: {}}) == {runs[0].id: None, runs[1].id: "pruned"}
+    queue.requeue_stale(eng, -1)  # both back in the queue: the shared one stays, the trial's own is cancelled
+    driver._stop(queue.find(eng, runs[0].id) + queue.find(eng, runs[1].id))
+    assert [queue.find(eng, r.id)[0].state for r in runs] == [queue.QUEUED, queue.CANCELLED]

@@ -184,6 +184,15 @@ def test_cancel_and_retry_from_the_cli(tmp_path, data_dir):
     assert "error:" in orch("retry", "zzzz", code=2).stderr
     ls = orch("ls").stdout
     assert ids[0] in ls and "cancelled" in ls
+    # Another experiment's runs are not cancelled with this one unless asked: here both share the baseline.
+    other = write_experiment(tmp_path, data_dir, "cy", "Intervention(name='tied', set={'model.tie_weights': True})")
+    orch("submit", str(other))
+    [base] = [r for _, arm, r in queue.runs_of(eng, ["cy"]) if arm == "baseline"]
+    queue.retry(eng, [base.id])
+    out = orch("cancel", "cy").stdout
+    assert "cancelled 1 run(s)" in out and "kept 1 run(s) that cx also use(s)" in out and "--include-shared" in out
+    assert queue.find(eng, base.id)[0].state == queue.QUEUED
+    assert "cancelled 1 run(s)" in orch("cancel", "cy", "--include-shared").stdout
 
 
 def test_read_commands_never_create_a_database(tmp_path):
