@@ -130,7 +130,8 @@ def table(
     alpha: Annotated[float, typer.Option(help="significance level of the verdicts")] = 0.05,
     db: DbOpt = None,
 ):
-    """The leaderboard: arms ranked by mean test loss; improvement vs baseline with a 95% CI, p-value, verdict."""
+    """The leaderboard: arms ranked by mean test loss; improvement vs baseline with a CI (95% at --alpha 0.05),
+    p-value and verdict; sequential levels once `orch more-seeds` has looked at an experiment."""
     from orchestrator import queue
     from orchestrator import table as tbl
 
@@ -444,7 +445,8 @@ def cancel(
     ids = [r.id for _, _, r in queue.runs_of(eng, [target])]
     kept: dict[str, list[str]] = {}
     if ids and not include_shared:
-        kept = queue.shared(eng, ids, target)
+        active = {r.id for _, _, r in queue.runs_of(eng, [target]) if r.state in queue.ACTIVE}
+        kept = {i: names for i, names in queue.shared(eng, ids, target).items() if i in active}
         ids = [i for i in ids if i not in kept]
     elif not ids:
         ids = [r.id for r in queue.find(eng, target)]

@@ -19,12 +19,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from orchestrator.db import Experiment as ExperimentRow
 from orchestrator.db import Lease, Membership, Run, db_now
-from orchestrator.specs import Experiment, Looks, RunSpec
+from orchestrator.specs import Experiment, Intervention, Looks, RunSpec
 
 QUEUED, RUNNING = "queued", "running"
 SUCCEEDED, FAILED, DIVERGED, CANCELLED, PRUNED = "succeeded", "failed", "diverged", "cancelled", "pruned"
@@ -67,8 +68,10 @@ def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str
             conn.execute(sa.insert(Run), chunk)
         for chunk in _chunks(new_members, 500):
             conn.execute(sa.insert(Membership), chunk)
+        # FOR UPDATE (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises): a concurrent more-seeds
+        # must not have its looks overwritten by this submit's spec.
         exists = conn.execute(sa.select(ExperimentRow.spec, ExperimentRow.source)
-                              .where(ExperimentRow.name == exp.name)).first()
+                              .where(ExperimentRow.name == exp.name).with_for_update()).first()
         if exists and (stored := (exists.spec or {}).get("looks")):
             # Looks already taken stay on record: a resubmitted file must not turn sequential verdicts
             # back into fixed-sample ones.
@@ -222,15 +225,19 @@ def cancel(engine: Engine, run_ids: Iterable[str]) -> list[str]:
     return done
 
 
-def shared(engine: Engine, run_ids: Iterable[str], experiment: str) -> dict[str, list[str]]:
-    """Of these runs, those that other experiments share (same config hash), with those experiments' names.
-    Cancelling or pruning a run on behalf of one experiment must leave these alone: they are not its own."""
-    out: dict[str, list[str]] = {}
+def shared(engine: Engine, run_ids: Iterable[str], experiment: str, arm: str | None = None) -> dict[str, list[str]]:
+    """Of these runs, those that other experiments share (same config hash) — or, with `arm`, other arms too
+    (two sweep trials with the same parameters) — with the names of those experiments. Cancelling or pruning
+    a run on behalf of one experiment or arm must leave these alone: they are not its own."""
+    out: dict[str, set[str]] = {}
+    other = Membership.experiment != experiment
+    if arm is not None:
+        other = sa.or_(other, Membership.arm != arm)
     with engine.connect() as conn:
         for chunk in _chunks(list(run_ids), 500):
-            for run_id, other in conn.execute(sa.select(Membership.run_id, Membership.experiment).where(
-                    Membership.run_id.in_(chunk), Membership.experiment != experiment).distinct()):
-                out.setdefault(run_id, []).append(other)
+            for run_id, name in conn.execute(sa.select(Membership.run_id, Membership.experiment)
+                                             .where(Membership.run_id.in_(chunk), other).distinct()):
+                out.setdefault(run_id, set()).add(name)
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -269,7 +276,24 @@ def specs(engine: Engine) -> dict[str, Experiment]:
     """experiment name → its spec as last submitted (stacks and looks for `orch table`)."""
     with engine.connect() as conn:
         rows = conn.execute(sa.select(ExperimentRow.name, ExperimentRow.spec)).all()
-    return {name: Experiment.model_validate(spec) for name, spec in rows if spec}
+    out = {}
+    for name, raw in rows:
+        if not raw:
+            continue
+        try:
+            out[name] = Experiment.model_validate(raw)
+        except ValidationError:
+            # Written by another orch version: keep what the table needs, so that one old row cannot
+            # stop the leaderboard of every experiment, and sequential looks are never forgotten.
+            try:
+                looks = Looks.model_validate(raw["looks"]) if raw.get("looks") else None
+            except ValidationError:
+                looks = Looks(first=2, last=100)  # unreadable looks: assume many, the strict side
+            out[name] = Experiment.model_construct(
+                name=name, interventions=[Intervention.model_construct(name=i["name"], stack=list(i.get("stack") or []))
+                                          for i in raw.get("interventions") or [] if isinstance(i, dict) and "name" in i],
+                looks=looks)
+    return out
 
 
 def memberships(engine: Engine, run_id: str) -> list[tuple[str, str]]:

@@ -4,7 +4,7 @@
                                 works when mailed or moved alone
     out_dir/train_loss.png      training loss vs tokens: per arm the mean over seeds, a band from min to max
     out_dir/val_loss.png        validation loss vs tokens, the same way
-    out_dir/improvement.png     each intervention's improvement vs the baseline with its 95% CI, by verdict
+    out_dir/improvement.png     each intervention's improvement vs the baseline with its CI (1 − α, or sequential), by verdict
 
 The numbers are orchestrator/table.py's, so the page and `orch table` never disagree. Curves come from each
 run's metrics.jsonl (trainer/rundir.py); imported runs have only a result, and are left out of the plots.

@@ -57,6 +57,12 @@ class Looks(BaseModel):
     first: int = Field(2, ge=2)
     last: int = Field(ge=2)
 
+    @model_validator(mode="after")
+    def _ordered(self) -> Looks:
+        if self.first > self.last:
+            raise ValueError(f"looks: first ({self.first}) must not exceed last ({self.last})")
+        return self
+
     def union(self, other: Looks | None) -> Looks:
         return self if other is None else Looks(first=min(self.first, other.first), last=max(self.last, other.last))
 

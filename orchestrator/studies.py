@@ -77,6 +77,10 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
     if max_seeds < 2:
         raise SpecError("--max-seeds must be at least 2 (a verdict needs two runs per side)")
     spec = _spec(engine, experiment)
+    if tbl.NOISE_SEP in experiment:
+        parent = experiment.split(tbl.NOISE_SEP)[0]
+        raise SpecError(f"{experiment!r} is a noise study (baseline repeats, no interventions to decide); "
+                        f"add repeats with `orch noise {parent} --repeats N`, or seeds to {parent!r} itself")
     runs = queue.runs_of(engine, [experiment])
     if not runs:
         raise SpecError(f"experiment {experiment!r} has no runs yet")
@@ -101,7 +105,7 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
         if row.pending:
             reasons[row.arm] = f"{row.pending} run(s) still pending"
         elif row.verdict in (stats.BETTER, stats.WORSE):
-            reasons[row.arm] = f"decided: {row.verdict} (p = {row.p_value:.3g})"
+            reasons[row.arm] = f"decided: {row.verdict} (p = {row.p_value:.3g} < {row.level:.3g}, the sequential level)"
         elif have >= max_seeds:
             reasons[row.arm] = f"at --max-seeds {max_seeds}: {row.verdict}"
         elif not stats.could_decide(c, max_seeds):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 
 import optuna
@@ -138,29 +139,45 @@ class Driver:
         if self.lease_grace_s < 3 * self.poll_s:
             raise ValueError(f"the lease grace ({self.lease_grace_s:g} s) must be at least 3 polls "
                              f"({3 * self.poll_s:g} s), or a live driver would lose its sweep between two passes")
-        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        # host:pid for the messages, and a random part: containers on one host can share name and pid.
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = f"sweep:{self.sweep.name}"
         self.base = sweep_base(self.sweep, self.preset, self.overrides)
         from trainer.config import TrainConfig
 
         self.total_steps = TrainConfig.model_validate(self.base).total_steps()
         self.study = open_study(self.engine, self.sweep, self.total_steps)
-        if self.sweep.start_with and not self.study.get_trials(deepcopy=False):  # a new study only
-            for point in self.sweep.start_with:
-                self.study.enqueue_trial(point)
         self.experiment = Experiment(name=self.sweep.name, description=self.sweep.description or "sweep",
                                      preset=self.preset or self.sweep.preset, base=self.sweep.base,
                                      include_baseline=False)
-        self.parent_run = self.tracker.sweep_parent(self.sweep.name) if self.tracker else None
+        self.parent_run = None
 
     # -- the loop ----------------------------------------------------------------------------------------
 
     def run(self) -> optuna.Study:
         self._wait_for_lease()
         try:
+            # Only the lease holder writes to the study: two drivers starting a new study together must not
+            # both enqueue its start_with points.
+            if self.sweep.start_with and not self.study.get_trials(deepcopy=False):  # a new study only
+                for point in self.sweep.start_with:
+                    self.study.enqueue_trial(point)
+            self.parent_run = self.tracker.sweep_parent(self.sweep.name) if self.tracker else None
             return self._drive()
         finally:
-            queue.release_lease(self.engine, self.lease, self.holder)
+            try:
+                queue.release_lease(self.engine, self.lease, self.holder)
+            except Exception as exc:  # noqa: BLE001 - never hide the error that ended the loop
+                self.echo(f"sweep {self.sweep.name}: could not release the lease ({exc}); a standby takes "
+                          f"over after {self.lease_grace_s:g} s")
+
+    def _holds_lease(self) -> bool:
+        """Renew the lease; False (and say so) when another driver has taken it — this one stalled past the
+        grace (a suspended laptop, say) and must leave the study to the new driver."""
+        holder = queue.take_lease(self.engine, self.lease, self.holder, self.lease_grace_s)
+        if holder is not None:
+            self.echo(f"sweep {self.sweep.name}: {holder} took over this sweep; leaving it to that driver")
+        return holder is None
 
     def _wait_for_lease(self) -> None:
         told = False
@@ -175,9 +192,7 @@ class Driver:
 
     def _drive(self) -> optuna.Study:
         while True:
-            if (holder := queue.take_lease(self.engine, self.lease, self.holder, self.lease_grace_s)) is not None:
-                # Stalled past the grace (a suspended laptop, say) and replaced: the new driver goes on.
-                self.echo(f"sweep {self.sweep.name}: {holder} took over this sweep; leaving it to that driver")
+            if not self._holds_lease():
                 return self.study
             self.reconcile()
             trials = self.study.get_trials(deepcopy=False)
@@ -186,11 +201,14 @@ class Driver:
             running = [t for t in trials if t.state == TrialState.RUNNING]
             if len(done) >= budget(self.sweep) and not running:
                 break
+            if not self._holds_lease():  # again right before asking: reconciling may have taken a while
+                return self.study
             for _ in range(min(self.sweep.in_flight - len(running), budget(self.sweep) - len(done) - len(running))):
                 if not self.ask():
                     break
             time.sleep(self.poll_s)
-        self.finish()
+        if self._holds_lease():
+            self.finish()
         return self.study
 
     def ask(self) -> bool:
@@ -220,7 +238,10 @@ class Driver:
                 queue.submit(self.engine, self.experiment, specs_, source=f"sweep {self.sweep.name}")
                 continue
             if frozen.user_attrs.get("pruning"):  # re-asked each pass: a requeue clears a stop request
-                self._stop(runs)
+                own = self._stop(runs, f"trial-{frozen.number}")
+                if all(r.state in queue.FINAL for r in own):  # shared runs train on; the trial is done
+                    self._tell(frozen, runs)
+                    continue
             self._link_mlflow(runs)
             self._report(trial, frozen, runs)
             if all(r.state in queue.FINAL for r in runs) and len(runs) == len(run_ids):
@@ -235,17 +256,18 @@ class Driver:
                 trial.report(sum(c[step] for c in curves) / len(curves), step)
         if common and not frozen.user_attrs.get("pruning") and trial.should_prune():
             trial.set_user_attr("pruning", True)
-            self._stop(runs)
+            self._stop(runs, f"trial-{frozen.number}")
             self.echo(f"trial {frozen.number}: pruned at step {common[-1]}")
 
-    def _stop(self, runs: list[Run]) -> None:
-        """Stop a pruned trial's runs: cancel the queued ones, ask the running ones' trainers to stop as
-        pruned. A run another experiment shares (same config) trains on for it; the trial is told pruned
-        once that run is final."""
-        others = queue.shared(self.engine, [r.id for r in runs], self.sweep.name)
-        queue.cancel(self.engine, [r.id for r in runs if r.state == queue.QUEUED and r.id not in others])
-        queue.request_stop(self.engine, [r.id for r in runs if r.state == queue.RUNNING and r.id not in others],
-                           "pruned")
+    def _stop(self, runs: list[Run], arm: str) -> list[Run]:
+        """Stop a pruned trial's own runs: cancel the queued ones, ask the running ones' trainers to stop as
+        pruned; return them. A run that another experiment, or another trial with the same parameters,
+        shares trains on for it, and the trial is told pruned without waiting for it."""
+        others = queue.shared(self.engine, [r.id for r in runs], self.sweep.name, arm)
+        own = [r for r in runs if r.id not in others]
+        queue.cancel(self.engine, [r.id for r in own if r.state == queue.QUEUED])
+        queue.request_stop(self.engine, [r.id for r in own if r.state == queue.RUNNING], "pruned")
+        return own
 
     def _tell(self, frozen, runs: list[Run]) -> None:
         values = [(r.result or {}).get("val_loss") for r in runs]

@@ -1,8 +1,8 @@
 """`orch table`: the improvement-vs-baseline leaderboard, in the shape of the blog series' table — and honest.
 
 Arms are ranked by mean test loss over their finished runs. Each row: runs, mean ± std, the improvement vs
-the baseline (positive = lower loss = better) with its 95% confidence interval, the p-value and a verdict
-(orchestrator/stats.py). Above each table: the baseline's σ and the smallest improvement the current run
+the baseline (positive = lower loss = better) with its confidence interval (95% at α = 0.05; at the
+sequential level once `orch more-seeds` has looked), the p-value and a verdict (orchestrator/stats.py). Above each table: the baseline's σ and the smallest improvement the current run
 counts would detect. A stack of interventions shows its improvement beside the sum of its parts'. Noise
 studies (`orch noise`) add σ per source of noise. Failed and diverged runs are listed below, never ranked;
 queued and running ones are counted, so a half-finished study says so.
@@ -183,13 +183,13 @@ def summary(b: Board) -> list[str]:
             line += (f"; with these run counts the smallest improvement detected 80% of the time at p < {b.level:.3g}"
                      f" is {b.detectable:.4f}")
         lines.append(line)
+    elif b.baseline_n == 1:
+        lines.append("one baseline run: no noise estimate, every verdict is unverified (add seeds: orch more-seeds)")
     if b.looks:
         levels = sorted({f"{r.level:.3g} ({r.test})" for r in b.rows if r.level is not None and r.test})
         lines.append(f"sequential: orch more-seeds looked after every run from {b.looks[0]} to {b.looks[1]} per arm, "
                      f"so a verdict needs p < {' or '.join(levels) or f'{b.level:.3g}'} and its CI is at that level; "
                      f"over all looks a null intervention is called better or worse with probability α = {b.alpha:g}")
-    elif b.baseline_n == 1:
-        lines.append("one baseline run: no noise estimate, every verdict is unverified (add seeds: orch more-seeds)")
     if b.noise:
         lines.append("noise by source: " + ", ".join(
             f"{vary} σ = {_f(v['sigma'])} (n={v['n']})" for vary, v in sorted(b.noise.items())))
@@ -204,14 +204,14 @@ def render(boards: list[Board], fmt: str = "rich") -> str | None:
     if fmt == "csv":
         out = io.StringIO()
         w = csv.writer(out)
-        cols = ["n", "mean", "std", "improvement", "ci_low", "ci_high", "p_value", "test", "verdict", "level",
-                "pending", "imported", "parts_sum"]
+        cols = ["n", "mean", "std", "improvement", "ci_low", "ci_high", "p_value", "test", "verdict", "pending",
+                "imported", "parts_sum", "level"]
         w.writerow(["experiment", "arm", *cols])
         for b in boards:
             for r in b.rows:
                 w.writerow([b.experiment, r.arm, *[getattr(r, c) for c in cols]])
             for f in b.failed:
-                w.writerow([b.experiment, f["arm"], 0, *[""] * 7, f["state"], "", 0, False, ""])
+                w.writerow([b.experiment, f["arm"], 0, *[""] * 7, f["state"], 0, False, "", ""])
         return out.getvalue()
     if fmt == "markdown":
         parts = []

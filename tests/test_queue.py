@@ -139,6 +139,21 @@ def test_a_lease_has_one_holder_until_its_beats_stop(db_url):
     assert queue.take_lease(eng, "sweep:s", "c", grace_s=60) is None  # released: taken at once
 
 
+def test_a_spec_another_version_wrote_keeps_the_tables_stacks_and_looks(db_url):
+    from orchestrator.db import Experiment as ExperimentRow
+
+    eng = connect(db_url)
+    a = specs.Experiment(name="a", seeds=2, interventions=[specs.Intervention(name="x", set={"optim.lr": 1e-3})])
+    queue.submit(eng, a, specs.expand(a))
+    raw = {"name": "old", "future_key": 1, "looks": {"first": 2, "last": 6},
+           "interventions": [{"name": "p"}, {"name": "q"}, {"name": "pq", "stack": ["p", "q"], "extra": True}]}
+    with eng.begin() as conn:
+        conn.execute(sa.insert(ExperimentRow).values(name="old", spec=raw, created_at=0.0))
+    got = queue.specs(eng)
+    assert got["a"].seeds == 2 and got["old"].looks == specs.Looks(first=2, last=6)
+    assert [i.stack for i in got["old"].interventions] == [[], [], ["p", "q"]]
+
+
 def test_eight_concurrent_claimers_claim_each_run_exactly_once(db_url):
     eng = connect(db_url)
     exp = specs.Experiment(name="many", seeds=200)

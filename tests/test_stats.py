@@ -160,6 +160,26 @@ def test_more_seeds_spends_runs_where_the_answer_is_open_and_stops_when_decided(
     assert board(eng, "planted")[1].looks == (2, 10)
 
 
+def test_more_seeds_refuses_a_noise_study_and_names_what_to_run(eng):
+    exp = planted(2)
+    queue.submit(eng, exp, specs.expand(exp))
+    simulate(eng)
+    studies.noise(eng, "planted", 3, "init")
+    with pytest.raises(specs.SpecError, match="noise study.*orch noise planted --repeats"):
+        studies.more_seeds(eng, "planted.noise-init", max_seeds=6)
+    assert queue.specs(eng)["planted.noise-init"].looks is None  # nothing recorded
+
+
+def test_a_sequential_board_with_one_baseline_run_says_both(eng):
+    exp = planted(1)
+    queue.submit(eng, exp, specs.expand(exp))
+    simulate(eng)
+    studies.more_seeds(eng, "planted", max_seeds=4)
+    lines = tbl.summary(board(eng, "planted")[1])
+    assert any(line.startswith("one baseline run") for line in lines)
+    assert any(line.startswith("sequential:") for line in lines)
+
+
 def test_noise_study_varies_one_source_at_a_time(eng):
     exp = specs.Experiment(name="base", seeds=1)
     queue.submit(eng, exp, specs.expand(exp))

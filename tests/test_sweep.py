@@ -175,8 +175,42 @@ def test_pruning_leaves_runs_that_other_experiments_share(tmp_path):
     queue.submit(eng, driver.experiment, runs)
     queue.submit(eng, specs.Experiment(name="other", include_baseline=False), runs[:1])  # shares seed 0
     queue.claim(eng, "w", 2)
-    driver._stop(queue.find(eng, runs[0].id) + queue.find(eng, runs[1].id))
+    driver._stop(queue.find(eng, runs[0].id) + queue.find(eng, runs[1].id), "trial-0")
     assert queue.heartbeat(eng, "w", {runs[0].id: {}, runs[1].id: {}}) == {runs[0].id: None, runs[1].id: "pruned"}
     queue.requeue_stale(eng, -1)  # both back in the queue: the shared one stays, the trial's own is cancelled
-    driver._stop(queue.find(eng, runs[0].id) + queue.find(eng, runs[1].id))
+    driver._stop(queue.find(eng, runs[0].id) + queue.find(eng, runs[1].id), "trial-0")
     assert [queue.find(eng, r.id)[0].state for r in runs] == [queue.QUEUED, queue.CANCELLED]
+
+
+def test_a_pruned_trial_is_told_once_its_own_runs_stop_and_same_parameter_trials_share_runs(tmp_path):
+    import optuna
+
+    from orchestrator import specs
+    from orchestrator import sweep as sw
+    from orchestrator.sweep import Driver
+
+    eng = connect(f"sqlite:///{tmp_path / 'results.db'}")
+    sweep = specs.Sweep(name="sw", base={"run.steps": 4}, seeds=2)
+    driver = Driver(eng, sweep, echo=lambda *_: None)
+    driver.ask()
+    [frozen] = driver.study.get_trials(deepcopy=False)
+    ids = frozen.user_attrs[sw.RUNS_ATTR]
+    # A later trial that drew the same parameters shares both runs, under another arm of the same experiment.
+    again = specs.trial_runs(sweep, driver.base, frozen.params, "trial-9")
+    queue.submit(eng, driver.experiment, again)
+    assert set(queue.shared(eng, ids, "sw", "trial-0")) == set(ids)
+    assert queue.shared(eng, ids, "sw") == {}  # no other experiment has them
+    # Only seed 1 is shared now (seed 0's second membership removed): pruning stops seed 0 alone, and the
+    # trial is told pruned as soon as seed 0 is final, while seed 1 trains on for trial 9.
+    from orchestrator.db import Membership
+    with eng.begin() as conn:
+        conn.execute(Membership.__table__.delete().where(Membership.arm == "trial-9", Membership.run_id == ids[0]))
+    queue.claim(eng, "w", 2)
+    optuna.trial.Trial(driver.study, frozen._trial_id).set_user_attr("pruning", True)
+    driver.reconcile()
+    assert queue.heartbeat(eng, "w", {i: {} for i in ids}) == {ids[0]: "pruned", ids[1]: None}
+    assert driver.study.get_trials(deepcopy=False)[0].state == optuna.trial.TrialState.RUNNING
+    queue.finish(eng, ids[0], "w", "pruned", result={"status": "pruned", "step": 2})
+    driver.reconcile()
+    assert driver.study.get_trials(deepcopy=False)[0].state == optuna.trial.TrialState.PRUNED
+    assert queue.find(eng, ids[1])[0].state == queue.RUNNING
