@@ -442,10 +442,11 @@ def cancel(
     from orchestrator import queue
 
     eng = engine(db)
-    ids = [r.id for _, _, r in queue.runs_of(eng, [target])]
+    runs = [r for _, _, r in queue.runs_of(eng, [target])]
+    ids = [r.id for r in runs]
     kept: dict[str, list[str]] = {}
     if ids and not include_shared:
-        active = {r.id for _, _, r in queue.runs_of(eng, [target]) if r.state in queue.ACTIVE}
+        active = {r.id for r in runs if r.state in queue.ACTIVE}
         kept = {i: names for i, names in queue.shared(eng, ids, target).items() if i in active}
         ids = [i for i in ids if i not in kept]
     elif not ids:

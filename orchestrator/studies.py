@@ -88,11 +88,11 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
     # sequential tests (stats.sequential_alpha), from the runs per arm at the first look up to max_seeds.
     done: dict[str, int] = {}
     for _, arm, r in runs:
-        done[arm] = done.get(arm, 0) + (r.state == queue.SUCCEEDED and r.test_loss is not None)
+        done[arm] = done.get(arm, 0) + tbl.finished(r)
     first = min((n for arm, n in done.items() if arm != BASELINE), default=2)
     spec.looks = Looks(first=max(2, min(first, max_seeds)), last=max_seeds).union(spec.looks)
-    queue.submit(engine, spec, [], source=None)
-    [board] = [b for b in tbl.build(runs, queue.specs(engine), alpha) if b.experiment == experiment]
+    queue.submit(engine, spec, [], source=None)  # records the looks; submit keeps any stored ones too
+    [board] = [b for b in tbl.build(runs, {experiment: spec}, alpha) if b.experiment == experiment]
     templates = _seed0_configs(engine, experiment)
     targets: dict[str, int] = {}
     reasons: dict[str, str] = {}

@@ -2,10 +2,11 @@
 
 Arms are ranked by mean test loss over their finished runs. Each row: runs, mean ± std, the improvement vs
 the baseline (positive = lower loss = better) with its confidence interval (95% at α = 0.05; at the
-sequential level once `orch more-seeds` has looked), the p-value and a verdict (orchestrator/stats.py). Above each table: the baseline's σ and the smallest improvement the current run
-counts would detect. A stack of interventions shows its improvement beside the sum of its parts'. Noise
-studies (`orch noise`) add σ per source of noise. Failed and diverged runs are listed below, never ranked;
-queued and running ones are counted, so a half-finished study says so.
+sequential level once `orch more-seeds` has looked), the p-value and a verdict (orchestrator/stats.py).
+Above each table: the baseline's σ and the smallest improvement the current run counts would detect. A stack
+of interventions shows its improvement beside the sum of its parts'. Noise studies (`orch noise`) add σ per
+source of noise. Failed and diverged runs are listed below, never ranked; queued and running ones are
+counted, so a half-finished study says so.
 """
 
 from __future__ import annotations
@@ -78,14 +79,15 @@ def build(runs: list[tuple[str, str, object]], specs: dict[str, Experiment] | No
     for exp, arms in by_exp.items():
         if NOISE_SEP in exp:
             parent, vary = exp.split(NOISE_SEP, 1)
-            losses = [r.test_loss for r in arms.get(BASELINE, []) if _done(r)]
+            losses = [r.test_loss for r in arms.get(BASELINE, []) if finished(r)]
             n, _, sigma = stats.describe(losses) if losses else (0, None, None)
             board = boards.setdefault(parent, Board(parent, [], [], alpha))
             board.noise[vary] = {"n": n, "sigma": sigma}
     return list(boards.values())
 
 
-def _done(run) -> bool:
+def finished(run) -> bool:
+    """A run that counts in the table: succeeded, with a test loss."""
     return run.state == queue.SUCCEEDED and run.test_loss is not None
 
 
@@ -95,10 +97,10 @@ def _key(run) -> tuple:
 
 def _board(exp: str, arms: dict[str, list], stacks: dict[str, list[str]], alpha: float,
            looks: tuple[int, int] | None) -> Board:
-    base_losses = {_key(r): r.test_loss for r in arms.get(BASELINE, []) if _done(r)}
+    base_losses = {_key(r): r.test_loss for r in arms.get(BASELINE, []) if finished(r)}
     rows, failed = [], []
     for arm, rs in arms.items():
-        losses = {_key(r): r.test_loss for r in rs if _done(r)}
+        losses = {_key(r): r.test_loss for r in rs if finished(r)}
         for r in rs:
             if r.state in (queue.FAILED, queue.DIVERGED):
                 step = (r.result or {}).get("diverged_step")
@@ -143,7 +145,7 @@ def _last_line(text: str | None) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Rendering.
 
-HEADER = ["run", "n", "test loss", "improvement", "95% CI", "p", "verdict", "sum of parts"]
+HEADER = ["run", "n", "test loss", "improvement", "CI", "p", "verdict", "sum of parts"]  # CI: labelled per board
 
 
 def _f(x: float | None, digits: int = 4, signed: bool = False) -> str:
