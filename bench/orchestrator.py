@@ -162,7 +162,7 @@ def queue_benchmarks(args, backends: dict[str, callable]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. The GPU-idle gap: a real Worker, real torchrun trainers, a tiny dataset.
+# 4. The GPU-idle gap: a real Worker, real trainers (started directly: one process each), a tiny dataset.
 
 def synthetic_documents(n_docs: int = 420, seed: int = 1234) -> list[str]:
     """tests/conftest.py's generator, shortened: deterministic English-ish documents (~150 tokens each)."""
@@ -186,7 +186,7 @@ class ExitWatcher(threading.Thread):
         fds: dict[int, str] = {}
         while not self.done:
             for rid, launch in list(self.worker.active.items()):
-                if rid not in self.exits and rid not in fds.values():
+                if launch.proc is not None and rid not in self.exits and rid not in fds.values():
                     fds[os.pidfd_open(launch.proc.pid)] = rid
             ready = select.select(list(fds), [], [], 0.002)[0] if fds else time.sleep(0.002) or []
             for fd in ready:

@@ -11,18 +11,78 @@ from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
+
+# The error classes whose messages are written for users (the module, the class): any of them escaping a
+# command is still one line. Looked up only in modules already imported, so `orch --help` stays instant.
+USER_ERRORS = (("orchestrator.specs", "SpecError"), ("trainer.config", "ConfigError"),
+               ("orchestrator.db", "SchemaError"), ("trainer.data", "DataError"))
+_opened: dict = {}  # the URL of the database this command opened, for messages about it
+
+
+class Commands(TyperGroup):
+    """Every `orch` command: a user error that surfaces anywhere inside one (a database file found damaged
+    mid-command, a server gone, a spec or data error past the command's own checks) ends as one line with
+    exit 2; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = _user_message(exc)
+            if message is None:
+                raise
+            fail(message)
+
+
+def _usage_errors() -> tuple[type, type | tuple]:
+    try:  # typer >= 0.2x carries its own copy of click
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import UsageError
+
+        NoArgsIsHelpError = ()  # noqa: N806
+    return UsageError, NoArgsIsHelpError
+
+
+def _user_message(exc: BaseException) -> str | None:
+    usage, no_args_help = _usage_errors()
+    if isinstance(exc, usage) and not isinstance(exc, no_args_help):  # typer's own parse errors, as one line too
+        command = ["orch", *(exc.ctx.command_path.split()[1:] if exc.ctx is not None else [])]
+        return f"{exc.format_message()} (see `{' '.join(command)} --help`)"
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return str(exc)
+    if "sqlalchemy" in sys.modules:
+        from orchestrator import dberrors
+
+        for e in (exc, exc.__cause__):  # Optuna wraps SQLAlchemy's errors in its own
+            message = e is not None and dberrors.describe(e, _opened.get("url"))
+            if message:
+                return message
+    return None
+
 
 app = typer.Typer(help="Queue, train and compare GPT-2 pre-training interventions.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+                  add_completion=False, pretty_exceptions_enable=False, cls=Commands)
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
 DbOpt = Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL (default $ORCH_DB or sqlite:///results.db)")]
 MlflowOpt = Annotated[Optional[str], typer.Option("--mlflow", help="MLflow tracking URI (default $ORCH_MLFLOW or sqlite:///mlflow.db)")]
+NoCheckDataOpt = Annotated[bool, typer.Option("--no-check-data", help="do not check data.path here (the data lives only on the worker nodes)")]
 
 
 def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg="red", err=True)
+    """Print `error: message` as one line (a multi-line message is joined) and exit 2."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()] or ["failed"]
+    text = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+    if "://" in text or "password" in text.lower():
+        from orchestrator.dberrors import redact
+
+        text = redact(text)
+    typer.secho(f"error: {text}", fg="red", err=True)
     raise typer.Exit(2)
 
 
@@ -39,12 +99,73 @@ def user_errors():
         fail(str(exc))
 
 
-def engine(db: str | None, create: bool = False):
-    """The runs database; only commands that write runs (submit, worker) may create it."""
+def engine(db: str | None, create: bool = False, check_schema: bool = True):
+    """The runs database; only commands that write runs (submit, worker, import, sweep) may create it."""
     from orchestrator.db import connect
 
+    refuse_password(db)
     with user_errors():
-        return connect(db, create=create)
+        eng = connect(db, create=create, check_schema=check_schema)
+    _opened["url"] = eng.url
+    return eng
+
+
+def refuse_password(db: str | None) -> None:
+    """A password in --db is on the command line, which every user of the machine can read (ps, /proc)."""
+    import sqlalchemy as sa
+
+    if db is None:
+        return
+    try:
+        url = sa.engine.make_url(db)
+        has_password = bool(url.password) or "password" in {k.lower() for k in url.query}
+    except (sa.exc.ArgumentError, ValueError):  # connect() says what is wrong with it, unless it shows a password
+        from orchestrator.dberrors import redact
+
+        has_password = redact(db) != db
+    if has_password:
+        fail("--db holds a password, which anyone on this machine can read in `ps`: put the password in "
+             "~/.pgpass or $PGPASSWORD (libpq reads both), or in $ORCH_DB, not on the command line")
+
+
+def open_tracker(mlflow: str | None):
+    """The MLflow tracker; a password in --mlflow is refused like one in --db (MLflow reads
+    $MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD, or $ORCH_MLFLOW may hold the whole URI)."""
+    from urllib.parse import urlsplit
+
+    if mlflow is not None and urlsplit(mlflow).password:
+        fail("--mlflow holds a password, which anyone on this machine can read in `ps`: set "
+             "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD, or give the URI in $ORCH_MLFLOW")
+    from orchestrator.tracking import Tracker
+
+    return Tracker(mlflow)
+
+
+def check_alpha(alpha: float) -> None:
+    if not 0 < alpha < 1:
+        fail(f"--alpha must be between 0 and 1, e.g. 0.05, not {alpha}")
+
+
+def check_positive(option: str, value: float, minimum: float = 1, example: str = "") -> None:
+    if not value >= minimum:  # `not >=` also refuses NaN
+        fail(f"{option} must be at least {minimum:g}, not {value:g}" + (f"; e.g. {option} {example}" if example else ""))
+
+
+def check_run_prefix(prefix: str) -> None:
+    """Run ids are 16 hex digits (imported ones: imp + 13); a prefix must look like one, not like a LIKE pattern."""
+    import re
+
+    if not re.fullmatch(r"[0-9a-z]{1,16}", prefix):
+        fail(f"{prefix!r} is not a run id or a prefix of one (hex digits, e.g. 3f2a; see `orch ls`)")
+
+
+def check_data(configs) -> None:
+    from orchestrator import specs
+
+    try:
+        specs.check_data(configs)
+    except specs.SpecError as exc:
+        fail(f"{exc} (or pass --no-check-data if the data lives only on the worker nodes)")
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -53,7 +174,7 @@ def parse_sets(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             fail(f"--set expects key=value (e.g. --set optim.lr=1e-3), got {item!r}")
         out[key.strip()] = parse_value(value)
     return out
@@ -66,14 +187,21 @@ def submit(
     seeds: Annotated[Optional[int], typer.Option(help="seeds per arm (overrides the file)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config key for every run")] = [],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would be queued; queue nothing")] = False,
+    no_check_data: NoCheckDataOpt = False,
     db: DbOpt = None,
 ):
-    """Queue an experiment's runs; runs that exist already (same config, seed, repeat) are reused."""
+    """Queue an experiment's runs; runs that exist already (same config, seed, repeat) are reused. Each
+    data.path is checked first (shard headers, evaluation slices) unless --no-check-data."""
     from orchestrator import queue, specs
 
+    if seeds is not None:
+        check_positive("--seeds", seeds, example="3")
+    refuse_password(db)
     with user_errors():
         exp = specs.load_experiment(file)
         runs = specs.expand(exp, source=file, preset=preset, seeds=seeds, overrides=parse_sets(set_))
+    if not no_check_data:
+        check_data([r.config for r in runs])
     for a, b in specs.identical_arms(runs):
         typer.secho(f"warning: {b!r} is identical to {a!r} at this preset; they share runs", fg="yellow", err=True)
     if dry_run:
@@ -104,6 +232,20 @@ def worker(
     mlflow: MlflowOpt = None,
 ):
     """Claim queued runs and train them with torchrun, one per free GPU slot (or CPU slot)."""
+    check_positive("--gpus-per-run", gpus_per_run, example="2")
+    check_positive("--nproc-per-node", nproc_per_node, example="2")
+    check_positive("--parallel", parallel, example="2")
+    if not heartbeat > 0:
+        fail(f"--heartbeat must be a positive number of seconds, not {heartbeat:g}; e.g. --heartbeat 5")
+    if not grace > heartbeat:
+        fail(f"--grace ({grace:g} s) must be longer than --heartbeat ({heartbeat:g} s), or live runs would be "
+             f"requeued between two beats; e.g. --grace {max(60, 12 * heartbeat):g}")
+    if gpus is not None:
+        gpus = gpus.replace(" ", "")
+        listed = [g for g in gpus.split(",") if g]
+        if not all(g.isdigit() for g in listed) or len(set(listed)) < len(listed):
+            fail(f"--gpus takes distinct GPU indices separated by commas, e.g. --gpus 0,1,2,3; got {gpus!r}")
+    refuse_password(db)
     from orchestrator.worker import Worker, detect_gpus, plan_slots
 
     gpu_list = [g for g in gpus.split(",") if g] if gpus is not None else detect_gpus()
@@ -112,9 +254,7 @@ def worker(
     eng = engine(db, create=True)
     tracker = None
     if not no_mlflow:
-        from orchestrator.tracking import Tracker
-
-        tracker = Tracker(mlflow)
+        tracker = open_tracker(mlflow)
     w = Worker(eng, runs_dir=runs_dir, slots=slots, nproc_per_node=nproc_per_node, tracker=tracker,
                heartbeat_s=heartbeat, grace_s=grace)
     where = f"{len(slots)} GPU slot(s)" if gpu_list else f"{len(slots)} CPU slot(s)"
@@ -137,9 +277,8 @@ def table(
 
     if format not in ("rich", "markdown", "csv", "json"):
         fail(f"--format must be rich, markdown, csv or json, not {format!r}")
+    check_alpha(alpha)
     eng = engine(db)
-    if not 0 < alpha < 1:
-        fail(f"--alpha must be between 0 and 1, e.g. 0.05, not {alpha}")
     names = experiments and [*experiments, *(n for n in queue.experiment_names(eng)
                                                if n.split(tbl.NOISE_SEP)[0] in experiments)]
     boards = tbl.build(queue.runs_of(eng, names), queue.specs(eng), alpha)
@@ -182,6 +321,9 @@ def more_seeds(
     """Queue extra seeds only where a verdict is still open and more seeds could still close it."""
     from orchestrator import queue, studies
 
+    check_alpha(alpha)
+    if not poll > 0:
+        fail(f"--poll must be a positive number of seconds, not {poll:g}")
     eng = engine(db)
     while True:
         with user_errors():
@@ -212,6 +354,9 @@ def import_(
     from orchestrator import studies
 
     name = experiment or Path(file).stem
+    refuse_password(db)
+    with user_errors():
+        studies.plan_import(file, name, baseline)  # every row checked before the database is opened
     eng = engine(db, create=True)
     with user_errors():
         n = studies.import_results(eng, file, name, baseline)
@@ -236,6 +381,8 @@ def suggest(
     from orchestrator import scaling
     from trainer import config
 
+    if format not in ("text", "json"):
+        fail(f"--format must be text or json, not {format!r}")
     with user_errors():
         inputs = scaling.config_inputs(config.load(preset_name=preset)) if preset else {}
         given = dict(params=params, tokens=tokens, batch_sequences=batch, lr=lr, context=context, flops=flops)
@@ -268,6 +415,7 @@ def sweep(
     poll: Annotated[float, typer.Option(help="seconds between checks of the queue")] = 2.0,
     grace: Annotated[float, typer.Option(help="seconds without a beat after which a standby `orch sweep` takes over")] = 60.0,
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow")] = False,
+    no_check_data: NoCheckDataOpt = False,
     db: DbOpt = None,
     mlflow: MlflowOpt = None,
 ):
@@ -276,12 +424,16 @@ def sweep(
     optuna-dashboard works on the same database: optuna-dashboard sqlite:///results.db"""
     import json
 
-    from orchestrator import sweep as sw
-
     if target in ("status", "plot", "confirm"):
         if not name:
             fail(f"orch sweep {target} needs the sweep's name (see `orch sweep status NAME`)")
+        if format not in ("text", "json"):
+            fail(f"--format must be text or json, not {format!r}")
+        if target == "confirm":
+            check_positive("--seeds", seeds, example="4")
         eng = engine(db)
+        from orchestrator import sweep as sw
+
         with user_errors():
             if target == "status":
                 info = sw.status(eng, name)
@@ -306,16 +458,36 @@ def sweep(
         return
     from orchestrator import specs
 
+    from pathlib import Path
+
+    if not Path(target).is_file():
+        fail(f"no sweep file {target!r}: run `orch sweep FILE` (e.g. experiments/sweep_lr_wd.py), or "
+             "`orch sweep status|plot|confirm NAME`")
+    if name is not None:
+        fail(f"orch sweep FILE takes no name (got {name!r}); the name is in the file. Did you mean "
+             f"`orch sweep status {name}`?")
+    if not poll > 0:
+        fail(f"--poll must be a positive number of seconds, not {poll:g}")
+    if not grace >= 3 * poll:
+        fail(f"--grace ({grace:g} s) must be at least 3 polls ({3 * poll:g} s), or a live driver would lose its "
+             "sweep between two passes")
+    refuse_password(db)
     with user_errors():
         spec = specs.load_sweep(target)
+        overrides = parse_sets(set_)
+        base = specs.sweep_base(spec, preset, overrides)
+    if not no_check_data:
+        from trainer.config import TrainConfig
+
+        check_data([TrainConfig.model_validate(base)])
     eng = engine(db, create=True)
+    from orchestrator import sweep as sw
+
     tracker = None
     if not no_mlflow:
-        from orchestrator.tracking import Tracker
-
-        tracker = Tracker(mlflow)
+        tracker = open_tracker(mlflow)
     with user_errors():
-        driver = sw.Driver(eng, spec, preset=preset, overrides=parse_sets(set_), tracker=tracker, poll_s=poll,
+        driver = sw.Driver(eng, spec, preset=preset, overrides=overrides, tracker=tracker, poll_s=poll,
                            echo=typer.echo, lease_grace_s=grace)
     typer.echo(f"sweep {spec.name}: {spec.trials} trials, {spec.in_flight} in flight, {spec.sampler} sampler, "
                f"{spec.pruner} pruner (needs `orch worker` running)")
@@ -335,14 +507,17 @@ def report(
     """One self-contained HTML page with loss curves, improvements with CIs and the table (also in MLflow)."""
     from pathlib import Path
 
+    from orchestrator import queue
     from orchestrator.report import write_report
 
+    check_alpha(alpha)
     eng = engine(db)
+    known = queue.experiment_names(eng)
+    if experiment not in known:
+        fail(f"no experiment named {experiment!r}; known: {', '.join(known) or 'none'}")
     tracker = None
     if not no_mlflow:
-        from orchestrator.tracking import Tracker
-
-        tracker = Tracker(mlflow)
+        tracker = open_tracker(mlflow)
     with user_errors():
         path = write_report(eng, experiment, Path(out), alpha=alpha, tracker=tracker, runs_dir=Path(runs_dir))
     typer.echo(f"wrote {path}")
@@ -357,7 +532,16 @@ def ls(
     """List runs: id, experiment, arm, seed, state, attempts, test loss."""
     from orchestrator import queue
 
-    for exp, arm, r in queue.runs_of(engine(db), experiments):
+    states = (*queue.ACTIVE, *queue.FINAL)
+    if state is not None and state not in states:
+        fail(f"--state must be one of {', '.join(states)}, not {state!r}")
+    eng = engine(db)
+    if experiments:
+        known = queue.experiment_names(eng)
+        unknown = sorted(set(experiments) - set(known))
+        if unknown:
+            fail(f"no experiment named {', '.join(map(repr, unknown))}; known: {', '.join(known) or 'none'}")
+    for exp, arm, r in queue.runs_of(eng, experiments):
         if state and r.state != state:
             continue
         loss = f"{r.test_loss:.4f}" if r.test_loss is not None else "—"
@@ -419,6 +603,7 @@ def logs(run: Annotated[str, typer.Argument(help="run id (a unique prefix is eno
     """The trainer's log of a run (and its error, if it failed)."""
     from pathlib import Path
 
+    check_positive("-n", lines, example="50")
     r = _one_run(engine(db), run)
     log = Path(r.run_dir or f"runs/{r.id}") / "train.log"
     if log.exists():
@@ -439,6 +624,8 @@ def cancel(
 
     An experiment's runs that other experiments share (the same config, trained once for all) are kept
     unless --include-shared: cancelling one study must not take the baseline from under another."""
+    import re
+
     from orchestrator import queue
 
     eng = engine(db)
@@ -450,7 +637,7 @@ def cancel(
         kept = {i: names for i, names in queue.shared(eng, ids, target).items() if i in active}
         ids = [i for i in ids if i not in kept]
     elif not ids:
-        ids = [r.id for r in queue.find(eng, target)]
+        ids = [r.id for r in queue.find(eng, target)] if re.fullmatch(r"[0-9a-z]{1,16}", target) else []
         if not ids:
             fail(f"no run or experiment matches {target!r} (see `orch ls`)")
     done = queue.cancel(eng, ids)
@@ -473,10 +660,35 @@ def retry(run: Annotated[str, typer.Argument(help="run id prefix")], db: DbOpt =
 
 
 @app.command()
+def sync(
+    runs_dir: Annotated[str, typer.Option(help="where the workers' run directories are")] = "runs",
+    db: DbOpt = None,
+    mlflow: MlflowOpt = None,
+):
+    """Send MLflow whatever it is missing of finished runs (after an outage, or runs trained with
+    --no-mlflow); workers do this by themselves, this does it now. Safe beside running workers."""
+    import socket
+    import os
+
+    from orchestrator import outbox
+
+    eng = engine(db)
+    box = outbox.Outbox(eng, open_tracker(mlflow), f"sync:{socket.gethostname()}:{os.getpid()}", runs_dir)
+    done, pending = outbox.sync_all(box)
+    typer.echo(f"synced {done} run(s) to MLflow" + (f"; {len(pending)} still pending:" if pending else ""))
+    for run_id, why in pending:
+        typer.echo(f"  {run_id}  {why}")
+    if pending:
+        raise typer.Exit(1)
+
+
+@app.command()
 def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000, mlflow: MlflowOpt = None):
     """Start the MLflow UI on 127.0.0.1 over the same tracking store."""
     import subprocess
 
+    if not 1 <= port <= 65535:
+        fail(f"--port must be between 1 and 65535, not {port}")
     from orchestrator.tracking import resolve_uri
 
     uri = resolve_uri(mlflow)
@@ -488,12 +700,9 @@ def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000, mlfl
 @db_app.command("upgrade")
 def db_upgrade(db: DbOpt = None):
     """Migrate a database written by an older orch to this version's schema."""
-    import sqlalchemy as sa
-
     from orchestrator import migrations
-    from orchestrator.db import resolve_url
 
-    eng = sa.create_engine(resolve_url(db))
+    eng = engine(db, check_schema=False)
     before, after = migrations.upgrade(eng)
     typer.echo(f"schema {before or 'empty'} -> {after}")
 
@@ -501,6 +710,7 @@ def db_upgrade(db: DbOpt = None):
 def _one_run(eng, prefix: str):
     from orchestrator import queue
 
+    check_run_prefix(prefix)
     matches = queue.find(eng, prefix)
     if not matches:
         fail(f"no run id starts with {prefix!r} (see `orch ls`)")

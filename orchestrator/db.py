@@ -60,6 +60,15 @@ class Run(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     val_curve: Mapped[list | None] = mapped_column(JSON)  # [[step, val_loss], …] so far, for pruning
     stop: Mapped[str | None] = mapped_column(String(16))  # a stop request ("pruned") for the run's worker
+    # Launches (migration 0005): every claim is launch number `launches`; its id, "<run id>.<n>", is passed
+    # to the trainer and written into result.json, so an ending is matched to the launch that wrote it.
+    launches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    open_launch: Mapped[int | None] = mapped_column(Integer)  # launched, ending not yet accounted for
+    lost_launch: Mapped[int | None] = mapped_column(Integer)  # left open by a dead worker; judged at relaunch
+    tracked: Mapped[str | None] = mapped_column(String(16))  # the final state MLflow was closed with
+
+    def launch_id(self, n: int | None = None) -> str:
+        return f"{self.id}.{self.launches if n is None else n}"
 
     # In queue.claim's order (migration 0003), so a claim reads the index instead of sorting the queue.
     __table_args__ = (sa.Index("ix_runs_claim", "state", sa.text("priority DESC"), "created_at", "id"),)
@@ -124,39 +133,71 @@ def resolve_url(url: str | None = None) -> str:
     return url or os.environ.get(ENV_URL) or DEFAULT_URL
 
 
-def connect(url: str | None = None, *, create: bool = True) -> Engine:
-    """An engine for the URL (or $ORCH_DB, or results.db), with the schema checked or created."""
+def connect(url: str | None = None, *, create: bool = True, check_schema: bool = True) -> Engine:
+    """An engine for the URL (or $ORCH_DB, or results.db), with the schema checked or created (check_schema
+    False: `orch db upgrade`, which migrates what this would refuse). Every problem a user can fix — a bad
+    URL, no server, a damaged file, no database yet — is a SchemaError of one line, with no password in it;
+    nothing is written to a database that fails these checks."""
+    from orchestrator import dberrors
+
     url = resolve_url(url)
     try:
         sa_url = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
-        raise SchemaError(f"{url!r} is not a database URL; use e.g. sqlite:///results.db or "
+    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise SchemaError(f"{dberrors.redact(url)!r} is not a database URL; use e.g. sqlite:///results.db or "
                           "postgresql+psycopg://user@host/dbname") from None
-    if sa_url.get_backend_name() == "sqlite":
-        if sa_url.database and sa_url.database != ":memory:":
-            if not create and not Path(sa_url.database).exists():
-                raise SchemaError(f"no database at {sa_url.database}: queue runs first with "
-                                  "`orch submit experiments/quickstart.py`, or point --db at an existing one")
-            Path(sa_url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(sa_url, connect_args={"timeout": 60, "isolation_level": None})
-        event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-    elif sa_url.get_backend_name() == "postgresql":
-        if sa_url.drivername == "postgresql":
-            sa_url = sa_url.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we install
-        engine = sa.create_engine(sa_url, pool_pre_ping=True)
-    else:
-        raise SchemaError(f"unsupported database {sa_url.get_backend_name()!r}: use SQLite or PostgreSQL")
+    shown = sa_url.render_as_string(hide_password=True)
+    try:
+        if sa_url.get_backend_name() == "sqlite":
+            if sa_url.database and sa_url.database != ":memory:":
+                if not create and not Path(sa_url.database).exists():
+                    raise SchemaError(f"no database at {sa_url.database}: queue runs first with "
+                                      "`orch submit experiments/quickstart.py`, or point --db at an existing one")
+                if not create and Path(sa_url.database).is_file() and Path(sa_url.database).stat().st_size == 0:
+                    # Opening it would write SQLite's header (WAL mode) into a file only meant to be read.
+                    raise SchemaError(f"{sa_url.database} is empty, no orch database yet: queue runs first with "
+                                      "`orch submit experiments/quickstart.py`, or point --db at an existing one")
+                if Path(sa_url.database).is_dir():
+                    raise SchemaError(f"{sa_url.database} is a directory; point --db at a database file, e.g. "
+                                      f"sqlite:///{Path(sa_url.database) / 'results.db'}")
+                Path(sa_url.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = sa.create_engine(sa_url, connect_args={"timeout": 60, "isolation_level": None})
+            event.listen(engine, "connect", _sqlite_on_connect)
+            event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        elif sa_url.get_backend_name() == "postgresql":
+            if sa_url.drivername == "postgresql":
+                sa_url = sa_url.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we install
+            engine = sa.create_engine(sa_url, pool_pre_ping=True)
+        else:
+            raise SchemaError(f"unsupported database {sa_url.get_backend_name()!r} in {shown}: use SQLite "
+                              "(sqlite:///results.db) or PostgreSQL (postgresql+psycopg://user@host/dbname)")
+    except (sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise SchemaError(f"no driver for {sa_url.drivername!r} ({dberrors.redact(str(exc))}); use sqlite:/// or "
+                          "postgresql+psycopg://") from None
     try:
         with engine.connect():
             pass
-    except sa.exc.OperationalError as exc:
-        raise SchemaError(f"cannot connect to {sa_url.render_as_string(hide_password=True)}: "
-                          f"{str(exc.orig).strip().splitlines()[0]}") from None
+    except sa.exc.DBAPIError as exc:
+        if dberrors.corrupt(sa_url, exc):
+            raise SchemaError(dberrors.describe(exc, sa_url)) from None
+        raise SchemaError(f"cannot connect to {shown}: {dberrors.reason(exc)}") from None
+    except TypeError as exc:  # an option in the URL's query that the driver does not take
+        raise SchemaError(f"cannot connect to {shown}: {dberrors.redact(str(exc))}") from None
+    if not check_schema:
+        return engine
     from orchestrator import migrations
 
-    with init_lock(engine):  # workers started together must not create the schema twice
-        migrations.ensure_current(engine, create=create)
+    try:
+        with init_lock(engine):  # workers started together must not create the schema twice
+            migrations.ensure_current(engine, create=create)
+        if not create and migrations.current(engine) is None:
+            raise SchemaError(f"{shown} holds no orch database yet: queue runs first with "
+                              "`orch submit experiments/quickstart.py`, or point --db at an existing one")
+    except sa.exc.DBAPIError as exc:
+        message = dberrors.describe(exc, sa_url)
+        if message is None:
+            raise
+        raise SchemaError(message) from None
     return engine
 
 

@@ -10,6 +10,12 @@ one contended transition: on PostgreSQL the candidate rows are locked with FOR U
 concurrent claimers take different rows without waiting (procrastinate's design); on SQLite the whole
 transaction holds the write lock from BEGIN IMMEDIATE (db.py), and `state = 'queued'` in the UPDATE
 guards the rest. Either way each run is claimed by exactly one worker.
+
+Attempts count crashes, never preemptions. A claim counts one, and an ending that says "preempted" (the
+trainer checkpointed: SIGTERM, STOP, Slurm's warning, or the death of its launcher) gives it back. When the
+worker that would have recorded that ending died, the run goes stale and is requeued with its launch left
+open (`lost_launch` after the next claim); the next launcher reads that launch's own result.json and
+records what it says (judge_lost): a preemption costs nothing, a launch that left no ending was a crash.
 """
 
 from __future__ import annotations
@@ -107,7 +113,8 @@ def claim(engine: Engine, worker: str, limit: int = 1) -> list[Run]:
         ids = conn.execute(
             sa.update(Run).where(Run.id.in_(candidates), Run.state == QUEUED)
             .values(state=RUNNING, worker=worker, attempts=Run.attempts + 1, started_at=now, heartbeat_at=now,
-                    finished_at=None, exit_code=None, stop=None)
+                    finished_at=None, exit_code=None, stop=None, launches=Run.launches + 1,
+                    open_launch=Run.launches + 1, lost_launch=Run.open_launch)  # right sides: the old row
             .returning(Run.id).execution_options(synchronize_session=False)
         ).scalars().all()
         if not ids:
@@ -128,21 +135,30 @@ def finite(obj):
     return obj
 
 
-def heartbeat(engine: Engine, worker: str, progress: dict[str, dict]) -> dict[str, str | None]:
-    """Beat for each of this worker's runs (with its progress); return the runs it still owns, each with
-    its stop request if one was made (request_stop), else None.
+@dataclass
+class Beat:
+    """What a heartbeat learnt: per run still ours, its stop request (request_stop) or None; per run taken
+    away, why: "cancelled", or "taken over" (requeued after our beats stopped arriving in time, perhaps
+    already claimed by another worker)."""
 
-    A run missing from the answer was taken away — cancelled, or requeued because our beats stopped
-    arriving in time — and its trainer must be stopped.
-    """
-    owned: dict[str, str | None] = {}
+    owned: dict[str, str | None] = field(default_factory=dict)
+    lost: dict[str, str] = field(default_factory=dict)
+
+
+def heartbeat(engine: Engine, worker: str, progress: dict[str, dict]) -> Beat:
+    """Beat for each of this worker's runs (with its progress). A run taken away must have its trainer
+    stopped; only a cancelled one is this worker's to close in MLflow (outbox.py decides by the state)."""
+    beat = Beat()
     with engine.begin() as conn:
         for run_id, fields in progress.items():
             stop = conn.execute(sa.update(Run).where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)
                                 .values(heartbeat_at=db_now(), **finite(fields)).returning(Run.stop)).first()
             if stop is not None:
-                owned[run_id] = stop[0]
-    return owned
+                beat.owned[run_id] = stop[0]
+            else:
+                state = conn.execute(sa.select(Run.state).where(Run.id == run_id)).scalar()
+                beat.lost[run_id] = "cancelled" if state == CANCELLED else "taken over"
+    return beat
 
 
 def request_stop(engine: Engine, run_ids: Iterable[str], reason: str = "pruned") -> list[str]:
@@ -156,31 +172,54 @@ def request_stop(engine: Engine, run_ids: Iterable[str], reason: str = "pruned")
 
 
 def requeue_stale(engine: Engine, grace_s: float, except_worker: str | None = None) -> list[str]:
-    """Runs whose worker has not beaten for `grace_s` seconds go back to the queue (or fail, out of attempts).
+    """Runs whose worker has not beaten for `grace_s` seconds go back to the queue, their launch left open.
 
-    The next worker relaunches the trainer on the same run directory, which resumes from its checkpoint.
+    Whether that launch used up an attempt is not known here: its trainer may have checkpointed and ended
+    as preempted after its worker died. The next launcher reads its result.json and decides (judge_lost).
     A worker never reaps its own runs (`except_worker`): it is alive, only late.
     """
     with engine.begin() as conn:
         stale = (Run.state == RUNNING) & (Run.heartbeat_at < db_now() - grace_s)
         if except_worker is not None:
             stale = stale & (Run.worker != except_worker)
-        failed = conn.execute(sa.update(Run).where(stale, Run.attempts >= Run.max_attempts)
-                              .values(state=FAILED, finished_at=db_now(),
-                                      error=sa.func.coalesce(Run.error, "") + "\nworker stopped heartbeating; "
-                                      "no attempts left").returning(Run.id)).scalars().all()
-        requeued = conn.execute(sa.update(Run).where(stale).values(state=QUEUED, worker=None)
-                                .returning(Run.id)).scalars().all()
-    return list(requeued) + list(failed)
+        return list(conn.execute(sa.update(Run).where(stale).values(state=QUEUED, worker=None)
+                                 .returning(Run.id)).scalars().all())
+
+
+def judge_lost(engine: Engine, run: Run, worker: str, ending: dict | None) -> str:
+    """Account for the launch a dead worker left open (run.lost_launch), from what that launch wrote.
+
+    `ending` is its result.json (None if it wrote none, or one of another launch). Returns "launch" when this
+    claim should go ahead, else the state the run took: the lost launch's own ending (it finished after all),
+    or failed when it was a crash and no attempts are left."""
+    if run.lost_launch is None:
+        return "launch"
+    status = (ending or {}).get("status")
+    if status == "preempted":  # checkpointed: the attempt it used is given back
+        with engine.begin() as conn:
+            conn.execute(sa.update(Run).where(Run.id == run.id, Run.worker == worker, Run.state == RUNNING)
+                         .values(attempts=Run.attempts - 1, lost_launch=None))
+        run.attempts -= 1
+        return "launch"
+    if status in (SUCCEEDED, DIVERGED, PRUNED, FAILED):  # it ended for good after its worker died
+        return finish(engine, run.id, worker, status, result=ending, exit_code=ending.get("exit_code"),
+                      error=ending.get("error")) or "launch"
+    if run.attempts > run.max_attempts:  # a crash: counted by its claim; this claim would be one too many
+        return finish(engine, run.id, worker, FAILED, error=f"launch {run.lost_launch} ended without a result "
+                      f"after its worker stopped heartbeating; no attempts left (of {run.max_attempts})",
+                      count=False) or "launch"
+    with engine.begin() as conn:
+        conn.execute(sa.update(Run).where(Run.id == run.id, Run.worker == worker).values(lost_launch=None))
+    return "launch"
 
 
 def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dict | None = None,
-           exit_code: int | None = None, error: str | None = None) -> str | None:
+           exit_code: int | None = None, error: str | None = None, count: bool = True) -> str | None:
     """Record how an attempt ended; return the run's new state (None if the run was no longer ours).
 
     status is the trainer's (succeeded, diverged, pruned, preempted, or failed for a bad config or missing
     data, which no retry can fix) or "failed" for a crash. A preempted attempt goes back to the queue
-    without using up an attempt; a crash is retried while attempts remain.
+    without using up an attempt; a crash is retried while attempts remain (`count=False`: fail now).
     """
     with engine.begin() as conn:
         run = conn.execute(sa.select(Run.attempts, Run.max_attempts, Run.stop)
@@ -190,7 +229,8 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
             return None
         if run.stop == PRUNED and status in ("preempted", FAILED):
             status = PRUNED  # a prune request outlives the preemption or crash that ended this attempt
-        values: dict = dict(exit_code=exit_code, worker=None if status in ("preempted", FAILED) else worker)
+        values: dict = dict(exit_code=exit_code, worker=None if status in ("preempted", FAILED) else worker,
+                            open_launch=None, lost_launch=None)
         if result is not None:
             result = finite(result)
             values.update(result=result, test_loss=result.get("test_loss"), step=result.get("step"),
@@ -200,7 +240,7 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
         if status == "preempted":
             new = QUEUED
             values["attempts"] = Run.attempts - 1
-        elif status == FAILED and run.attempts < run.max_attempts and (result or {}).get("retryable", True):
+        elif status == FAILED and count and run.attempts < run.max_attempts and (result or {}).get("retryable", True):
             new = QUEUED
         else:
             new = status if status in FINAL else FAILED
@@ -210,9 +250,31 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
         return new
 
 
-def set_mlflow_run(engine: Engine, run_id: str, mlflow_run_id: str) -> None:
+def set_mlflow_run(engine: Engine, run_id: str, mlflow_run_id: str) -> str:
+    """Record the run's MLflow id unless one is recorded already; return the one on record (stable for
+    the run's life, whichever worker or outage comes between)."""
     with engine.begin() as conn:
-        conn.execute(sa.update(Run).where(Run.id == run_id).values(mlflow_run_id=mlflow_run_id))
+        conn.execute(sa.update(Run).where(Run.id == run_id, Run.mlflow_run_id.is_(None))
+                     .values(mlflow_run_id=mlflow_run_id))
+        return conn.execute(sa.select(Run.mlflow_run_id).where(Run.id == run_id)).scalar_one()
+
+
+def set_tracked(engine: Engine, run_id: str, state: str) -> None:
+    """MLflow now holds the whole of this finished run (outbox.py); bookkeeping, not a state change."""
+    with engine.begin() as conn:
+        conn.execute(sa.update(Run).where(Run.id == run_id, Run.state == state).values(tracked=state))
+
+
+def untracked(engine: Engine, finished_before_s: float | None = None, limit: int = 100) -> list[str]:
+    """Finished runs that MLflow does not hold whole yet (oldest first), optionally only those finished at
+    least `finished_before_s` seconds ago (their owner had its chance). Imported results have no MLflow run."""
+    with engine.connect() as conn:
+        q = sa.select(Run.id, Run.result).where(Run.state.in_(FINAL),
+                                                sa.or_(Run.tracked.is_(None), Run.tracked != Run.state))
+        if finished_before_s is not None:
+            q = q.where(Run.finished_at < db_now() - finished_before_s)
+        rows = conn.execute(q.order_by(Run.finished_at).limit(limit)).all()
+    return [r.id for r in rows if not (r.result or {}).get("imported")]
 
 
 def cancel(engine: Engine, run_ids: Iterable[str]) -> list[str]:
@@ -247,7 +309,8 @@ def retry(engine: Engine, run_ids: Iterable[str]) -> list[str]:
     with engine.begin() as conn:
         for chunk in _chunks(list(run_ids), 500):
             done += conn.execute(sa.update(Run).where(Run.id.in_(chunk), Run.state.in_((FAILED, DIVERGED, CANCELLED, PRUNED)))
-                                 .values(state=QUEUED, attempts=0, worker=None, finished_at=None)
+                                 .values(state=QUEUED, attempts=0, worker=None, finished_at=None,
+                                         open_launch=None, lost_launch=None)
                                  .returning(Run.id)).scalars().all()
     return done
 
@@ -307,7 +370,8 @@ def memberships(engine: Engine, run_id: str) -> list[tuple[str, str]]:
 def find(engine: Engine, prefix: str) -> list[Run]:
     """Runs whose id starts with `prefix` (ids are 16 hex digits; a few are usually enough)."""
     with Session(engine, expire_on_commit=False) as s:
-        return list(s.execute(sa.select(Run).where(Run.id.like(prefix + "%"))).scalars().all())
+        # startswith escapes LIKE's own wildcards: `orch cancel %` must match no run, not all of them.
+        return list(s.execute(sa.select(Run).where(Run.id.startswith(prefix, autoescape=True))).scalars().all())
 
 
 def _chunks(items: list, n: int):

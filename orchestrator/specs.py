@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import runpy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,13 +39,32 @@ class SpecError(ValueError):
     """A bad experiment file, with the file, the intervention and the key in the message."""
 
 
+# Experiment, sweep and intervention names become MLflow experiment names, artifact folders and file names:
+# no path separators, no '..', nothing hidden, no control characters.
+NAME_RULE = "letters, digits and . _ - + =, not starting with '.' or '-', at most 200 characters"
+_NAME = re.compile(r"[A-Za-z0-9_+=][A-Za-z0-9._+=-]{0,199}")
+
+
+def check_name(name: object, what: str = "") -> str:
+    """`name` if it is a valid experiment / sweep / intervention name, else ValueError saying what is allowed."""
+    if isinstance(name, str) and _NAME.fullmatch(name):
+        return name
+    shown = repr(name) if not isinstance(name, str) or len(name) <= 60 else f"{name[:40]!r}… ({len(name)} characters)"
+    raise ValueError(f"{what + ' ' if what else ''}{shown} is not a valid name: use {NAME_RULE}")
+
+
 class Intervention(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
+    name: str
     set: dict[str, Any] = Field(default_factory=dict, description="dotted config keys and their new values")
     stack: list[str] = Field(default_factory=list, description="names of other interventions applied together")
     description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return check_name(name)
 
 
 class Looks(BaseModel):
@@ -70,7 +91,7 @@ class Looks(BaseModel):
 class Experiment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
+    name: str
     description: str = ""
     preset: str = "tiny"
     base: dict[str, Any] = Field(default_factory=dict, description="changes to the preset shared by every run")
@@ -82,6 +103,11 @@ class Experiment(BaseModel):
     repeats: int = Field(1, ge=1, description="identical repeats per seed (measure nondeterminism alone)")
     include_baseline: bool = True
     looks: Looks | None = None  # set by `orch more-seeds`: verdicts are sequential tests from then on
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return check_name(name)
 
     @field_validator("interventions")
     @classmethod
@@ -154,7 +180,7 @@ class Sweep(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
+    name: str
     description: str = ""
     preset: str = "tiny"
     base: dict[str, Any] = Field(default_factory=dict)
@@ -169,6 +195,11 @@ class Sweep(BaseModel):
     sampler_seed: int = 0
     # Known configurations to evaluate first (e.g. the published ones), before the sampler proposes any.
     start_with: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return check_name(name)
 
     @field_validator("space")
     @classmethod
@@ -261,7 +292,10 @@ def _load(path: str | Path, kind: str, cls: type, example: str):
     try:
         namespace = runpy.run_path(str(path), run_name=f"__orch_{kind}__")
     except ValidationError as exc:
-        raise SpecError(f"{path}: invalid {kind}:\n{_pydantic_lines(exc)}") from None
+        inner = "" if exc.title == cls.__name__ else f"{exc.title} "  # e.g. an Intervention(...) inside it
+        raise SpecError(f"{path}: invalid {kind}: {inner}{_pydantic_lines(exc)}") from None
+    except SystemExit as exc:
+        raise SpecError(f"{path}: the file calls exit({exc.code!r}); it should only define `{kind} = ...`") from None
     except Exception as exc:
         raise SpecError(f"{path}{_user_line(exc, path)}: {type(exc).__name__}: {exc}") from None
     spec = namespace.get(kind)
@@ -316,12 +350,32 @@ def identical_arms(runs: list[RunSpec]) -> list[tuple[str, str]]:
     return sorted(pairs)
 
 
+def check_data(configs: Iterable[TrainConfig]) -> None:
+    """Refuse runs whose data directory is missing or damaged, or too small for their evaluation slices, from
+    the shards' headers (trainer.data.check_dataset): otherwise a worker finds out only at launch."""
+    from trainer.data import DataError, check_dataset
+
+    seen = set()
+    for cfg in configs:
+        key = (cfg.data.path, cfg.model.context_length, cfg.eval.val_sequences, cfg.eval.test_sequences)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_dataset(*key)
+        except DataError as exc:
+            raise SpecError(f"data.path: {exc}") from None
+
+
 def _pydantic_lines(exc: ValidationError) -> str:
+    """Pydantic's errors as one line: `loc: message (got value)` per error, joined by '; '."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
+        got = err.get("input")
+        shown = f" (got {got!r})" if isinstance(got, (int, float, str)) and err["type"] != "value_error" and len(repr(got)) < 60 else ""
+        lines.append(f"{loc + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}{shown}")
+    return "; ".join(lines)
 
 
 def _user_line(exc: BaseException, path: Path) -> str:

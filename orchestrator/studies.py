@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -25,7 +26,8 @@ from orchestrator import queue, stats
 from orchestrator import table as tbl
 from orchestrator.db import Experiment as ExperimentRow
 from orchestrator.db import Membership, Run, db_now
-from orchestrator.specs import BASELINE, Experiment, Intervention, Looks, RunSpec, SpecError, run_id, seeded
+from orchestrator.specs import (BASELINE, Experiment, Intervention, Looks, RunSpec, SpecError, check_name, run_id,
+                                 seeded)
 
 VARY = ("init", "data", "both", "none")
 
@@ -133,44 +135,76 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
 # Imported results.
 
 def read_results(path: str | Path) -> list[dict]:
-    """Rows of name, test_loss and optionally seed and stack ("a+b"), from CSV or JSON (a list of objects)."""
+    """Rows of name, test_loss and optionally seed and stack ("a+b"), from CSV or JSON (a list of objects).
+    Any bad row is an error naming it (file:line, or the JSON item) and its value: nothing is imported then."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path} does not exist")
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise SpecError(f"{path} must hold a list of objects like {{\"name\": \"baseline\", \"test_loss\": 3.69}}")
-    elif path.suffix == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise SpecError(f"{path}: import reads .csv or .json files")
+    try:
+        if path.suffix == ".json":
+            try:
+                items = json.loads(path.read_text(encoding="utf-8-sig"))
+            except json.JSONDecodeError as exc:
+                raise SpecError(f"{path} is not valid JSON: {exc}") from None
+            if not isinstance(items, list) or not all(isinstance(r, dict) for r in items):
+                raise SpecError(f"{path} must hold a list of objects like {{\"name\": \"baseline\", \"test_loss\": 3.69}}")
+            rows = [(f"{path} item {i}", r) for i, r in enumerate(items, 1)]
+        elif path.suffix == ".csv":
+            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+                reader = csv.DictReader(f)
+                rows = [(f"{path}:{reader.line_num}", r) for r in reader]
+        else:
+            raise SpecError(f"{path}: import reads .csv or .json files")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path} is not UTF-8 text; save it as UTF-8 CSV or JSON") from None
+    except csv.Error as exc:
+        raise SpecError(f"{path} is not valid CSV: {exc}") from None
     out = []
-    for i, row in enumerate(rows, 2 if path.suffix == ".csv" else 1):
-        where = f"{path}:{i}" if path.suffix == ".csv" else f"{path} item {i}"
+    seen: set[tuple[str, int]] = set()
+    for where, row in rows:
         if "name" not in row or "test_loss" not in row:
-            raise SpecError(f"{where}: needs 'name' and 'test_loss' (optional: 'seed', 'stack'), got {sorted(row)}")
+            columns = sorted(str(k) for k in row if k is not None)
+            raise SpecError(f"{where}: needs 'name' and 'test_loss' (optional: 'seed', 'stack'), got {columns}")
+        name = str(row["name"] if row["name"] is not None else "").strip()
+        if not name:
+            raise SpecError(f"{where}: the name is empty")
+        value = row["test_loss"]
         try:
-            loss = float(row["test_loss"])
-            seed = int(row["seed"]) if row.get("seed") not in (None, "") else None
+            loss = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            loss = math.nan
+        if not (math.isfinite(loss) and loss > 0):
+            raise SpecError(f"{where}: test_loss must be a finite positive number (a cross-entropy in nats), "
+                            f"got {value!r}")
+        raw_seed = row.get("seed")
+        try:
+            seed = None if raw_seed in (None, "") else int(str(raw_seed).strip())
         except ValueError:
-            raise SpecError(f"{where}: test_loss must be a number and seed an integer") from None
+            seed = -1
+        if seed is not None and seed < 0:
+            raise SpecError(f"{where}: seed must be a whole number ≥ 0, got {raw_seed!r}")
+        if seed is not None:
+            if (name, seed) in seen:
+                raise SpecError(f"{where}: a second row for {name!r} with seed {seed}; give each run its own seed")
+            seen.add((name, seed))
         stack = [p for p in str(row.get("stack") or "").split("+") if p]
-        out.append({"name": str(row["name"]).strip(), "test_loss": loss, "seed": seed, "stack": stack})
+        out.append({"name": name, "test_loss": loss, "seed": seed, "stack": stack})
     if not out:
-        raise SpecError(f"{path} holds no rows")
+        raise SpecError(f"{path} holds no rows; it needs a header and rows of name,test_loss[,seed][,stack]")
     return out
 
 
-def import_results(engine: Engine, path: str | Path, experiment: str, baseline: str = BASELINE) -> int:
-    """Store imported results as finished runs of `experiment` (the row named `baseline` is the baseline)."""
+def plan_import(path: str | Path, experiment: str, baseline: str = BASELINE) -> tuple[list[dict], Experiment]:
+    """The rows of an import and the experiment spec they form, checked without touching any database."""
+    try:
+        check_name(experiment, "experiment")
+    except ValueError as exc:
+        raise SpecError(f"{exc}; name it with --experiment") from None
     rows = read_results(path)
     if baseline not in {r["name"] for r in rows}:
-        raise SpecError(f"{path} has no row named {baseline!r} to compare against; name one with --baseline")
+        names = sorted({r["name"] for r in rows})
+        raise SpecError(f"{path} has no row named {baseline!r} to compare against (rows: {', '.join(names[:8])}"
+                        f"{', …' if len(names) > 8 else ''}); name the baseline row with --baseline")
     interventions = {}
     for r in rows:
         if r["name"] != baseline:
@@ -179,6 +213,12 @@ def import_results(engine: Engine, path: str | Path, experiment: str, baseline: 
         spec = Experiment(name=experiment, description=f"imported from {path}", interventions=list(interventions.values()))
     except ValueError as exc:
         raise SpecError(f"{path}: {exc}") from None
+    return rows, spec
+
+
+def import_results(engine: Engine, path: str | Path, experiment: str, baseline: str = BASELINE) -> int:
+    """Store imported results as finished runs of `experiment` (the row named `baseline` is the baseline)."""
+    rows, spec = plan_import(path, experiment, baseline)
     seen: dict[str, int] = {}
     with engine.begin() as conn:
         now = conn.execute(sa.select(db_now())).scalar_one()
@@ -204,5 +244,6 @@ def import_results(engine: Engine, path: str | Path, experiment: str, baseline: 
 
 
 def _arm_name(name: str) -> str:
-    """Names from a published table ("8xa100m40-gradient-clipping") as valid arm names."""
-    return "".join(ch if ch.isalnum() or ch in "_.+-" else "-" for ch in name).strip("-") or "unnamed"
+    """Names from a published table ("8xa100m40-gradient-clipping") as valid arm names (specs.check_name)."""
+    arm = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_.+=-") else "-" for ch in name)
+    return arm.lstrip(".-").rstrip("-")[:200] or "unnamed"

@@ -320,13 +320,25 @@ def _fmt(params: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Status, plots, confirmation.
 
+def sweep_names(engine: Engine) -> list[str]:
+    """The studies in the database; none, without creating Optuna's tables, where no sweep ever ran."""
+    if not sa.inspect(engine).has_table("studies"):
+        return []
+    return sorted(s.study_name for s in optuna.get_all_study_summaries(storage(engine)))
+
+
+def load(engine: Engine, name: str) -> optuna.Study:
+    """A sweep's study, or ValueError naming the known ones. Building Optuna's storage creates its tables, so
+    a mistyped name must be answered before that: looking must not change the database."""
+    known = sweep_names(engine)
+    if name not in known:
+        raise ValueError(f"no sweep named {name!r}; known: "
+                         f"{', '.join(known) or 'none (start one with `orch sweep FILE`)'}")
+    return optuna.load_study(study_name=name, storage=storage(engine))
+
+
 def status(engine: Engine, name: str) -> dict:
-    store = storage(engine)
-    try:
-        study = optuna.load_study(study_name=name, storage=store)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(store)]
-        raise ValueError(f"no sweep named {name!r}; known: {', '.join(names) or 'none'}") from None
+    study = load(engine, name)
     trials = study.get_trials(deepcopy=False)
     best = best_trial(study)
     counts: dict[str, int] = {}
@@ -355,9 +367,9 @@ def plot(engine: Engine, name: str, out_dir) -> list:
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
+    study = load(engine, name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    study = optuna.load_study(study_name=name, storage=storage(engine))
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     plots = [("history", lambda: ovm.plot_optimization_history(study))]
     keys = list(complete[0].params) if complete else []

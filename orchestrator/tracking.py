@@ -94,6 +94,15 @@ class Tracker:
             self.client.log_batch(run.info.run_id, params=params[i : i + 100])
         return run.info.run_id
 
+    def find_run(self, experiment: str, run_id: str) -> str | None:
+        """The MLflow run of an orch run, by its tag: made by a process that died before recording its id."""
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        found = self.client.search_runs([exp.experiment_id], filter_string=f"tags.`orch.run_id` = '{run_id}'",
+                                        max_results=1, order_by=["attributes.start_time ASC"])
+        return found[0].info.run_id if found else None
+
     def last_steps(self, mlflow_run_id: str) -> dict[str, int]:
         """Per metric key, the last step already logged (so a resumed run logs no step twice)."""
         run = self.client.get_run(mlflow_run_id)
@@ -125,15 +134,17 @@ class Tracker:
         return len(points)
 
     def finish_run(self, mlflow_run_id: str, state: str, run_dir: Path, result: dict | None) -> None:
+        """Final metrics, status tag, artifacts and terminal status; safe to repeat after a failure part-way
+        (final metrics are sent once, artifacts overwrite themselves, the status is set again)."""
         from mlflow.entities import Metric
 
-        if result:
+        if result and not any(k.startswith("final.") for k in self.client.get_run(mlflow_run_id).data.metrics):
             ts = int(time.time() * 1000)
             final = {f"final.{k}": v for k, v in result.items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
             self.client.log_batch(mlflow_run_id, metrics=[Metric(k, float(v), ts, int(result.get("step") or 0))
                                                           for k, v in final.items()])
-            self.client.set_tag(mlflow_run_id, "orch.status", result.get("status", state))
+        self.client.set_tag(mlflow_run_id, "orch.status", state)
         for name in ("config.json", "result.json", "train.log"):
             if (run_dir / name).exists():
                 self.client.log_artifact(mlflow_run_id, str(run_dir / name))

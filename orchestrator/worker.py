@@ -1,16 +1,22 @@
-"""The worker: claim → launch torchrun → heartbeat → forward metrics → record the result.
+"""The worker: claim → wait for the run directory → launch → heartbeat → record the ending.
 
 One worker per node. It splits the node's GPUs into slots (`--gpus 0,1,2,3 --gpus-per-run 2` is two slots
 of two), or runs `--parallel N` CPU slots, and keeps every slot busy: the moment a trainer exits, its slot
 claims the next run in the same loop iteration, so the GPU-idle gap is one poll interval plus the trainer's
-start-up (measured in bench/orchestrator.py).
+start-up (measured in bench/orchestrator.py). A one-process run starts `python -m trainer` directly; a
+run of several processes starts torchrun's agent, which starts the ranks.
 
-The loop is single-threaded and never blocks on a trainer: it polls processes, tails each run's
-metrics.jsonl into MLflow in batches, and beats for all its runs on the database's clock. A run that the
+The loop never blocks on a trainer or on MLflow: it polls processes, reads each run's metrics.jsonl for its
+progress, and beats for all its runs on the database's clock; MLflow is fed by a background thread from
+the run directories (outbox.py), so an absent tracking server delays tracking and nothing else.
+
+Exactly one trainer per run directory (trainer/runlock.py): trainers and torchrun agents die with their
+launcher, and a claimed run is launched only once the previous holder of its directory's lock is gone —
+a launch whose launcher exited while its trainer still holds the lock is waited for, too. A run that the
 database took away (cancelled, or requeued after missed heartbeats) is stopped through its STOP file.
-SIGTERM or Ctrl-C stops every trainer the same way (they checkpoint) and hands their runs back to the queue.
-If this process is SIGKILLed, its runs go stale; after the grace period any worker requeues them and the
-trainer resumes from its last checkpoint (trainer/checkpoint.py).
+SIGTERM or Ctrl-C stops every trainer the same way (they checkpoint) and hands their runs back to the
+queue. If this process is SIGKILLed, its trainers get SIGTERM from the kernel and checkpoint; after the
+grace period any worker requeues the runs, reads how the lost launch ended, and resumes them.
 """
 
 from __future__ import annotations
@@ -31,13 +37,21 @@ from sqlalchemy.engine import Engine
 
 from orchestrator import queue
 from orchestrator.db import Run
+from orchestrator.outbox import Outbox, OutboxThread, read_events
+from orchestrator.progress import Progress
+from trainer import runlock
 from trainer.config import TrainConfig
-from trainer.perf import git_commit
-from trainer.rundir import CONFIG, METRICS, RESULT, STOP, write_json
+from trainer.provenance import git_commit
+from trainer.rundir import CONFIG, EXIT_NO_SPACE, METRICS, NO_SPACE_LINE, RESULT, STOP, write_json
 
 LOG = "train.log"
 STOP_TIMEOUT_S = 120  # how long a trainer gets to checkpoint after STOP before it is killed
 IDLE_CLAIM_S = 1.0  # how often an idle worker asks an empty queue for work
+NO_SPACE_PAUSE_S = 10.0  # after a full disk, claim nothing for this long (each launch would fail again)
+# Never handed to a trainer: it needs no database or tracking credentials (issue 8), and a child's
+# environment is readable by any process of the same user (/proc/PID/environ).
+SECRET_ENV = ("ORCH_DB", "ORCH_MLFLOW", "DATABASE_URL", "PGPASSWORD", "PGPASSFILE", "MLFLOW_TRACKING_URI",
+              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 @dataclass
@@ -48,18 +62,22 @@ class Slot:
 
 @dataclass
 class Launch:
-    """One trainer process for one claimed run."""
+    """One claimed run on one slot, from the claim to the recorded ending.
+
+    Phases: waiting (proc None: a previous trainer still holds the directory), training (proc running),
+    draining (proc exited, but a trainer it started still holds the lock: a killed torchrun agent's
+    orphan, checkpointing after the kernel's SIGTERM)."""
 
     run: Run
     slot: Slot
-    proc: subprocess.Popen
     run_dir: Path
-    mlflow_id: str | None
+    progress: Progress
+    proc: subprocess.Popen | None = None
+    since: float = field(default_factory=time.monotonic)  # when the current phase began
+    signalled: int | None = None  # the signal last sent to a stale lock holder
     offset: int = 0  # bytes of metrics.jsonl read into progress
-    mlflow_offset: int = 0  # bytes of metrics.jsonl that MLflow has
-    last_steps: dict[str, int] = field(default_factory=dict)
-    progress: dict = field(default_factory=dict)
     stop_sent_at: float | None = None
+    lost: str | None = None  # why the database took the run away: "cancelled" or "taken over"
 
 
 def plan_slots(gpus: list[str] | None, gpus_per_run: int, parallel: int) -> list[Slot]:
@@ -84,14 +102,20 @@ class Worker:
                  tracker=None, heartbeat_s: float = 5.0, grace_s: float = 60.0, poll_s: float = 0.2,
                  forward_s: float = 2.0, progress_s: float = 10.0, name: str | None = None, echo=print):
         self.engine, self.runs_dir, self.slots = engine, Path(runs_dir), slots
-        self.nproc, self.tracker = nproc_per_node, tracker
-        self.heartbeat_s, self.grace_s, self.poll_s, self.forward_s = heartbeat_s, grace_s, poll_s, forward_s
+        self.nproc = nproc_per_node
+        self.heartbeat_s, self.grace_s, self.poll_s = heartbeat_s, grace_s, poll_s
         self.progress_s = progress_s
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:4]}"
         self.echo = echo
         self.active: dict[str, Launch] = {}
         self.stopping = False
         self.commit = git_commit()
+        self.outbox = None
+        if tracker is not None:
+            # Its tracking leases live as long as its runs do: a worker dead for --grace loses both at once.
+            self.outbox = OutboxThread(Outbox(engine, tracker, self.name, self.runs_dir, self.commit,
+                                              lease_grace_s=grace_s),
+                                       every_s=forward_s, orphans_after_s=grace_s, echo=echo)
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -99,8 +123,9 @@ class Worker:
         """Work until stopped (or, with until_empty, until the queue is empty); return #runs finished."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.finished, failures = 0, 0
-        self._due = {"reap": 0.0, "claim": 0.0, "forward": 0.0, "beat": 0.0,
-                     "progress": time.monotonic() + self.progress_s}
+        self._due = {"reap": 0.0, "claim": 0.0, "beat": 0.0, "progress": time.monotonic() + self.progress_s}
+        if self.outbox is not None:
+            self.outbox.start()
         try:
             while True:
                 try:
@@ -118,6 +143,11 @@ class Worker:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if self.outbox is not None:
+                self.outbox.close()
+                if self.outbox.pending:
+                    self.echo(f"{self.outbox.pending} run(s) not fully tracked yet: kept for the next worker "
+                              "or `orch sync`")
         return self.finished
 
     def _every(self, what: str, interval: float, now: float) -> bool:
@@ -132,17 +162,13 @@ class Worker:
         if self.stopping:
             self._stop_all()
         for launch in list(self.active.values()):
-            if launch.proc.poll() is not None:
-                self._finish(launch)
-                self.finished += 1
+            self._advance(launch)
         if self.stopping:
             if not self.active:
                 return True
         elif self._take_work(now, until_empty):
             return True
-        # Also while stopping: trainers that are checkpointing still report and beat.
-        if self._every("forward", self.forward_s, now):
-            self._forward_all()
+        # Also while stopping: trainers that are checkpointing still beat.
         if self._every("beat", self.heartbeat_s, now):
             self._beat()
         if self.progress_s and self.active and self._every("progress", self.progress_s, now):
@@ -160,10 +186,10 @@ class Worker:
             claimed = queue.claim(self.engine, self.name, len(free))
             for run, slot in zip(claimed, free):
                 if run.id not in self.active:  # ours already: requeued while we were late
-                    self._start_or_fail(run, slot)
+                    self._claimed(run, slot)
             # An empty queue is asked again in a second, not every poll: idle workers should not keep the
             # database's write lock busy.
-            self._due["claim"] = now + (0.0 if len(claimed) == len(free) else IDLE_CLAIM_S)
+            self._due["claim"] = max(self._due["claim"], now + (0.0 if len(claimed) == len(free) else IDLE_CLAIM_S))
         if until_empty and not self.active:
             counts = queue.counts(self.engine)
             return not counts.get(queue.QUEUED) and not counts.get(queue.RUNNING)
@@ -172,55 +198,103 @@ class Worker:
     def _on_signal(self, signum, frame) -> None:
         if self.stopping:  # a second Ctrl-C: stop waiting for checkpoints
             for launch in self.active.values():
-                _kill(launch.proc)
+                if launch.proc is not None:
+                    _kill(launch.proc)
         self.stopping = True
 
-    # -- one run ------------------------------------------------------------------------------------------
+    # -- one run: waiting → training → draining → ended ---------------------------------------------------
 
-    def _start_or_fail(self, run: Run, slot: Slot) -> None:
+    def _claimed(self, run: Run, slot: Slot) -> None:
+        run_dir = self.runs_dir / run.id
+        total = TrainConfig.model_validate(run.config).total_steps()
+        launch = Launch(run, slot, run_dir, Progress(run_dir=str(run_dir), total_steps=total))
+        self.active[run.id] = launch
+        if self.outbox is not None:
+            self.outbox.watch(run.id)
+        self._advance(launch)
+
+    def _advance(self, launch: Launch) -> None:
+        """Move one launch on as far as it can go now."""
+        if launch.proc is None:
+            record = runlock.holder(launch.run_dir)
+            if record is None:
+                self._start_or_fail(launch)
+            else:
+                self._hurry(launch, record, "a previous trainer of this run")
+        elif launch.proc.poll() is not None:
+            record = runlock.holder(launch.run_dir)
+            if record is None:
+                self._finish(launch)
+                self.finished += 1
+            else:
+                if launch.signalled is None:
+                    launch.since = time.monotonic()  # draining starts: its orphan has SIGTERM already
+                    launch.signalled = signal.SIGTERM
+                self._hurry(launch, record, "the orphaned trainer")
+
+    def _hurry(self, launch: Launch, record: dict, who: str) -> None:
+        """Tell a stale holder of the run's directory to checkpoint, and kill it after STOP_TIMEOUT_S."""
+        now = time.monotonic()
+        if launch.signalled is None and runlock.stop_holder(record, signal.SIGTERM):
+            launch.signalled, launch.since = signal.SIGTERM, now
+            self.echo(f"{launch.run.id}: waiting for {who} (pid {record.get('pid')}) to checkpoint and exit")
+        elif launch.signalled == signal.SIGTERM and now - launch.since > STOP_TIMEOUT_S:
+            if runlock.stop_holder(record, signal.SIGKILL):
+                self.echo(f"{launch.run.id}: killed {who} (pid {record.get('pid')}) after {STOP_TIMEOUT_S} s")
+            launch.signalled = signal.SIGKILL
+
+    def _start_or_fail(self, launch: Launch) -> None:
         """Launch a claimed run; if even that fails (disk full, bad run directory), record it as a failed
         attempt rather than leaving it to go stale."""
         try:
-            self._start(run, slot)
+            if self._judge_lost(launch):
+                self._start(launch)
         except Exception as exc:  # noqa: BLE001 - any launch error is the run's failure, not the worker's
-            self.echo(f"{run.id}: could not start: {exc}")
-            queue.finish(self.engine, run.id, self.name, queue.FAILED, error=f"launch failed: {exc!r}")
+            self.echo(f"{launch.run.id}: could not start: {exc}")
+            self.active.pop(launch.run.id, None)
+            if _no_space(exc):
+                self._pause_for_space(launch.run.id, str(exc))
+            else:
+                queue.finish(self.engine, launch.run.id, self.name, queue.FAILED, error=f"launch failed: {exc!r}")
+            self._let_go(launch.run.id)
 
-    def _track(self, what: str, fn, *args, **kwargs):
-        """Call the tracker; MLflow being down must not stop training (the runs table has the results)."""
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            self.echo(f"warning: MLflow {what} failed: {exc}")
-            return None
+    def _pause_for_space(self, run_id: str, error: str) -> None:
+        """A full disk under the runs directory: hand the run back without counting an attempt (nothing is
+        wrong with it), and claim nothing for a while rather than fail every run in the queue in turn."""
+        queue.finish(self.engine, run_id, self.name, "preempted", error=f"no space left: {error}")
+        self._due["claim"] = time.monotonic() + NO_SPACE_PAUSE_S
+        self.echo(f"warning: no space left under {self.runs_dir}: {run_id} requeued (no attempt used); "
+                  f"claiming again in {NO_SPACE_PAUSE_S:.0f} s — free disk space")
 
-    def _start(self, run: Run, slot: Slot) -> None:
-        run_dir = self.runs_dir / run.id
+    def _judge_lost(self, launch: Launch) -> bool:
+        """If a dead worker left the previous launch open, account for it from its result.json; True when
+        this launch should go ahead (False: the lost launch had ended the run after all, or used its last
+        attempt)."""
+        run = launch.run
+        if run.lost_launch is None:
+            return True
+        ending = _read_json(launch.run_dir / RESULT)
+        if (ending or {}).get("launch_id") != run.launch_id(run.lost_launch):
+            ending = None
+        verdict = queue.judge_lost(self.engine, run, self.name, ending)
+        if verdict == "launch":
+            told = (ending or {}).get("status", "no result (a crash: it counts)")
+            self.echo(f"{run.id}: launch {run.lost_launch}, whose worker died, ended {told}")
+            return True
+        self.echo(f"{run.id}: launch {run.lost_launch}, whose worker died, ended the run: {verdict}")
+        self.active.pop(run.id, None)
+        self._let_go(run.id)
+        return False
+
+    def _start(self, launch: Launch) -> None:
+        run, run_dir, slot = launch.run, launch.run_dir, launch.slot
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / STOP).unlink(missing_ok=True)  # a STOP from an earlier preemption is spent
-        # So is a result.json from an earlier attempt: if this one dies before the trainer removes it, a
-        # stale "preempted" must not be read as this attempt's ending (and requeue it for free, forever).
-        (run_dir / RESULT).unlink(missing_ok=True)
+        (run_dir / RESULT).unlink(missing_ok=True)  # so is an earlier launch's ending (and it was accounted)
         if not (run_dir / CONFIG).exists():
             write_json(run_dir / CONFIG, run.config)
-        mlflow_id = run.mlflow_run_id
-        last_steps: dict[str, int] = {}
-        if self.tracker is not None:
-            if mlflow_id is None:
-                memberships = queue.memberships(self.engine, run.id)
-                exps = sorted({e for e, _ in memberships})
-                first_exp, arm = memberships[0] if memberships else ("orch", "run")
-                mlflow_id = self._track("start_run", self.tracker.start_run, experiment=first_exp,
-                                        all_experiments=exps, arm=arm, run_id=run.id, config=run.config,
-                                        seed=run.seed, data_seed=run.data_seed, repeat=run.repeat,
-                                        git_commit=self.commit)
-                if mlflow_id:
-                    queue.set_mlflow_run(self.engine, run.id, mlflow_id)
-            else:
-                last_steps = self._track("last_steps", self.tracker.last_steps, mlflow_id)
-                if last_steps is None:  # unknown what MLflow has: send nothing rather than everything twice
-                    mlflow_id, last_steps = None, {}
-        env = dict(os.environ, PYTHONUNBUFFERED="1", ORCH_WORKER_PID=str(os.getpid()))
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        env.update(PYTHONUNBUFFERED="1", ORCH_WORKER_PID=str(os.getpid()), ORCH_LAUNCH_ID=run.launch_id())
         if self.commit:
             env["ORCH_GIT_COMMIT"] = self.commit
         if slot.gpus is not None:
@@ -231,58 +305,71 @@ class Worker:
             nproc = self.nproc
             threads = max(1, (os.cpu_count() or 1) // (len(self.slots) * nproc))
             env.setdefault("OMP_NUM_THREADS", str(threads))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "trainer", "--config", str(run_dir / CONFIG), "--run-dir", str(run_dir)]
+        trainer = ["-m", "trainer", "--config", str(run_dir / CONFIG), "--run-dir", str(run_dir)]
+        if nproc == 1:  # no agent to start (~1.3 s) or to leave an orphan behind: the trainer itself
+            cmd = [sys.executable, *trainer]
+        else:  # the agent gets the kernel's SIGTERM when we die (runlock's exec shim), and forwards it
+            cmd = [sys.executable, "-m", "trainer.runlock", sys.executable, "-m", "torch.distributed.run",
+                   "--standalone", f"--nproc_per_node={nproc}", *trainer]
         log = open(run_dir / LOG, "ab")
-        log.write(f"\n=== attempt {run.attempts} on {self.name}: {' '.join(cmd)}\n".encode())
+        log.write(f"\n=== attempt {run.attempts} (launch {run.launch_id()}) on {self.name}: {' '.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        launch.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
-        total = TrainConfig.model_validate(run.config).total_steps()
-        self.active[run.id] = Launch(run, slot, proc, run_dir, mlflow_id, last_steps=last_steps,
-                                     progress={"run_dir": str(run_dir), "total_steps": total})
+        launch.since, launch.signalled = time.monotonic(), None
         where = f"GPUs {','.join(slot.gpus)}" if slot.gpus else f"CPU slot {slot.index}"
         self.echo(f"started {run.id} (attempt {run.attempts}) on {where}")
 
     def _finish(self, launch: Launch) -> None:
-        self._forward(launch)
+        self._read_progress(launch)
         run, code = launch.run, launch.proc.returncode
         result = _read_json(launch.run_dir / RESULT)
+        if result is not None and result.get("launch_id") not in (None, run.launch_id()):
+            result = None  # another launch's ending: this one left none (it crashed)
         if result is not None:
-            status = result["status"]
-            error = result.get("error")
+            status, error = result["status"], result.get("error")
+            code = result.get("exit_code", code)  # the trainer's own code, not torchrun's 1
         else:
-            status, error = queue.FAILED, _tail(launch.run_dir / LOG)
-        if status == "preempted" and launch.progress.get("_cancelled"):
-            status = queue.CANCELLED
+            status, error = queue.FAILED, clean_tail(launch.run_dir / LOG)
+            if code == EXIT_NO_SPACE or NO_SPACE_LINE in error:
+                self.active.pop(run.id)
+                self._pause_for_space(run.id, error.splitlines()[-1] if error else "")
+                self._let_go(run.id)
+                return
         new_state = queue.finish(self.engine, run.id, self.name, status, result=result, exit_code=code, error=error)
-        if new_state is None and launch.progress.get("_cancelled"):
-            new_state = queue.CANCELLED  # the database already says so; close the MLflow run to match
-        if self.tracker is not None and launch.mlflow_id and new_state in queue.FINAL:
-            self._track("finish_run", self.tracker.finish_run, launch.mlflow_id, new_state, launch.run_dir, result)
         self.active.pop(run.id)
+        self._let_go(run.id)
         loss = f", test loss {result['test_loss']:.4f}" if result and result.get("test_loss") is not None else ""
-        self.echo(f"{run.id} {status} (exit {code}){loss} -> {new_state or 'no longer ours'}")
+        ending = new_state or f"no longer ours ({launch.lost or 'taken away'})"
+        self.echo(f"{run.id} {status} (exit {code}){loss} -> {ending}")
+
+    def _let_go(self, run_id: str) -> None:
+        if self.outbox is not None:
+            self.outbox.let_go(run_id)
 
     def _beat(self) -> None:
         if not self.active:
             return
         for launch in self.active.values():  # the newest progress and validation curve (a pruner reads it)
             self._read_progress(launch)
-        progress = {rid: {k: v for k, v in l.progress.items() if not k.startswith("_")} for rid, l in self.active.items()}
-        owned = queue.heartbeat(self.engine, self.name, progress)
-        for run_id, launch in self.active.items():
-            if launch.stop_sent_at is not None:
-                continue
-            if run_id not in owned:
-                self.echo(f"{run_id} was cancelled or taken over: stopping its trainer")
-                launch.progress["_cancelled"] = True
+        beat = queue.heartbeat(self.engine, self.name, {rid: l.progress.columns() for rid, l in self.active.items()})
+        for run_id, launch in list(self.active.items()):
+            if run_id in beat.lost and launch.lost is None:
+                launch.lost = beat.lost[run_id]
+                if launch.proc is None:  # never started: nothing to stop
+                    self.echo(f"{run_id} was {launch.lost} before it started")
+                    self.active.pop(run_id)
+                    self._let_go(run_id)
+                    continue
+                why = "" if launch.lost == "cancelled" else " (our heartbeats missed the grace period)"
+                self.echo(f"{run_id} was {launch.lost}{why}: stopping its trainer")
                 self._send_stop(launch)
-            elif owned[run_id]:
-                self.echo(f"{run_id}: stop requested ({owned[run_id]})")
-                self._send_stop(launch, owned[run_id])
+            elif beat.owned.get(run_id) and launch.stop_sent_at is None:
+                self.echo(f"{run_id}: stop requested ({beat.owned[run_id]})")
+                self._send_stop(launch, beat.owned[run_id])
         for launch in self.active.values():  # escalate on trainers that ignore STOP
-            if launch.stop_sent_at is not None and time.monotonic() - launch.stop_sent_at > STOP_TIMEOUT_S:
+            if launch.proc is not None and launch.stop_sent_at is not None \
+                    and time.monotonic() - launch.stop_sent_at > STOP_TIMEOUT_S:
                 _kill(launch.proc)
 
     def _show_progress(self) -> None:
@@ -290,71 +377,38 @@ class Worker:
         counts = queue.counts(self.engine)
         parts = [", ".join(f"{counts[k]} {k}" for k in (queue.QUEUED, queue.RUNNING, *queue.FINAL) if counts.get(k))]
         for run_id, launch in self.active.items():
-            p = launch.progress
-            if "step" in p:
-                parts.append(f"{run_id[:8]} step {p['step']}/{p['total_steps']} loss {p['train_loss']:.3f} "
-                             f"{p.get('tokens_per_s') or 0:,.0f} tok/s")
-            else:
-                parts.append(f"{run_id[:8]} starting")
+            parts.append(f"{run_id[:8]} {launch.progress.line() if launch.proc else 'waiting for its directory'}")
         self.echo(" | ".join(parts))
 
     def _stop_all(self) -> None:
-        for launch in self.active.values():
-            if launch.stop_sent_at is None:
+        for run_id, launch in list(self.active.items()):
+            if launch.proc is None:  # not started: hand it straight back
+                queue.finish(self.engine, run_id, self.name, "preempted")
+                self.active.pop(run_id)
+                self._let_go(run_id)
+            elif launch.stop_sent_at is None:
                 self._send_stop(launch)
             elif time.monotonic() - launch.stop_sent_at > STOP_TIMEOUT_S:
                 _kill(launch.proc)
 
     def _send_stop(self, launch: Launch, reason: str = "preempted") -> None:
-        (launch.run_dir / STOP).write_text(reason + "\n")
+        try:
+            (launch.run_dir / STOP).write_text(reason + "\n")
+        except OSError:  # a full disk: SIGTERM says "checkpoint and stop" too (a prune then ends as preempted,
+            os.killpg(launch.proc.pid, signal.SIGTERM)  # and the prune request in the database still wins)
         launch.stop_sent_at = time.monotonic()
 
-    # -- metrics ------------------------------------------------------------------------------------------
-
-    def _forward_all(self) -> None:
-        for launch in self.active.values():
-            self._forward(launch)
-
-    def _forward(self, launch: Launch) -> None:
-        """New metrics.jsonl lines: into the run's progress (for the database), then to MLflow.
-
-        Two read positions: progress always moves on; MLflow's only once MLflow has taken the points, so
-        an outage delays them rather than losing them."""
-        self._read_progress(launch)
-        if self.tracker is None or not launch.mlflow_id or launch.mlflow_offset >= launch.offset:
-            return
-        pending, end = _new_events(launch.run_dir / METRICS, launch.mlflow_offset, until=launch.offset)
-        if self._track("log_events", self.tracker.log_events, launch.mlflow_id, pending, launch.last_steps) is not None:
-            launch.mlflow_offset = end
+    # -- progress -----------------------------------------------------------------------------------------
 
     def _read_progress(self, launch: Launch) -> None:
-        events, launch.offset = _new_events(launch.run_dir / METRICS, launch.offset)
-        for e in events:
-            if e.get("event") == "resume":  # a relaunch: curve points past the checkpoint are superseded
-                launch.progress["val_curve"] = [p for p in launch.progress.get("val_curve", []) if p[0] <= e["step"]]
-            elif "loss" in e:
-                launch.progress.update(step=e["step"], train_loss=e["loss"], tokens_per_s=e.get("tokens_per_s"))
-            elif "val_loss" in e and "test_loss" not in e:
-                launch.progress["val_curve"] = [*launch.progress.get("val_curve", []), [e["step"], e["val_loss"]]]
+        events, launch.offset = read_events(launch.run_dir / METRICS, launch.offset)
+        launch.progress.update(events)
 
 
-def _new_events(path: Path, offset: int, until: int | None = None) -> tuple[list[dict], int]:
-    """Complete JSON lines of `path` from byte `offset` (to `until`), and the offset after them. A line still
-    being written waits for the next read; a damaged line (a full disk, say) is skipped, not fatal."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read() if until is None else f.read(until - offset)
-    except FileNotFoundError:
-        return [], offset
-    end = chunk.rfind(b"\n") + 1
-    events = []
-    for line in chunk[:end].splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events, offset + end
+def _no_space(exc: BaseException) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -371,8 +425,18 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def clean_tail(path: Path, lines: int = 40) -> str:
+    """The end of a trainer's log, cut where torchrun's agent begins its report of a failed child: a
+    traceback of its own and a summary box, ~20 lines that only say "a rank exited non-zero" after the
+    trainer's real error."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return "(no log)"
+    start = max((i for i, line in enumerate(text) if line.startswith("=== attempt")), default=0)
+    text = text[start:]  # this launch's part of the log
+    for i, line in enumerate(text):
+        if "torch/distributed/elastic" in line and "failed (exitcode" in line:
+            text = text[:i]
+            break
+    return "\n".join(text[-lines:])

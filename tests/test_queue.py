@@ -61,10 +61,11 @@ def test_claim_heartbeat_finish(db_url):
     queue.submit(eng, exp, specs.expand(exp))
     [run] = queue.claim(eng, "w1", 1)
     assert run.state == "running" and run.worker == "w1" and run.attempts == 1
-    assert queue.heartbeat(eng, "w1", {run.id: {"step": 3}}) == {run.id: None}
-    assert queue.heartbeat(eng, "w2", {run.id: {"step": 3}}) == {}  # not w2's run
+    assert queue.heartbeat(eng, "w1", {run.id: {"step": 3}}).owned == {run.id: None}
+    beat = queue.heartbeat(eng, "w2", {run.id: {"step": 3}})  # not w2's run
+    assert beat.owned == {} and beat.lost == {run.id: "taken over"}
     assert queue.request_stop(eng, [run.id], "pruned") == [run.id]
-    assert queue.heartbeat(eng, "w1", {run.id: {"step": 4, "val_curve": [[2, 9.5], [4, 9.1]]}}) == {run.id: "pruned"}
+    assert queue.heartbeat(eng, "w1", {run.id: {"step": 4, "val_curve": [[2, 9.5], [4, 9.1]]}}).owned == {run.id: "pruned"}
     assert queue.finish(eng, run.id, "w1", "succeeded", result={"test_loss": 7.5, "step": 12}) == "succeeded"
     assert queue.finish(eng, run.id, "w1", "failed") is None  # a finished run is never modified
     [done] = queue.find(eng, run.id)
@@ -100,7 +101,7 @@ def test_stale_runs_are_requeued_on_the_database_clock(db_url):
     queue.heartbeat(eng, "dead", {b.id: {}})  # b still beats
     assert queue.requeue_stale(eng, 0.5) == [a.id]
     assert queue.counts(eng) == {"queued": 1, "running": 1}
-    assert queue.heartbeat(eng, "dead", {a.id: {}}) == {}  # the old worker learns it lost the run
+    assert queue.heartbeat(eng, "dead", {a.id: {}}).lost == {a.id: "taken over"}  # the old worker learns it lost the run
 
 
 def test_cancel(db_url):
@@ -110,7 +111,57 @@ def test_cancel(db_url):
     [running] = queue.claim(eng, "w", 1)
     assert len(queue.cancel(eng, [r.id for _, _, r in queue.runs_of(eng)])) == 4
     assert queue.counts(eng) == {"cancelled": 4}
-    assert queue.heartbeat(eng, "w", {running.id: {}}) == {}
+    assert queue.heartbeat(eng, "w", {running.id: {}}).lost == {running.id: "cancelled"}
+
+
+def _lose(eng, worker: str = "dead"):
+    """Claim the one queued run as `worker`, let it go stale, requeue it and claim it again as "next"."""
+    [r] = queue.claim(eng, worker, 1)
+    time.sleep(0.05)
+    assert queue.requeue_stale(eng, 0.0) == [r.id]
+    [again] = queue.claim(eng, "next", 1)
+    assert again.lost_launch == r.launches and again.launches == r.launches + 1
+    return r, again
+
+
+def test_a_lost_launch_that_checkpointed_costs_no_attempt(db_url):
+    eng = connect(db_url)
+    exp = experiment(n_seeds=1, include_baseline=False)
+    queue.submit(eng, exp, specs.expand(exp), max_attempts=2)
+    for _ in range(5):  # five worker deaths, each after its trainer checkpointed: never "no attempts left"
+        lost, r = _lose(eng)
+        ending = {"status": "preempted", "launch_id": lost.launch_id(), "step": 4}
+        assert queue.judge_lost(eng, r, "next", ending) == "launch" and r.attempts == 1
+        assert queue.finish(eng, r.id, "next", "preempted") == "queued"
+    [r] = queue.find(eng, r.id)
+    assert r.attempts == 0 and r.state == "queued" and r.lost_launch is None and r.open_launch is None
+
+
+def test_a_lost_launch_without_an_ending_was_a_crash(db_url):
+    eng = connect(db_url)
+    exp = experiment(n_seeds=1, include_baseline=False)
+    queue.submit(eng, exp, specs.expand(exp), max_attempts=2)
+    lost, r = _lose(eng)
+    assert queue.judge_lost(eng, r, "next", None) == "launch" and r.attempts == 2  # counted: one left
+    [r] = queue.find(eng, r.id)
+    assert r.lost_launch is None
+    time.sleep(0.05)
+    queue.requeue_stale(eng, 0.0)
+    [r] = queue.claim(eng, "third", 1)
+    assert r.attempts == 3 and queue.judge_lost(eng, r, "third", None) == "failed"
+    [r] = queue.find(eng, r.id)
+    assert r.state == "failed" and "no attempts left" in r.error
+
+
+def test_a_lost_launch_that_finished_is_recorded_not_retrained(db_url):
+    eng = connect(db_url)
+    exp = experiment(n_seeds=1, include_baseline=False)
+    queue.submit(eng, exp, specs.expand(exp))
+    lost, r = _lose(eng)
+    ending = {"status": "succeeded", "launch_id": lost.launch_id(), "test_loss": 6.25, "step": 12, "exit_code": 0}
+    assert queue.judge_lost(eng, r, "next", ending) == "succeeded"
+    [r] = queue.find(eng, r.id)
+    assert r.state == "succeeded" and r.test_loss == 6.25 and r.exit_code == 0
 
 
 def test_shared_names_the_other_experiments_of_a_run(db_url):
@@ -239,7 +290,7 @@ def test_non_finite_numbers_are_stored_as_null_on_both_databases(db_url):
     exp = experiment(n_seeds=1, include_baseline=False)
     queue.submit(eng, exp, specs.expand(exp))
     [r] = queue.claim(eng, "w", 1)
-    assert queue.heartbeat(eng, "w", {r.id: {"train_loss": float("nan"), "val_curve": [[2, float("inf")]]}}) == {r.id: None}
+    assert queue.heartbeat(eng, "w", {r.id: {"train_loss": float("nan"), "val_curve": [[2, float("inf")]]}}).owned == {r.id: None}
     result = {"status": "diverged", "train_loss": float("nan"), "diverged_step": 7, "test_loss": None}
     assert queue.finish(eng, r.id, "w", "diverged", result=result) == "diverged"
     [r] = queue.find(eng, r.id)
@@ -254,3 +305,12 @@ def test_a_prune_request_outlives_a_preemption(db_url):
     queue.request_stop(eng, [r.id], "pruned")
     # The worker was stopped (SIGTERM) before it passed the request on: the trainer says "preempted".
     assert queue.finish(eng, r.id, "w", "preempted", result={"status": "preempted", "step": 3}) == "pruned"
+
+
+def test_find_treats_like_wildcards_as_characters(db_url):
+    eng = connect(db_url)
+    exp = experiment(n_seeds=1)
+    queue.submit(eng, exp, specs.expand(exp))
+    assert queue.find(eng, "%") == [] and queue.find(eng, "_") == []
+    [r] = queue.claim(eng, "w", 1)
+    assert [x.id for x in queue.find(eng, r.id[:6])] == [r.id]

@@ -267,7 +267,7 @@ def test_imported_published_numbers_rank_as_published(eng, tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("name,loss\nbaseline,3.7\n", "needs 'name' and 'test_loss'"),
-    ("name,test_loss\nbaseline,abc\n", "test_loss must be a number"),
+    ("name,test_loss\nbaseline,abc\n", "test_loss must be a finite positive number"),
     ("name,test_loss\nother,3.7\n", "no row named 'baseline'"),
 ])
 def test_bad_imports_are_clear_and_store_nothing(eng, tmp_path, content, message):

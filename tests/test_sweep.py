@@ -176,7 +176,7 @@ def test_pruning_leaves_runs_that_other_experiments_share(tmp_path):
     queue.submit(eng, specs.Experiment(name="other", include_baseline=False), runs[:1])  # shares seed 0
     queue.claim(eng, "w", 2)
     driver._stop(queue.find(eng, runs[0].id) + queue.find(eng, runs[1].id), "trial-0")
-    assert queue.heartbeat(eng, "w", {runs[0].id: {}, runs[1].id: {}}) == {runs[0].id: None, runs[1].id: "pruned"}
+    assert queue.heartbeat(eng, "w", {runs[0].id: {}, runs[1].id: {}}).owned == {runs[0].id: None, runs[1].id: "pruned"}
     queue.requeue_stale(eng, -1)  # both back in the queue: the shared one stays, the trial's own is cancelled
     driver._stop(queue.find(eng, runs[0].id) + queue.find(eng, runs[1].id), "trial-0")
     assert [queue.find(eng, r.id)[0].state for r in runs] == [queue.QUEUED, queue.CANCELLED]
@@ -208,7 +208,7 @@ def test_a_pruned_trial_is_told_once_its_own_runs_stop_and_same_parameter_trials
     queue.claim(eng, "w", 2)
     optuna.trial.Trial(driver.study, frozen._trial_id).set_user_attr("pruning", True)
     driver.reconcile()
-    assert queue.heartbeat(eng, "w", {i: {} for i in ids}) == {ids[0]: "pruned", ids[1]: None}
+    assert queue.heartbeat(eng, "w", {i: {} for i in ids}).owned == {ids[0]: "pruned", ids[1]: None}
     assert driver.study.get_trials(deepcopy=False)[0].state == optuna.trial.TrialState.RUNNING
     queue.finish(eng, ids[0], "w", "pruned", result={"status": "pruned", "step": 2})
     driver.reconcile()

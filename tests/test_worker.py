@@ -136,13 +136,16 @@ def test_killed_worker_run_is_finished_by_another_with_nothing_lost(tmp_path, da
     wait_until(lambda: run_dir.exists() and max(logged_steps(run_dir), default=0) >= 10, what="step 10")
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    # The orphaned trainer notices its worker is gone, checkpoints and exits.
+    # The kernel tells the orphaned trainer that its worker is gone: it checkpoints and exits.
     wait_until(lambda: (run_dir / "result.json").exists(), what="the orphan's preempted result")
-    assert json.loads((run_dir / "result.json").read_text())["status"] == "preempted"
+    orphan = json.loads((run_dir / "result.json").read_text())
+    assert orphan["status"] == "preempted" and orphan["launch_id"] == f"{run.id}.1" and orphan["exit_code"] == 75
     second = orch("worker", "--until-empty", "--heartbeat", "0.5", "--grace", "3")
     assert f"requeued {run.id}" in second.stdout
+    assert f"{run.id}: launch 1, whose worker died, ended preempted" in second.stdout
     [done] = queue.find(eng, run.id)
-    assert done.state == "succeeded" and done.attempts == 2
+    # The worker's death cost no attempt: its trainer had checkpointed (issue 8: preemption is free).
+    assert done.state == "succeeded" and done.attempts == 1 and done.launches == 2 and done.exit_code == 0
     result = json.loads((run_dir / "result.json").read_text())
     assert result["launches"] == 2 and result["step"] == 24
     assert logged_steps(run_dir) == list(range(1, 25))  # every step once, after resume semantics
@@ -214,7 +217,7 @@ def test_failures_keep_the_error_and_are_retried_only_when_a_retry_can_help(tmp_
     orch = Orch(tmp_path)
     # Missing data: the trainer says so in result.json and the worker does not retry it.
     missing = write_experiment(tmp_path, tmp_path / "no-such-data", "nodata", "")
-    orch("submit", str(missing))
+    orch("submit", str(missing), "--no-check-data")  # the submit-time check would refuse it (test_bad_input)
     orch("worker", "--until-empty", "--no-mlflow", "--heartbeat", "0.5")
     eng = connect(orch.db)
     [(_, _, run)] = queue.runs_of(eng, ["nodata"])

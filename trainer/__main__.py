@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
 
-from trainer import config
+from trainer import config, runlock
 from trainer.config import ConfigError
 from trainer.data import DataError
+
+# How long a launch by an orch worker (ORCH_LAUNCH_ID set) waits for a previous trainer of the same run to
+# checkpoint and let go of the directory; by hand, a busy directory is an error at once.
+LOCK_WAIT_S = float(os.environ.get("ORCH_LOCK_WAIT_S", "600"))
 
 
 def parse_sets(items: list[str]) -> dict[str, object]:
@@ -37,25 +42,46 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config value, e.g. --set model.dropout=0 (repeatable)")
     parser.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and result go")
     args = parser.parse_args(argv)
+    runlock.die_with_parent()  # first: an orphan must never go on training (runlock.py)
+    launch = os.environ.get("ORCH_LAUNCH_ID")
+    lock = runlock.TrainerLock(args.run_dir, int(os.environ.get("RANK", "0")), launch)
     try:
         cfg = config.load(args.config, args.preset, parse_sets(args.set))
+        lock.acquire(wait_s=LOCK_WAIT_S if launch else 0.0)
         from trainer.train import exit_code, train  # torch is imported only once the config is known good
 
         return exit_code(train(cfg, args.run_dir))
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        _record_failure(Path(args.run_dir), str(exc))
+        if lock.fd is not None:  # only the holder may write the directory's result
+            _record_failure(Path(args.run_dir), str(exc))
         return 2
+    except runlock.RunDirBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # One line instead of a traceback: the cause and the fix. Not the run's fault: the launcher retries
+        # it (from the last complete checkpoint: every write is atomic) without counting an attempt.
+        from trainer.rundir import EXIT_NO_SPACE, NO_SPACE_LINE
+
+        print(f"{NO_SPACE_LINE} writing {exc.filename or args.run_dir}: free disk space under "
+              f"{Path(args.run_dir).parent}; the run resumes from its last complete checkpoint", file=sys.stderr)
+        return EXIT_NO_SPACE
+    finally:
+        lock.release()
 
 
 def _record_failure(run_dir: Path, message: str) -> None:
-    """Tell the launcher this run cannot succeed as configured (so it is not retried), unless the directory
-    already holds another run's result."""
-    from trainer.rundir import RESULT, Status, write_json
+    """Tell the launcher this run cannot succeed as configured (so it is not retried)."""
+    from trainer.rundir import EXIT_CODES, RESULT, Status, write_json
 
-    if os.environ.get("RANK", "0") != "0" or not run_dir.is_dir() or (run_dir / RESULT).exists():
+    if os.environ.get("RANK", "0") != "0" or not run_dir.is_dir():
         return
-    write_json(run_dir / RESULT, {"status": Status.FAILED.value, "error": message, "retryable": False})
+    write_json(run_dir / RESULT, {"status": Status.FAILED.value, "error": message, "retryable": False,
+                                  "launch_id": os.environ.get("ORCH_LAUNCH_ID"),
+                                  "exit_code": EXIT_CODES[Status.FAILED]})
 
 
 if __name__ == "__main__":

@@ -20,9 +20,12 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `orch submit` checks data without it
+    import torch
 
 MAGIC = 20240520
 VERSION = 1
@@ -63,8 +66,8 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def read_shard(path: Path) -> np.memmap:
-    """Memmap a shard's tokens after checking its header against its size."""
+def shard_length(path: Path) -> int:
+    """A shard's token count, after checking its header against its size (reads 1 KiB, never the tokens)."""
     hint = prepare_hint(path.parent)
     try:
         size = path.stat().st_size
@@ -76,34 +79,65 @@ def read_shard(path: Path) -> np.memmap:
     if header[1] != VERSION:
         raise DataError(f"{path} has shard version {header[1]}, this trainer reads {VERSION}; re-create it with `{hint}`")
     n = int(header[2])
-    if size != HEADER_BYTES + 2 * n:
+    if n < 0 or size != HEADER_BYTES + 2 * n:
         raise DataError(
             f"{path} is truncated or corrupt: header says {n} tokens ({HEADER_BYTES + 2 * n} bytes), "
             f"file has {size} bytes; re-create it with `{hint}`"
         )
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n,))
+    return n
+
+
+def read_shard(path: Path) -> np.memmap:
+    """Memmap a shard's tokens after checking its header against its size."""
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(shard_length(path),))
+
+
+def shard_paths(directory: str | Path, split: str) -> list[Path]:
+    """The shards of one split in order, or DataError naming what is missing and the command that makes it."""
+    directory = Path(directory)
+    hint = prepare_hint(directory)
+    if not directory.is_dir():
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise DataError(f"data directory {directory} {what}; prepare it with `{hint}`")
+    if not (directory / "meta.json").exists() and not list(directory.glob("*.bin")):
+        raise DataError(f"{directory} holds no prepared data (no meta.json); prepare it with `{hint}`")
+    paths = sorted(directory.glob(f"{split}_*.bin"))
+    listed = _listed_shards(directory, split)
+    if listed is not None:  # meta.json says how many shards there are: a missing one is an error
+        missing = [f"{split}_{i:06d}.bin" for i in range(listed) if not (directory / f"{split}_{i:06d}.bin").exists()]
+        if missing:
+            raise DataError(f"{directory / missing[0]} is missing ({len(missing)} of {listed} {split!r} shards); "
+                            f"re-create the data with `{hint}`")
+        paths = [directory / f"{split}_{i:06d}.bin" for i in range(listed)]
+    if not paths:
+        raise DataError(f"{directory} has no {split!r} shards ({split}_000000.bin …); prepare it with `{hint}`")
+    return paths
+
+
+def check_dataset(directory: str | Path, seq_len: int | None = None, val_sequences: int = 0,
+                  test_sequences: int = 0) -> dict[str, int]:
+    """Check a dataset directory the way training will read it, from the shards' headers only: every split
+    present, every shard's magic, version and token count consistent with its size; given seq_len, the train
+    split holds a sequence and the val / test splits hold the fixed evaluation slices. Returns tokens per
+    split. This is what `orch submit` runs before queuing, so bad data is found before any launch."""
+    tokens = {split: sum(shard_length(p) for p in shard_paths(directory, split)) for split in SPLITS}
+    if seq_len is not None:
+        if (tokens["train"] - 1) // seq_len < 1:
+            raise DataError(f"{directory}: the train split has {tokens['train']} tokens, fewer than one sequence "
+                            f"of {seq_len + 1}; prepare more data with `{prepare_hint(Path(directory))}`")
+        for split, n, what in (("val", val_sequences, "eval.val_sequences"), ("test", test_sequences, "eval.test_sequences")):
+            have = max(0, (tokens[split] - 1) // seq_len)
+            if have < n:
+                raise DataError(f"{directory}: the {split} split holds {have} sequences of {seq_len} tokens, but {what} "
+                                f"asks for {n}; lower {what} or prepare more data (a larger --{split}-fraction or more input)")
+    return tokens
 
 
 class Split:
     """One split's shards as a single token stream."""
 
     def __init__(self, directory: str | Path, split: str):
-        directory = Path(directory)
-        hint = prepare_hint(directory)
-        if not directory.is_dir():
-            raise DataError(f"data directory {directory} does not exist; prepare it with `{hint}`")
-        if not (directory / "meta.json").exists() and not list(directory.glob("*.bin")):
-            raise DataError(f"{directory} holds no prepared data (no meta.json); prepare it with `{hint}`")
-        paths = sorted(directory.glob(f"{split}_*.bin"))
-        listed = _listed_shards(directory, split)
-        if listed is not None:  # meta.json says how many shards there are: a missing one is an error
-            missing = [f"{split}_{i:06d}.bin" for i in range(listed) if not (directory / f"{split}_{i:06d}.bin").exists()]
-            if missing:
-                raise DataError(f"{directory / missing[0]} is missing ({len(missing)} of {listed} {split!r} shards); "
-                                f"re-create the data with `{hint}`")
-            paths = [directory / f"{split}_{i:06d}.bin" for i in range(listed)]
-        if not paths:
-            raise DataError(f"{directory} has no {split!r} shards ({split}_000000.bin …); prepare it with `{hint}`")
+        paths = shard_paths(directory, split)
         self.name = split
         self.shards = [read_shard(p) for p in paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
@@ -128,6 +162,8 @@ class Split:
 
     def sequences(self, indices, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets, each (len(indices), seq_len) int64, for the given window indices."""
+        import torch
+
         rows = np.stack([self.tokens(int(i) * seq_len, seq_len + 1) for i in indices])
         x = torch.from_numpy(rows[:, :-1].copy())
         y = torch.from_numpy(rows[:, 1:].copy())

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from trainer.provenance import git_commit
 
 # Dense peak FLOP/s per GPU from the vendors' datasheets (no sparsity): (16-bit tensor core, TF32, plain fp32).
 # MFU (PaLM, Chowdhery et al. 2022) is measured against the peak of the precision the matmuls run in.
@@ -97,15 +98,3 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
-
-
-def git_commit() -> str | None:
-    """The commit of the code that ran (ORCH_GIT_COMMIT wins: a launcher may know it better)."""
-    if os.environ.get("ORCH_GIT_COMMIT"):
-        return os.environ["ORCH_GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None

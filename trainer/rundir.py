@@ -5,6 +5,7 @@
     runs/<id>/checkpoints/      step_XXXXXXXX.pt, each written atomically; a relaunch resumes from the newest
     runs/<id>/result.json       written last, atomically: how the run ended and what it measured
     runs/<id>/STOP              created by the launcher: checkpoint and exit ("pruned" inside = pruned)
+    runs/<id>/trainer.lock      held by the one trainer of the directory (trainer/runlock.py)
 
 metrics.jsonl is append-only so a reader can follow it by byte offset. After a resume the trainer appends
 {"event": "resume", "step": N}: events of steps > N written before it belong to the lost attempt and are
@@ -39,6 +40,10 @@ class Status(str, Enum):
 
 # Exit codes, so a launcher can tell the endings apart without parsing anything (sysexits.h style).
 EXIT_CODES = {Status.SUCCEEDED: 0, Status.FAILED: 2, Status.DIVERGED: 65, Status.PREEMPTED: 75, Status.PRUNED: 76}
+# No space left for the run directory (EX_IOERR): no result.json can be written either. Not the run's
+# fault, so a launcher retries it without counting an attempt, once space is free.
+EXIT_NO_SPACE = 74
+NO_SPACE_LINE = "error: no space left"  # how the trainer's one-line message starts (for torchrun's logs)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:

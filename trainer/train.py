@@ -215,7 +215,7 @@ def _train(cfg: TrainConfig, run_dir: Path, d: Dist) -> Status:
 
     metrics = Metrics(run_dir / METRICS, d.master)
     if d.master and (run_dir / METRICS).stat().st_size > 0:
-        metrics.log(event="resume", step=start_step, time=time.time())
+        metrics.log(event="resume", step=start_step, launch=os.environ.get("ORCH_LAUNCH_ID"), time=time.time())
     flops_per_token = model.flops_per_token()
     peak = peak_flops(d.device, cfg.precision.amp, cfg.precision.tf32, cfg.run.peak_tflops)
     if d.master:
@@ -344,6 +344,10 @@ def _train(cfg: TrainConfig, run_dir: Path, d: Dist) -> Status:
         "launches": counters["launches"],
         "config_sha256": config_hash(cfg),
         "environment": environment(d.device, d.world),
+        # Which launch wrote this, and how it exits: the launcher matches an ending to its own launch, and
+        # records the trainer's code (75, 76, …) rather than torchrun's 1 for any non-zero exit.
+        "launch_id": os.environ.get("ORCH_LAUNCH_ID"),
+        "exit_code": EXIT_CODES[status],
     }
     if d.master:
         write_json(run_dir / RESULT, result)
