@@ -63,8 +63,7 @@ class Run(Base):
     # Launches (migration 0005): every claim is launch number `launches`; its id, "<run id>.<n>", is passed
     # to the trainer and written into result.json, so an ending is matched to the launch that wrote it.
     launches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    open_launch: Mapped[int | None] = mapped_column(Integer)  # launched, ending not yet accounted for
-    lost_launch: Mapped[int | None] = mapped_column(Integer)  # left open by a dead worker; judged at relaunch
+    open_launch: Mapped[int | None] = mapped_column(Integer)  # started, its ending not yet accounted for
     tracked: Mapped[str | None] = mapped_column(String(16))  # the final state MLflow was closed with
 
     def launch_id(self, n: int | None = None) -> str:

@@ -36,7 +36,7 @@ from trainer.rundir import METRICS
 
 LEASE_GRACE_S = 60.0  # a sender that stops renewing its lease for this long is replaced
 ORPHAN_EVERY_S = 30.0  # how often a worker looks for finished runs that nobody finished tracking
-MAX_BACKOFF_S = 60.0
+MAX_BACKOFF_S = 60.0  # and at most a third of the lease's grace, so that retrying never loses the lease
 
 
 @dataclass
@@ -65,9 +65,10 @@ class Outbox:
         self.runs_dir, self.commit, self.lease_grace_s = Path(runs_dir), git_commit, lease_grace_s
         self.cursors: dict[str, Cursor] = {}
 
-    def sync(self, run_id: str) -> Pass:
+    def sync(self, run_id: str, close: bool = True) -> Pass:
         """Bring MLflow up to date for one run; raises what the tracking server raised (nothing is lost:
-        the next pass starts from what MLflow has)."""
+        the next pass starts from what MLflow has). `close=False` sends points only: its trainer still
+        runs (a cancelled run checkpointing), and the MLflow run is closed once it has exited."""
         other = queue.take_lease(self.engine, _lease(run_id), self.holder, self.lease_grace_s)
         if other is not None:
             self.cursors.pop(run_id, None)
@@ -81,17 +82,24 @@ class Outbox:
             run = _get(self.engine, run_id)
             if run is None:
                 return self._let_go(run_id, Pass(True, note="no such run"))
-            cur.mlflow_id = cur.mlflow_id or self._mlflow_run(run)
+            final = run.state in queue.FINAL
+            if final and run.launches == 0 and not run.mlflow_run_id:  # cancelled before it ever ran
+                queue.set_tracked(self.engine, run.id, run.state)
+                return self._let_go(run_id, Pass(True))
+            run_dir = Path(run.run_dir) if run.run_dir else self.runs_dir / run.id
+            if final and not run_dir.is_dir():
+                return self._let_go(run_id, Pass(False, note=f"no run directory {run_dir} here: its points "
+                                                             "and artifacts wait for a process that has it"))
+            if cur.mlflow_id is None:
+                cur.mlflow_id = self._mlflow_run(run)
+                if not final:
+                    self.tracker.reopen(cur.mlflow_id)  # a retried run trains again in its old MLflow run
             if cur.last_steps is None:
                 cur.last_steps = self.tracker.last_steps(cur.mlflow_id)
-            run_dir = Path(run.run_dir) if run.run_dir else self.runs_dir / run.id
             points = self._send_points(cur, run_dir / METRICS)
-            if run.state not in queue.FINAL:
+            if not (final and close):
                 return Pass(False, points)
-            if not run_dir.is_dir():
-                return self._let_go(run_id, Pass(False, points, f"no run directory {run_dir} here: its points "
-                                                                "and artifacts wait for a process that has it"))
-            self.tracker.finish_run(cur.mlflow_id, run.state, run_dir, run.result)
+            self.tracker.finish_run(cur.mlflow_id, run.state, run_dir, run.result, run.finished_at)
             queue.set_tracked(self.engine, run.id, run.state)
             return self._let_go(run_id, Pass(True, points))
         except BaseException:
@@ -223,15 +231,10 @@ class OutboxThread:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            now = time.monotonic()
-            with self._lock:
-                due = [(r, d, False) for r, d in self._watched.items() if d.at <= now]
-                due += [(r, d, True) for r, d in self._closing.items() if d.at <= now]
-            for run_id, d, closing in due:
-                self._pass(run_id, d, closing)
-            if now >= self._next_orphans and self._down_since is None:
-                self._next_orphans = now + ORPHAN_EVERY_S
-                self._orphans()
+            try:
+                self._round()
+            except Exception as exc:  # noqa: BLE001 - the sender must outlive any one failure
+                self.echo(f"warning: tracking round failed ({type(exc).__name__}: {_first_line(exc)}); retrying")
             self._stop.wait(self.every_s if not self._closing else min(self.every_s, 0.2))
         with self._lock:
             held = list(self._watched) + list(self._closing)
@@ -241,11 +244,27 @@ class OutboxThread:
             except Exception:  # noqa: BLE001 - the lease then expires by itself
                 pass
 
+    def _round(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [(r, d, False) for r, d in self._watched.items() if d.at <= now]
+            due += [(r, d, True) for r, d in self._closing.items() if d.at <= now]
+        for run_id, d, closing in due:
+            self._pass(run_id, d, closing)
+        if now >= self._next_orphans and self._down_since is None:
+            self._next_orphans = now + ORPHAN_EVERY_S
+            self._orphans()
+
     def _pass(self, run_id: str, d: _Due, closing: bool) -> None:
         try:
-            outcome = self.outbox.sync(run_id)
+            outcome = self.outbox.sync(run_id, close=closing)
+            if closing and not outcome.done:
+                # Requeued, taken over, or being sent by another process: its last points went out in this
+                # pass, and its next sender starts from what MLflow holds.
+                self.outbox.release(run_id)
         except Exception as exc:  # noqa: BLE001 - MLflow or the database down: keep it, retry later
-            d.backoff = min(MAX_BACKOFF_S, max(self.every_s, 2 * d.backoff))
+            cap = min(MAX_BACKOFF_S, self.outbox.lease_grace_s / 3)
+            d.backoff = min(cap, max(self.every_s, 2 * d.backoff))
             d.at = time.monotonic() + d.backoff
             if self._down_since is None:
                 self._down_since = time.monotonic()
@@ -257,10 +276,6 @@ class OutboxThread:
             self._down_since = None
         d.backoff, d.at = 0.0, time.monotonic() + self.every_s
         if closing:
-            # Final and closed (done); or requeued, taken over, or being sent by another process: its last
-            # points went out in this pass, and its next sender starts from what MLflow holds.
-            if not outcome.done:
-                self.outbox.release(run_id)
             with self._lock:
                 self._closing.pop(run_id, None)
 

@@ -11,11 +11,12 @@ concurrent claimers take different rows without waiting (procrastinate's design)
 transaction holds the write lock from BEGIN IMMEDIATE (db.py), and `state = 'queued'` in the UPDATE
 guards the rest. Either way each run is claimed by exactly one worker.
 
-Attempts count crashes, never preemptions. A claim counts one, and an ending that says "preempted" (the
-trainer checkpointed: SIGTERM, STOP, Slurm's warning, or the death of its launcher) gives it back. When the
-worker that would have recorded that ending died, the run goes stale and is requeued with its launch left
-open (`lost_launch` after the next claim); the next launcher reads that launch's own result.json and
-records what it says (judge_lost): a preemption costs nothing, a launch that left no ending was a crash.
+Attempts count crashes, never preemptions. A launch counts one when its trainer is actually started
+(start), and an ending that says "preempted" (the trainer checkpointed: SIGTERM, STOP, Slurm's warning, or
+the death of its launcher) gives it back; a claim that never got to start a trainer costs nothing. When the
+worker that would have recorded an ending died, the run goes stale and is requeued with that launch still
+open (`open_launch`); the next launcher reads that launch's own result.json and records what it says
+(judge_lost) before it starts its own: a preemption costs nothing, a launch that left no ending was a crash.
 """
 
 from __future__ import annotations
@@ -112,9 +113,8 @@ def claim(engine: Engine, worker: str, limit: int = 1) -> list[Run]:
         now = db_now()
         ids = conn.execute(
             sa.update(Run).where(Run.id.in_(candidates), Run.state == QUEUED)
-            .values(state=RUNNING, worker=worker, attempts=Run.attempts + 1, started_at=now, heartbeat_at=now,
-                    finished_at=None, exit_code=None, stop=None, launches=Run.launches + 1,
-                    open_launch=Run.launches + 1, lost_launch=Run.open_launch)  # right sides: the old row
+            .values(state=RUNNING, worker=worker, started_at=now, heartbeat_at=now, finished_at=None,
+                    exit_code=None, stop=None, launches=Run.launches + 1)
             .returning(Run.id).execution_options(synchronize_session=False)
         ).scalars().all()
         if not ids:
@@ -186,30 +186,45 @@ def requeue_stale(engine: Engine, grace_s: float, except_worker: str | None = No
                                  .returning(Run.id)).scalars().all())
 
 
-def judge_lost(engine: Engine, run: Run, worker: str, ending: dict | None) -> str:
-    """Account for the launch a dead worker left open (run.lost_launch), from what that launch wrote.
+def start(engine: Engine, run: Run, worker: str) -> bool:
+    """This claim's trainer is about to start: count the attempt and open the launch. False if the run is
+    no longer ours, or an earlier launch is still open (judge_lost it first)."""
+    with engine.begin() as conn:
+        ok = conn.execute(sa.update(Run).where(Run.id == run.id, Run.worker == worker, Run.state == RUNNING,
+                                               Run.open_launch.is_(None))
+                          .values(attempts=Run.attempts + 1, open_launch=Run.launches)
+                          .returning(Run.attempts)).scalar()
+    if ok is None:
+        return False
+    run.attempts, run.open_launch = ok, run.launches
+    return True
+
+
+def judge_lost(engine: Engine, run: Run, worker: str, ending: dict | None) -> str | None:
+    """Account for a launch that a dead worker left open (run.open_launch, before this claim starts its own),
+    from what that launch wrote.
 
     `ending` is its result.json (None if it wrote none, or one of another launch). Returns "launch" when this
-    claim should go ahead, else the state the run took: the lost launch's own ending (it finished after all),
-    or failed when it was a crash and no attempts are left."""
-    if run.lost_launch is None:
+    claim should go ahead; the state the run took instead (the lost launch's own ending: it finished after
+    all; or failed, a crash with no attempts left); or None when the run is no longer ours."""
+    n = run.open_launch
+    if n is None:
         return "launch"
     status = (ending or {}).get("status")
-    if status == "preempted":  # checkpointed: the attempt it used is given back
-        with engine.begin() as conn:
-            conn.execute(sa.update(Run).where(Run.id == run.id, Run.worker == worker, Run.state == RUNNING)
-                         .values(attempts=Run.attempts - 1, lost_launch=None))
-        run.attempts -= 1
-        return "launch"
     if status in (SUCCEEDED, DIVERGED, PRUNED, FAILED):  # it ended for good after its worker died
         return finish(engine, run.id, worker, status, result=ending, exit_code=ending.get("exit_code"),
-                      error=ending.get("error")) or "launch"
-    if run.attempts > run.max_attempts:  # a crash: counted by its claim; this claim would be one too many
-        return finish(engine, run.id, worker, FAILED, error=f"launch {run.lost_launch} ended without a result "
-                      f"after its worker stopped heartbeating; no attempts left (of {run.max_attempts})",
-                      count=False) or "launch"
+                      error=ending.get("error"))
+    if status != "preempted" and run.attempts >= run.max_attempts:  # a crash, and it was the last attempt
+        return finish(engine, run.id, worker, FAILED, error=f"launch {n} ended without a result after its "
+                      f"worker stopped heartbeating; no attempts left (of {run.max_attempts})", count=False)
+    refund = 1 if status == "preempted" else 0  # checkpointed: the attempt it used is given back
     with engine.begin() as conn:
-        conn.execute(sa.update(Run).where(Run.id == run.id, Run.worker == worker).values(lost_launch=None))
+        mine = (Run.id == run.id) & (Run.worker == worker) & (Run.state == RUNNING)
+        done = conn.execute(sa.update(Run).where(mine, Run.open_launch == n)
+                            .values(attempts=Run.attempts - refund, open_launch=None).returning(Run.attempts)).scalar()
+        if done is None:  # judged already (a retry after a database error), or no longer ours
+            return "launch" if conn.execute(sa.select(Run.id).where(mine)).first() else None
+    run.attempts, run.open_launch = done, None
     return "launch"
 
 
@@ -222,7 +237,7 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
     without using up an attempt; a crash is retried while attempts remain (`count=False`: fail now).
     """
     with engine.begin() as conn:
-        run = conn.execute(sa.select(Run.attempts, Run.max_attempts, Run.stop)
+        run = conn.execute(sa.select(Run.attempts, Run.max_attempts, Run.stop, Run.open_launch)
                            .where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)
                            .with_for_update()).first()
         if run is None:
@@ -230,21 +245,26 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
         if run.stop == PRUNED and status in ("preempted", FAILED):
             status = PRUNED  # a prune request outlives the preemption or crash that ended this attempt
         values: dict = dict(exit_code=exit_code, worker=None if status in ("preempted", FAILED) else worker,
-                            open_launch=None, lost_launch=None)
+                            open_launch=None)
+        started = run.open_launch is not None  # its attempt was counted by start()
         if result is not None:
             result = finite(result)
             values.update(result=result, test_loss=result.get("test_loss"), step=result.get("step"),
                           train_loss=result.get("train_loss"), tokens_per_s=result.get("tokens_per_s"))
         if error is not None:
             values["error"] = error
+        attempts = run.attempts + (0 if started else 1)  # a launch that failed before its trainer started counts too
         if status == "preempted":
             new = QUEUED
-            values["attempts"] = Run.attempts - 1
-        elif status == FAILED and count and run.attempts < run.max_attempts and (result or {}).get("retryable", True):
+            values["attempts"] = run.attempts - (1 if started else 0)
+        elif status == FAILED and count and attempts < run.max_attempts and (result or {}).get("retryable", True):
             new = QUEUED
+            values["attempts"] = attempts
         else:
             new = status if status in FINAL else FAILED
             values["finished_at"] = db_now()
+            if new == FAILED:
+                values["attempts"] = attempts
         conn.execute(sa.update(Run).where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)
                      .values(state=new, **values))
         return new
@@ -266,14 +286,16 @@ def set_tracked(engine: Engine, run_id: str, state: str) -> None:
 
 
 def untracked(engine: Engine, finished_before_s: float | None = None, limit: int = 100) -> list[str]:
-    """Finished runs that MLflow does not hold whole yet (oldest first), optionally only those finished at
+    """Finished runs that MLflow does not hold whole yet (some of them), optionally only those finished at
     least `finished_before_s` seconds ago (their owner had its chance). Imported results have no MLflow run."""
     with engine.connect() as conn:
         q = sa.select(Run.id, Run.result).where(Run.state.in_(FINAL),
                                                 sa.or_(Run.tracked.is_(None), Run.tracked != Run.state))
         if finished_before_s is not None:
             q = q.where(Run.finished_at < db_now() - finished_before_s)
-        rows = conn.execute(q.order_by(Run.finished_at).limit(limit)).all()
+        # In random order: runs that this process cannot send (their directory is on another machine) must
+        # not fill every pass.
+        rows = conn.execute(q.order_by(sa.func.random()).limit(limit)).all()
     return [r.id for r in rows if not (r.result or {}).get("imported")]
 
 
@@ -310,7 +332,7 @@ def retry(engine: Engine, run_ids: Iterable[str]) -> list[str]:
         for chunk in _chunks(list(run_ids), 500):
             done += conn.execute(sa.update(Run).where(Run.id.in_(chunk), Run.state.in_((FAILED, DIVERGED, CANCELLED, PRUNED)))
                                  .values(state=QUEUED, attempts=0, worker=None, finished_at=None,
-                                         open_launch=None, lost_launch=None)
+                                         open_launch=None, tracked=None)
                                  .returning(Run.id)).scalars().all()
     return done
 

@@ -133,13 +133,20 @@ class Tracker:
         last_steps.update(sent)  # only once MLflow has them: a failed send is retried from the same events
         return len(points)
 
-    def finish_run(self, mlflow_run_id: str, state: str, run_dir: Path, result: dict | None) -> None:
-        """Final metrics, status tag, artifacts and terminal status; safe to repeat after a failure part-way
-        (final metrics are sent once, artifacts overwrite themselves, the status is set again)."""
+    def reopen(self, mlflow_run_id: str) -> None:
+        """A run trains again (orch retry) in the MLflow run it was closed in: show it as running."""
+        if self.client.get_run(mlflow_run_id).info.status != "RUNNING":
+            self.client.update_run(mlflow_run_id, status="RUNNING")
+
+    def finish_run(self, mlflow_run_id: str, state: str, run_dir: Path, result: dict | None,
+                   finished_at: float | None = None) -> None:
+        """Final metrics, status tag, artifacts and terminal status; safe to repeat after a failure part-way:
+        the final metrics carry the run's finish time, so sending them again adds nothing (MLflow keeps one
+        point per key, step, time and value), artifacts overwrite themselves, the status is set again."""
         from mlflow.entities import Metric
 
-        if result and not any(k.startswith("final.") for k in self.client.get_run(mlflow_run_id).data.metrics):
-            ts = int(time.time() * 1000)
+        if result:
+            ts = int((finished_at or time.time()) * 1000)
             final = {f"final.{k}": v for k, v in result.items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
             self.client.log_batch(mlflow_run_id, metrics=[Metric(k, float(v), ts, int(result.get("step") or 0))

@@ -21,6 +21,7 @@ grace period any worker requeues the runs, reads how the lost launch ended, and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -50,8 +51,11 @@ IDLE_CLAIM_S = 1.0  # how often an idle worker asks an empty queue for work
 NO_SPACE_PAUSE_S = 10.0  # after a full disk, claim nothing for this long (each launch would fail again)
 # Never handed to a trainer: it needs no database or tracking credentials (issue 8), and a child's
 # environment is readable by any process of the same user (/proc/PID/environ).
-SECRET_ENV = ("ORCH_DB", "ORCH_MLFLOW", "DATABASE_URL", "PGPASSWORD", "PGPASSFILE", "MLFLOW_TRACKING_URI",
-              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+SECRET_ENV = ("ORCH_DB", "ORCH_MLFLOW", "DATABASE_URL", "PGPASSWORD", "PGPASSFILE", "PGSERVICEFILE",
+              "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+              # an MLflow artifact store's credentials: the worker uploads artifacts, never the trainer
+              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_CONNECTION_STRING",
+              "AZURE_STORAGE_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "DATABRICKS_TOKEN")
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Launch:
     offset: int = 0  # bytes of metrics.jsonl read into progress
     stop_sent_at: float | None = None
     lost: str | None = None  # why the database took the run away: "cancelled" or "taken over"
+    killed: bool = False  # by us, on a second Ctrl-C: its ending is a preemption, not a crash
 
 
 def plan_slots(gpus: list[str] | None, gpus_per_run: int, parallel: int) -> list[Slot]:
@@ -196,17 +201,26 @@ class Worker:
         return False
 
     def _on_signal(self, signum, frame) -> None:
-        if self.stopping:  # a second Ctrl-C: stop waiting for checkpoints
+        if self.stopping:  # a second Ctrl-C: stop waiting for checkpoints (they resume from the last one)
             for launch in self.active.values():
                 if launch.proc is not None:
+                    launch.killed = True
                     _kill(launch.proc)
+                    if (record := runlock.holder(launch.run_dir)) is not None:  # torchrun's ranks
+                        runlock.stop_holder(record, signal.SIGKILL)
         self.stopping = True
 
     # -- one run: waiting → training → draining → ended ---------------------------------------------------
 
     def _claimed(self, run: Run, slot: Slot) -> None:
         run_dir = self.runs_dir / run.id
-        total = TrainConfig.model_validate(run.config).total_steps()
+        try:
+            total = TrainConfig.model_validate(run.config).total_steps()
+        except ValueError as exc:  # a config this orch cannot read (written by another version): no retry helps
+            self.echo(f"{run.id}: its stored config is invalid here: {str(exc).splitlines()[0]}")
+            queue.finish(self.engine, run.id, self.name, queue.FAILED, result={"retryable": False},
+                         error=f"stored config refused by this orch: {exc}")
+            return
         launch = Launch(run, slot, run_dir, Progress(run_dir=str(run_dir), total_steps=total))
         self.active[run.id] = launch
         if self.outbox is not None:
@@ -249,39 +263,45 @@ class Worker:
         try:
             if self._judge_lost(launch):
                 self._start(launch)
+        except sa_exc.DBAPIError:
+            raise  # the database is away: the launch stays waiting and the loop retries it
         except Exception as exc:  # noqa: BLE001 - any launch error is the run's failure, not the worker's
             self.echo(f"{launch.run.id}: could not start: {exc}")
-            self.active.pop(launch.run.id, None)
             if _no_space(exc):
                 self._pause_for_space(launch.run.id, str(exc))
-            else:
-                queue.finish(self.engine, launch.run.id, self.name, queue.FAILED, error=f"launch failed: {exc!r}")
+                self._let_go(launch.run.id)
+                return
+            queue.finish(self.engine, launch.run.id, self.name, queue.FAILED, error=f"launch failed: {exc!r}")
+            self.active.pop(launch.run.id, None)
             self._let_go(launch.run.id)
 
     def _pause_for_space(self, run_id: str, error: str) -> None:
         """A full disk under the runs directory: hand the run back without counting an attempt (nothing is
         wrong with it), and claim nothing for a while rather than fail every run in the queue in turn."""
         queue.finish(self.engine, run_id, self.name, "preempted", error=f"no space left: {error}")
+        self.active.pop(run_id, None)
         self._due["claim"] = time.monotonic() + NO_SPACE_PAUSE_S
         self.echo(f"warning: no space left under {self.runs_dir}: {run_id} requeued (no attempt used); "
                   f"claiming again in {NO_SPACE_PAUSE_S:.0f} s — free disk space")
 
     def _judge_lost(self, launch: Launch) -> bool:
-        """If a dead worker left the previous launch open, account for it from its result.json; True when
-        this launch should go ahead (False: the lost launch had ended the run after all, or used its last
-        attempt)."""
+        """If a dead worker left an earlier launch open, account for it from its result.json; True when this
+        launch should go ahead (False: the lost launch had ended the run after all, it used the last
+        attempt, or the run is no longer ours)."""
         run = launch.run
-        if run.lost_launch is None:
+        n = run.open_launch
+        if n is None:
             return True
         ending = _read_json(launch.run_dir / RESULT)
-        if (ending or {}).get("launch_id") != run.launch_id(run.lost_launch):
+        if (ending or {}).get("launch_id") != run.launch_id(n):
             ending = None
         verdict = queue.judge_lost(self.engine, run, self.name, ending)
         if verdict == "launch":
-            told = (ending or {}).get("status", "no result (a crash: it counts)")
-            self.echo(f"{run.id}: launch {run.lost_launch}, whose worker died, ended {told}")
+            told = (ending or {}).get("status", "without a result (a crash: it counts)")
+            self.echo(f"{run.id}: launch {n}, whose worker died, ended {told}")
             return True
-        self.echo(f"{run.id}: launch {run.lost_launch}, whose worker died, ended the run: {verdict}")
+        self.echo(f"{run.id}: launch {n}, whose worker died, ended the run: {verdict}" if verdict else
+                  f"{run.id} is no longer ours")
         self.active.pop(run.id, None)
         self._let_go(run.id)
         return False
@@ -308,15 +328,24 @@ class Worker:
         trainer = ["-m", "trainer", "--config", str(run_dir / CONFIG), "--run-dir", str(run_dir)]
         if nproc == 1:  # no agent to start (~1.3 s) or to leave an orphan behind: the trainer itself
             cmd = [sys.executable, *trainer]
-        else:  # the agent gets the kernel's SIGTERM when we die (runlock's exec shim), and forwards it
-            cmd = [sys.executable, "-m", "trainer.runlock", sys.executable, "-m", "torch.distributed.run",
-                   "--standalone", f"--nproc_per_node={nproc}", *trainer]
+        else:
+            # The agent dies with us (runlock's exec shim), by SIGKILL: on SIGTERM it would SIGKILL its ranks
+            # 30 s later, checkpoint or not. Its ranks get SIGTERM from the kernel as it dies, and all stop
+            # at their next sync point with a checkpoint (their collectives need no agent).
+            cmd = [sys.executable, "-m", "trainer.runlock", "--signal", "KILL", sys.executable, "-m",
+                   "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *trainer]
+        if not queue.start(self.engine, run, self.name):  # counts the attempt; False: no longer ours
+            self.echo(f"{run.id} is no longer ours")
+            self.active.pop(run.id, None)
+            self._let_go(run.id)
+            return
         log = open(run_dir / LOG, "ab")
         log.write(f"\n=== attempt {run.attempts} (launch {run.launch_id()}) on {self.name}: {' '.join(cmd)}\n".encode())
         log.flush()
         launch.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
         launch.since, launch.signalled = time.monotonic(), None
+        launch.stop_sent_at = None  # a stop asked for while it waited is asked again at the next beat
         where = f"GPUs {','.join(slot.gpus)}" if slot.gpus else f"CPU slot {slot.index}"
         self.echo(f"started {run.id} (attempt {run.attempts}) on {where}")
 
@@ -331,13 +360,14 @@ class Worker:
             code = result.get("exit_code", code)  # the trainer's own code, not torchrun's 1
         else:
             status, error = queue.FAILED, clean_tail(launch.run_dir / LOG)
-            if code == EXIT_NO_SPACE or NO_SPACE_LINE in error:
-                self.active.pop(run.id)
+            if code == EXIT_NO_SPACE or NO_SPACE_LINE in error or _disk_full(launch.run_dir):
                 self._pause_for_space(run.id, error.splitlines()[-1] if error else "")
                 self._let_go(run.id)
                 return
+            if launch.killed:
+                status = "preempted"  # we killed it (a second Ctrl-C): it resumes from its last checkpoint
         new_state = queue.finish(self.engine, run.id, self.name, status, result=result, exit_code=code, error=error)
-        self.active.pop(run.id)
+        self.active.pop(run.id, None)
         self._let_go(run.id)
         loss = f", test loss {result['test_loss']:.4f}" if result and result.get("test_loss") is not None else ""
         ending = new_state or f"no longer ours ({launch.lost or 'taken away'})"
@@ -395,7 +425,9 @@ class Worker:
         try:
             (launch.run_dir / STOP).write_text(reason + "\n")
         except OSError:  # a full disk: SIGTERM says "checkpoint and stop" too (a prune then ends as preempted,
-            os.killpg(launch.proc.pid, signal.SIGTERM)  # and the prune request in the database still wins)
+            if launch.proc is not None:  # and the prune request in the database still wins)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(launch.proc.pid, signal.SIGTERM)
         launch.stop_sent_at = time.monotonic()
 
     # -- progress -----------------------------------------------------------------------------------------
@@ -403,6 +435,15 @@ class Worker:
     def _read_progress(self, launch: Launch) -> None:
         events, launch.offset = read_events(launch.run_dir / METRICS, launch.offset)
         launch.progress.update(events)
+
+
+def _disk_full(run_dir: Path, min_free: int = 1 << 20) -> bool:
+    """Under torchrun a full disk may leave neither a result nor the trainer's message in the log."""
+    try:
+        st = os.statvfs(run_dir)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < min_free
 
 
 def _no_space(exc: BaseException) -> bool:

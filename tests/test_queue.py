@@ -60,7 +60,9 @@ def test_claim_heartbeat_finish(db_url):
     exp = experiment()
     queue.submit(eng, exp, specs.expand(exp))
     [run] = queue.claim(eng, "w1", 1)
-    assert run.state == "running" and run.worker == "w1" and run.attempts == 1
+    assert run.state == "running" and run.worker == "w1" and run.attempts == 0 and run.launches == 1
+    assert queue.start(eng, run, "w1") and run.attempts == 1 and run.open_launch == 1  # its trainer starts
+    assert not queue.start(eng, run, "w2")  # not w2's run
     assert queue.heartbeat(eng, "w1", {run.id: {"step": 3}}).owned == {run.id: None}
     beat = queue.heartbeat(eng, "w2", {run.id: {"step": 3}})  # not w2's run
     assert beat.owned == {} and beat.lost == {run.id: "taken over"}
@@ -77,19 +79,27 @@ def test_failures_retry_until_attempts_run_out(db_url):
     exp = experiment(n_seeds=1, include_baseline=False)
     queue.submit(eng, exp, specs.expand(exp), max_attempts=2)
     [r] = queue.claim(eng, "w", 1)
+    assert queue.start(eng, r, "w")
     assert queue.finish(eng, r.id, "w", "failed", exit_code=1, error="boom") == "queued"
     [r] = queue.claim(eng, "w", 1)
-    assert r.attempts == 2
+    assert r.attempts == 1 and queue.start(eng, r, "w") and r.attempts == 2
     assert queue.finish(eng, r.id, "w", "failed", exit_code=1, error="boom again") == "failed"
     [r] = queue.find(eng, r.id)
-    assert r.error == "boom again" and r.exit_code == 1
+    assert r.error == "boom again" and r.exit_code == 1 and r.attempts == 2
     assert queue.retry(eng, [r.id]) == [r.id]
     [r] = queue.claim(eng, "w", 1)
-    assert r.attempts == 1
+    assert queue.start(eng, r, "w") and r.attempts == 1
     # Preemption hands the run back without using up an attempt.
     assert queue.finish(eng, r.id, "w", "preempted") == "queued"
     [r] = queue.claim(eng, "w", 1)
+    assert r.attempts == 0
+    # A launch that fails before its trainer starts counts too (or a broken set-up would retry forever) ...
+    assert queue.finish(eng, r.id, "w", "failed", error="launch failed") == "queued"
+    [r] = queue.claim(eng, "w", 1)
     assert r.attempts == 1
+    # ... but a claim handed back before it started anything (a full disk, a worker stopping) costs nothing.
+    assert queue.finish(eng, r.id, "w", "preempted") == "queued"
+    assert queue.find(eng, r.id)[0].attempts == 1
 
 
 def test_stale_runs_are_requeued_on_the_database_clock(db_url):
@@ -115,12 +125,15 @@ def test_cancel(db_url):
 
 
 def _lose(eng, worker: str = "dead"):
-    """Claim the one queued run as `worker`, let it go stale, requeue it and claim it again as "next"."""
+    """Claim the one queued run as `worker` and start it, let it go stale, requeue it and claim it again as
+    "next": the started launch is still open for "next" to judge."""
     [r] = queue.claim(eng, worker, 1)
+    assert queue.start(eng, r, worker)
     time.sleep(0.05)
     assert queue.requeue_stale(eng, 0.0) == [r.id]
     [again] = queue.claim(eng, "next", 1)
-    assert again.lost_launch == r.launches and again.launches == r.launches + 1
+    assert again.open_launch == r.launches and again.launches == r.launches + 1
+    assert not queue.start(eng, again, "next")  # not before the open launch is judged
     return r, again
 
 
@@ -131,10 +144,12 @@ def test_a_lost_launch_that_checkpointed_costs_no_attempt(db_url):
     for _ in range(5):  # five worker deaths, each after its trainer checkpointed: never "no attempts left"
         lost, r = _lose(eng)
         ending = {"status": "preempted", "launch_id": lost.launch_id(), "step": 4}
-        assert queue.judge_lost(eng, r, "next", ending) == "launch" and r.attempts == 1
+        assert queue.judge_lost(eng, r, "next", ending) == "launch" and r.attempts == 0
+        assert queue.judge_lost(eng, r, "next", ending) == "launch" and r.attempts == 0  # judged once only
+        assert queue.start(eng, r, "next") and r.attempts == 1
         assert queue.finish(eng, r.id, "next", "preempted") == "queued"
     [r] = queue.find(eng, r.id)
-    assert r.attempts == 0 and r.state == "queued" and r.lost_launch is None and r.open_launch is None
+    assert r.attempts == 0 and r.state == "queued" and r.open_launch is None and r.launches == 10
 
 
 def test_a_lost_launch_without_an_ending_was_a_crash(db_url):
@@ -142,13 +157,12 @@ def test_a_lost_launch_without_an_ending_was_a_crash(db_url):
     exp = experiment(n_seeds=1, include_baseline=False)
     queue.submit(eng, exp, specs.expand(exp), max_attempts=2)
     lost, r = _lose(eng)
-    assert queue.judge_lost(eng, r, "next", None) == "launch" and r.attempts == 2  # counted: one left
-    [r] = queue.find(eng, r.id)
-    assert r.lost_launch is None
+    assert queue.judge_lost(eng, r, "next", None) == "launch" and r.attempts == 1  # counted: one left
+    assert queue.start(eng, r, "next") and r.attempts == 2
     time.sleep(0.05)
     queue.requeue_stale(eng, 0.0)
     [r] = queue.claim(eng, "third", 1)
-    assert r.attempts == 3 and queue.judge_lost(eng, r, "third", None) == "failed"
+    assert r.attempts == 2 and queue.judge_lost(eng, r, "third", None) == "failed"
     [r] = queue.find(eng, r.id)
     assert r.state == "failed" and "no attempts left" in r.error
 
@@ -162,6 +176,21 @@ def test_a_lost_launch_that_finished_is_recorded_not_retrained(db_url):
     assert queue.judge_lost(eng, r, "next", ending) == "succeeded"
     [r] = queue.find(eng, r.id)
     assert r.state == "succeeded" and r.test_loss == 6.25 and r.exit_code == 0
+
+
+def test_a_claim_that_never_started_costs_nothing_and_leaves_the_open_launch_open(db_url):
+    """A dies after starting launch 1; B claims launch 2 and dies while waiting for the directory; C judges
+    launch 1 (which checkpointed): no attempt is charged for either."""
+    eng = connect(db_url)
+    exp = experiment(n_seeds=1, include_baseline=False)
+    queue.submit(eng, exp, specs.expand(exp))
+    lost, b = _lose(eng, "A")
+    time.sleep(0.05)
+    queue.requeue_stale(eng, 0.0)  # B never started anything
+    [c] = queue.claim(eng, "C", 1)
+    assert c.open_launch == lost.launches == 1 and c.launches == 3
+    ending = {"status": "preempted", "launch_id": lost.launch_id()}
+    assert queue.judge_lost(eng, c, "C", ending) == "launch" and c.attempts == 0
 
 
 def test_shared_names_the_other_experiments_of_a_run(db_url):

@@ -96,6 +96,14 @@ def stop_holder(record: dict, sig: int) -> bool:
     return False
 
 
+def _launch_number(launch: str | None) -> int:
+    """n of a launch id "<run id>.<n>"; -1 for a trainer started by hand (always older than a launch)."""
+    try:
+        return int(str(launch).rsplit(".", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
 class TrainerLock:
     """Hold the run directory for this rank. `acquire(wait_s)` waits up to wait_s for the previous holder
     (0: fail at once with RunDirBusy); `kill_after_s` into the wait, a holder on this host is SIGKILLed
@@ -124,9 +132,12 @@ class TrainerLock:
                                      "another --run-dir") from None
                 if signalled is None:
                     echo(f"waiting for {who} to checkpoint and release {self.path.parent}", flush=True)
-                    stop_holder(record, signal.SIGTERM)
                     signalled = signal.SIGTERM
-                elif signalled == signal.SIGTERM and waited >= kill_after_s and stop_holder(record, signal.SIGKILL):
+                    if _launch_number(record.get("launch")) < _launch_number(self.launch):  # never a newer one
+                        stop_holder(record, signal.SIGTERM)
+                elif (signalled == signal.SIGTERM and waited >= kill_after_s
+                      and _launch_number(record.get("launch")) < _launch_number(self.launch)
+                      and stop_holder(record, signal.SIGKILL)):
                     echo(f"killed {who}: it did not stop within {kill_after_s:.0f} s", flush=True)
                     signalled = signal.SIGKILL
                 time.sleep(0.1)
@@ -144,12 +155,15 @@ class TrainerLock:
 
 
 def _exec_with_parent_death(argv: list[str]) -> None:
-    """`python -m trainer.runlock CMD…`: exec CMD so that it gets SIGTERM when our parent dies (the request
-    survives exec). The worker starts torchrun's agent this way; a Popen preexec_fn would not be safe with
-    the worker's tracking thread running."""
+    """`python -m trainer.runlock [--signal NAME] CMD…`: exec CMD so that it gets the signal (SIGTERM by
+    default) when our parent dies: the request survives exec. The worker starts torchrun's agent this way;
+    a Popen preexec_fn would not be safe with the worker's tracking thread running."""
+    sig = signal.SIGTERM
+    if argv[:1] == ["--signal"] and len(argv) > 1:
+        sig, argv = signal.Signals[f"SIG{argv[1]}"], argv[2:]
     if not argv:
-        sys.exit("usage: python -m trainer.runlock COMMAND [ARG…]")
-    die_with_parent()
+        sys.exit("usage: python -m trainer.runlock [--signal NAME] COMMAND [ARG…]")
+    die_with_parent(sig)
     os.execvp(argv[0], argv)
 
 
