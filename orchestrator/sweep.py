@@ -162,7 +162,6 @@ class Driver:
             if self.sweep.start_with and not self.study.get_trials(deepcopy=False):  # a new study only
                 for point in self.sweep.start_with:
                     self.study.enqueue_trial(point)
-            self.parent_run = self.tracker.sweep_parent(self.sweep.name) if self.tracker else None
             return self._drive()
         finally:
             try:
@@ -191,25 +190,55 @@ class Driver:
             self.echo(f"sweep {self.sweep.name}: took over")
 
     def _drive(self) -> optuna.Study:
+        failures = 0
         while True:
-            if not self._holds_lease():
-                return self.study
-            self.reconcile()
-            trials = self.study.get_trials(deepcopy=False)
-            # Failed trials count too: a sweep whose runs all fail must end, not ask forever.
-            done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
-            running = [t for t in trials if t.state == TrialState.RUNNING]
-            if len(done) >= budget(self.sweep) and not running:
-                break
-            if not self._holds_lease():  # again right before asking: reconciling may have taken a while
-                return self.study
-            for _ in range(min(self.sweep.in_flight - len(running), budget(self.sweep) - len(done) - len(running))):
-                if not self.ask():
-                    break
+            try:
+                done = self._pass()
+            except (sa.exc.OperationalError, sa.exc.InterfaceError, optuna.exceptions.StorageInternalError) as exc:
+                # The database restarted or is away for a while: the study and the queue are in it, so wait
+                # for it (workers do the same); a standby that took over meanwhile is noticed by the lease.
+                failures += 1
+                self.echo(f"sweep {self.sweep.name}: database error ({type(exc).__name__}); retrying")
+                time.sleep(min(30.0, self.poll_s * 2 ** min(failures, 5)))
+                continue
+            failures = 0
+            if done is not None:
+                return done
             time.sleep(self.poll_s)
-        if self._holds_lease():
-            self.finish()
-        return self.study
+
+    def _pass(self) -> optuna.Study | None:
+        """One pass of the loop; the study when the driver is done with it, else None."""
+        if not self._holds_lease():
+            return self.study
+        self._track_parent()
+        self.reconcile()
+        trials = self.study.get_trials(deepcopy=False)
+        # Failed trials count too: a sweep whose runs all fail must end, not ask forever.
+        done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        if len(done) >= budget(self.sweep) and not running:
+            if self._holds_lease():
+                self.finish()
+            return self.study
+        if not self._holds_lease():  # again right before asking: reconciling may have taken a while
+            return self.study
+        for _ in range(min(self.sweep.in_flight - len(running), budget(self.sweep) - len(done) - len(running))):
+            if not self.ask():
+                break
+        return None
+
+    def _track_parent(self) -> None:
+        """The sweep's MLflow parent run, found or made as soon as the tracking server answers: MLflow being
+        down delays the sweep's tracking, never the sweep (the trials' runs are tracked by their workers)."""
+        if self.tracker is None or self.parent_run is not None:
+            return
+        try:
+            self.parent_run = self.tracker.sweep_parent(self.sweep.name)
+        except Exception as exc:  # noqa: BLE001
+            if not getattr(self, "_told_mlflow", False):
+                self.echo(f"sweep {self.sweep.name}: MLflow unreachable ({type(exc).__name__}); tracking the "
+                          "sweep once it is back")
+                self._told_mlflow = True
 
     def ask(self) -> bool:
         trial = self.study.ask()
@@ -285,11 +314,14 @@ class Driver:
             self.echo(f"trial {frozen.number}: failed ({', '.join(sorted({r.state for r in runs}))})")
 
     def _link_mlflow(self, runs: list[Run]) -> None:
-        if self.tracker is None:
+        if self.tracker is None or self.parent_run is None:
             return
         for r in runs:
             if r.mlflow_run_id:
-                self.tracker.set_parent(r.mlflow_run_id, self.parent_run)
+                try:
+                    self.tracker.set_parent(r.mlflow_run_id, self.parent_run)
+                except Exception:  # noqa: BLE001 - linked again at the next pass
+                    return
 
     def finish(self) -> None:
         best = best_trial(self.study)
@@ -298,7 +330,11 @@ class Driver:
             return
         self.echo(f"best: trial {best.number}, val loss {best.value:.4f}, {_fmt(best.params)}")
         if self.tracker is not None:
-            self.tracker.finish_sweep(self.parent_run, best.params, best.value, self.study)
+            self._track_parent()
+            try:
+                self.tracker.finish_sweep(self.parent_run, best.params, best.value, self.study)
+            except Exception as exc:  # noqa: BLE001 - the study holds the result; MLflow's copy is a convenience
+                self.echo(f"sweep {self.sweep.name}: could not record the best trial in MLflow ({exc})")
 
 
 def _runs(engine: Engine, ids: list[str]) -> list[Run]:

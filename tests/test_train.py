@@ -139,6 +139,24 @@ def test_kill_and_resume_is_bitwise_identical(baseline, data_dir, tmp_path):
     assert result["test_loss"] == want["test_loss"] and result["val_loss"] == want["val_loss"]
 
 
+def test_a_line_cut_short_by_a_full_disk_does_not_swallow_the_resume(baseline, data_dir, tmp_path):
+    """A launch that died mid-line (ENOSPC, a kill) leaves an unterminated metrics line; the next launch
+    ends it, so its resume event stays readable and the lost attempt's steps are superseded."""
+    ref, _ = baseline
+    run = tmp_path / "torn"
+    proc = start_trainer(run, data_dir, BASE)
+    try:
+        wait_for_step(run, proc, 5)
+    finally:
+        proc.kill()
+        proc.communicate()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "tokens": 11')  # half a line, as a full disk leaves it
+    ok(run_trainer(run, data_dir, BASE))
+    assert losses_and_norms(run) == losses_and_norms(ref)  # every step once, as if never interrupted
+    assert sum(e.get("event") == "resume" for e in read_metrics(run)) == 1
+
+
 def _stop_midway(run, data_dir, how: str) -> subprocess.CompletedProcess:
     proc = start_trainer(run, data_dir, BASE)
     try:

@@ -46,9 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     launch = os.environ.get("ORCH_LAUNCH_ID")
     lock = runlock.TrainerLock(args.run_dir, int(os.environ.get("RANK", "0")), launch)
     try:
-        # The lock first: even a config error is this launch's ending to write, and only the holder may.
-        lock.acquire(wait_s=LOCK_WAIT_S if launch else 0.0)
-        cfg = config.load(args.config, args.preset, parse_sets(args.set))
+        wait_s = LOCK_WAIT_S if launch else 0.0
+        try:
+            cfg = config.load(args.config, args.preset, parse_sets(args.set))
+        except ConfigError:
+            # Even a config error's result is written by the holder only; but a mistyped --set by hand
+            # creates no directory.
+            if Path(args.run_dir).is_dir():
+                lock.acquire(wait_s=wait_s)
+            raise
+        lock.acquire(wait_s=wait_s)  # before anything is written: one trainer per run directory
         from trainer.train import exit_code, train  # torch is imported only once the config is known good
 
         return exit_code(train(cfg, args.run_dir))

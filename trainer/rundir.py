@@ -82,10 +82,13 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.exists():
         return events
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
-        event = json.loads(line)
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a full disk or a kill; the next launch ended it
+            continue
         if event.get("event") == "resume":
             events = [e for e in events if e.get("step", 0) <= event["step"]]
         events.append(event)

@@ -107,6 +107,12 @@ class Metrics:
 
     def __init__(self, path: Path, enabled: bool):
         self.file = open(path, "a", buffering=1) if enabled else None
+        if self.file and self.file.tell() > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:  # an earlier attempt died mid-line (a full disk, a kill): end that line, keep ours whole
+                self.file.write("\n")
 
     def log(self, **event) -> None:
         if self.file:
