@@ -245,3 +245,22 @@ def test_a_full_disk_costs_no_attempt_and_the_run_finishes_once_space_is_free(tm
         steps_once(run_dir, 80)
     finally:
         subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_the_stored_error_is_the_trainers_not_torchruns_report(tmp_path):
+    """A failed rank under torchrun: the error kept for `orch logs` ends with the child's own message; the
+    agent's traceback and summary box (~25 lines) are cut."""
+    from orchestrator.worker import LOG, clean_tail
+    from tests.conftest import PYTHON
+
+    log = tmp_path / LOG
+    log.write_text("=== attempt 1 (launch x.1) on an earlier worker\nold noise\n=== attempt 2 (launch x.2) on w\n")
+    with open(log, "a") as f:  # a real torchrun whose one child fails with a one-line error
+        subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+                        "json.tool", str(tmp_path / "missing.json")], stdout=f, stderr=subprocess.STDOUT,
+                       env=subprocess_env(), timeout=120)
+    raw = log.read_text()
+    assert "ChildFailedError" in raw and "Root Cause" in raw
+    kept = clean_tail(log)
+    assert kept.splitlines()[0].startswith("=== attempt 2") and "old noise" not in kept
+    assert kept.splitlines()[-1].startswith("python -m json.tool: error:") and "ChildFailedError" not in kept
