@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator import queue
 from orchestrator.db import Run
-from trainer.rundir import METRICS
+from trainer.rundir import METRICS, read_events
 
 LEASE_GRACE_S = 60.0  # a sender that stops renewing its lease for this long is replaced
 ORPHAN_EVERY_S = 30.0  # how often a worker looks for finished runs that nobody finished tracking
@@ -140,27 +140,6 @@ def _lease(run_id: str) -> str:
 def _get(engine: Engine, run_id: str) -> Run | None:
     with Session(engine, expire_on_commit=False) as s:
         return s.get(Run, run_id)
-
-
-def read_events(path: Path, offset: int, until: int | None = None) -> tuple[list[dict], int]:
-    """Complete JSON lines of `path` from byte `offset` (to `until`), and the offset after them. A line still
-    being written waits for the next read; a damaged line (a full disk, say) is skipped, not fatal."""
-    import json
-
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read() if until is None else f.read(until - offset)
-    except FileNotFoundError:
-        return [], offset
-    end = chunk.rfind(b"\n") + 1
-    events = []
-    for line in chunk[:end].splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events, offset + end
 
 
 def sync_all(outbox: Outbox, limit: int = 10_000) -> tuple[int, list[tuple[str, str]]]:

@@ -38,12 +38,12 @@ from sqlalchemy.engine import Engine
 
 from orchestrator import queue
 from orchestrator.db import Run
-from orchestrator.outbox import Outbox, OutboxThread, read_events
+from orchestrator.outbox import Outbox, OutboxThread
 from orchestrator.progress import Progress
 from trainer import runlock
 from trainer.config import TrainConfig
 from trainer.provenance import git_commit
-from trainer.rundir import CONFIG, EXIT_NO_SPACE, METRICS, NO_SPACE_LINE, RESULT, STOP, write_json
+from trainer.rundir import CONFIG, EXIT_NO_SPACE, METRICS, NO_SPACE_LINE, RESULT, STOP, read_events, write_json
 
 LOG = "train.log"
 STOP_TIMEOUT_S = 120  # how long a trainer gets to checkpoint after STOP before it is killed

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from orchestrator import queue
@@ -16,7 +15,6 @@ from tests.conftest import REPO, start_trainer, subprocess_env, trainer_cmd, wai
 from tests.servers import MlflowServer, free_port
 from tests.test_worker import Orch, logged_steps, wait_until, write_experiment
 from trainer import runlock
-from trainer.rundir import read_metrics
 
 
 def children(pid: int) -> list[int]:

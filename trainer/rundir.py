@@ -95,6 +95,25 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return events
 
 
+def read_events(path: Path, offset: int, until: int | None = None) -> tuple[list[dict], int]:
+    """Complete JSON lines of `path` from byte `offset` (to `until`), and the offset after them. A line still
+    being written waits for the next read; a damaged line (a full disk, say) is skipped, not fatal."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read() if until is None else f.read(until - offset)
+    except FileNotFoundError:
+        return [], offset
+    end = chunk.rfind(b"\n") + 1
+    events = []
+    for line in chunk[:end].splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events, offset + end
+
+
 def checkpoint_paths(run_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints, oldest first (temporary files of an interrupted write are ignored)."""
     folder = Path(run_dir) / CHECKPOINTS
