@@ -662,10 +662,10 @@ class Campaign:
             self.refs.want(config, 2 if run_id in self.ddp_ids else 1)
 
     def counts(self) -> dict | None:
-        from orchestrator import queue
+        from orchestrator import queries
 
         try:
-            return queue.counts(self.engine)
+            return queries.counts(self.engine)
         except Exception:  # noqa: BLE001 - the database is down: that is one of the faults
             return None
 

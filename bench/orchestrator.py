@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO))
 
 import sqlalchemy as sa  # noqa: E402
 
-from orchestrator import queue, specs  # noqa: E402
+from orchestrator.states import RunState  # noqa: E402
+from orchestrator import queries, queue, specs  # noqa: E402
 from orchestrator import table as tbl  # noqa: E402
 from orchestrator.db import Run, connect  # noqa: E402
 from tests.servers import MlflowServer, Postgres, pg_bin  # noqa: E402
@@ -103,7 +104,7 @@ def claim_all(engine, url: str, n_procs: int, expected: set[str]) -> tuple[float
     owner = {rid: name for name, got, _, _ in results for rid in got}
     with engine.connect() as conn:
         rows = conn.execute(sa.select(Run.id, Run.worker, Run.state)).all()
-    assert all(s == queue.RUNNING and owner[i] == w for i, w, s in rows), "database disagrees with the claimers"
+    assert all(s == RunState.RUNNING and owner[i] == w for i, w, s in rows), "database disagrees with the claimers"
     return elapsed, [x for r in results for x in r[2]]
 
 
@@ -111,7 +112,7 @@ def finish_all_bulk(engine, rng: random.Random) -> None:
     """Set-up only: every run succeeded with a synthetic loss and a result.json-sized result."""
     t = Run.__table__
     stmt = (sa.update(t).where(t.c.id == sa.bindparam("rid"))
-            .values(state=queue.SUCCEEDED, worker=None, test_loss=sa.bindparam("loss"), finished_at=time.time(),
+            .values(state=RunState.SUCCEEDED, worker=None, test_loss=sa.bindparam("loss"), finished_at=time.time(),
                     result=sa.bindparam("res", type_=t.c.result.type)))
     with engine.begin() as conn:
         ids = conn.execute(sa.select(t.c.id)).scalars().all()
@@ -142,7 +143,7 @@ def queue_benchmarks(args, backends: dict[str, callable]) -> None:
             rec(f"  one claim() call, median", backend, "ms", 1000 * statistics.median(lat))
             rec(f"  one claim() call, p99", backend, "ms", 1000 * statistics.quantiles(lat, n=100)[98])
             finish_all_bulk(engine, random.Random(r))
-            t_rows, rows = clock(queue.runs_of, engine)
+            t_rows, rows = clock(queries.runs_of, engine)
             t_build, boards = clock(tbl.build, rows)
             t_render, md = clock(tbl.render, boards, fmt="markdown")
             assert all(f"| {i.name}" in md for i in exp.interventions[-1:]) and "| baseline" in md, "table lacks rows"

@@ -79,7 +79,7 @@ def sweep_file(path: Path, name: str, data: Path, args, sampler: str, pruner: st
 def run_strategy(label: str, work: Path, data: Path, args, env: dict) -> dict:
     import optuna
 
-    from orchestrator import queue
+    from orchestrator import queries
     from orchestrator import sweep as sw
     from orchestrator.db import connect
 
@@ -113,7 +113,7 @@ def run_strategy(label: str, work: Path, data: Path, args, env: dict) -> dict:
     wall = time.time() - t0
 
     engine = connect(db)
-    runs = {r.id: r for _, _, r in queue.runs_of(engine, [label])}
+    runs = {r.id: r for _, _, r in queries.runs_of(engine, [label])}
     study = optuna.load_study(study_name=label, storage=sw.storage(engine))
     decided = {int(n): int(s) for n, s in re.findall(r"trial (\d+): pruned at step (\d+)", out)}
     trials = []

@@ -5,6 +5,9 @@ traceback.
 
 from __future__ import annotations
 
+from orchestrator import states
+from orchestrator.states import RunState
+
 import sys
 import time
 from contextlib import contextmanager
@@ -272,17 +275,17 @@ def table(
 ):
     """The leaderboard: arms ranked by mean test loss; improvement vs baseline with a CI (95% at --alpha 0.05),
     p-value and verdict; sequential levels once `orch more-seeds` has looked at an experiment."""
-    from orchestrator import queue
+    from orchestrator import queries
     from orchestrator import table as tbl
 
     if format not in ("rich", "markdown", "csv", "json"):
         fail(f"--format must be rich, markdown, csv or json, not {format!r}")
     check_alpha(alpha)
     eng = engine(db)
-    names = experiments and [*experiments, *(n for n in queue.experiment_names(eng)
+    names = experiments and [*experiments, *(n for n in queries.experiment_names(eng)
                                                if n.split(tbl.NOISE_SEP)[0] in experiments)]
-    boards = tbl.build(queue.runs_of(eng, names), queue.specs(eng), alpha)
-    known = queue.experiment_names(eng)
+    boards = tbl.build(queries.runs_of(eng, names), queries.specs(eng), alpha)
+    known = queries.experiment_names(eng)
     unknown = sorted(set(experiments or []) - set(known))
     if unknown:
         fail(f"no experiment named {', '.join(map(repr, unknown))}; known: {', '.join(known) or 'none'}")
@@ -319,7 +322,7 @@ def more_seeds(
     db: DbOpt = None,
 ):
     """Queue extra seeds only where a verdict is still open and more seeds could still close it."""
-    from orchestrator import queue, studies
+    from orchestrator import queries, studies
 
     check_alpha(alpha)
     if not poll > 0:
@@ -331,13 +334,13 @@ def more_seeds(
         for arm, why in sorted(reasons.items()):
             typer.echo(f"  {arm}: {why}")
         typer.echo(f"{len(report.queued)} run(s) queued")
-        pending = [r for _, _, r in queue.runs_of(eng, [experiment]) if r.state in queue.ACTIVE]
+        pending = [r for _, _, r in queries.runs_of(eng, [experiment]) if r.state in states.ACTIVE]
         if not until_decided or not pending:
             if until_decided:
                 typer.echo("every verdict is decided or at --max-seeds")
             return
         typer.echo(f"waiting for {len(pending)} run(s) (workers must be running: orch worker)")
-        while any(r.state in queue.ACTIVE for _, _, r in queue.runs_of(eng, [experiment])):
+        while any(r.state in states.ACTIVE for _, _, r in queries.runs_of(eng, [experiment])):
             time.sleep(poll)
 
 
@@ -507,12 +510,12 @@ def report(
     """One self-contained HTML page with loss curves, improvements with CIs and the table (also in MLflow)."""
     from pathlib import Path
 
-    from orchestrator import queue
+    from orchestrator import queries
     from orchestrator.report import write_report
 
     check_alpha(alpha)
     eng = engine(db)
-    known = queue.experiment_names(eng)
+    known = queries.experiment_names(eng)
     if experiment not in known:
         fail(f"no experiment named {experiment!r}; known: {', '.join(known) or 'none'}")
     tracker = None
@@ -530,18 +533,18 @@ def ls(
     db: DbOpt = None,
 ):
     """List runs: id, experiment, arm, seed, state, attempts, test loss."""
-    from orchestrator import queue
+    from orchestrator import queries
 
-    states = (*queue.ACTIVE, *queue.FINAL)
-    if state is not None and state not in states:
-        fail(f"--state must be one of {', '.join(states)}, not {state!r}")
+    names = [str(s) for s in RunState]
+    if state is not None and state not in names:
+        fail(f"--state must be one of {', '.join(names)}, not {state!r}")
     eng = engine(db)
     if experiments:
-        known = queue.experiment_names(eng)
+        known = queries.experiment_names(eng)
         unknown = sorted(set(experiments) - set(known))
         if unknown:
             fail(f"no experiment named {', '.join(map(repr, unknown))}; known: {', '.join(known) or 'none'}")
-    for exp, arm, r in queue.runs_of(eng, experiments):
+    for exp, arm, r in queries.runs_of(eng, experiments):
         if state and r.state != state:
             continue
         loss = f"{r.test_loss:.4f}" if r.test_loss is not None else "—"
@@ -574,16 +577,16 @@ def _status_view(eng):
     from rich.console import Group
     from rich.table import Table
 
-    from orchestrator import queue
+    from orchestrator import queries
 
-    counts = queue.counts(eng)
-    summary = "  ".join(f"{k}: {counts.get(k, 0)}" for k in (queue.QUEUED, queue.RUNNING, *queue.FINAL))
+    counts = queries.counts(eng)
+    summary = "  ".join(f"{k}: {counts.get(k, 0)}" for k in RunState)
     t = Table(title="running")
     for col in ("run", "experiment/arm", "seed", "step", "loss", "tokens/s", "ETA", "worker"):
         t.add_column(col)
     seen = set()
-    for exp, arm, r in queue.runs_of(eng):
-        if r.state != queue.RUNNING or r.id in seen:
+    for exp, arm, r in queries.runs_of(eng):
+        if r.state != RunState.RUNNING or r.id in seen:
             continue
         seen.add(r.id)
         eta = "—"
@@ -626,21 +629,21 @@ def cancel(
     unless --include-shared: cancelling one study must not take the baseline from under another."""
     import re
 
-    from orchestrator import queue
+    from orchestrator import queries, queue
 
     eng = engine(db)
-    runs = [r for _, _, r in queue.runs_of(eng, [target])]
+    runs = [r for _, _, r in queries.runs_of(eng, [target])]
     ids = [r.id for r in runs]
     kept: dict[str, list[str]] = {}
     if ids and not include_shared:
-        active = {r.id for r in runs if r.state in queue.ACTIVE}
-        kept = {i: names for i, names in queue.shared(eng, ids, target).items() if i in active}
+        active = {r.id for r in runs if r.state in states.ACTIVE}
+        kept = {i: names for i, names in queries.shared(eng, ids, target).items() if i in active}
         ids = [i for i in ids if i not in kept]
     elif not ids:
-        ids = [r.id for r in queue.find(eng, target)] if re.fullmatch(r"[0-9a-z]{1,16}", target) else []
+        ids = [r.id for r in queries.find(eng, target)] if re.fullmatch(r"[0-9a-z]{1,16}", target) else []
         if not ids:
             fail(f"no run or experiment matches {target!r} (see `orch ls`)")
-    done = queue.cancel(eng, ids)
+    done = queue.cancel(eng, ids).done
     typer.echo(f"cancelled {len(done)} run(s)" + (f"; {len(ids) - len(done)} were already finished" if len(ids) > len(done) else ""))
     if kept:
         names = sorted({n for v in kept.values() for n in v})
@@ -654,8 +657,9 @@ def retry(run: Annotated[str, typer.Argument(help="run id prefix")], db: DbOpt =
 
     eng = engine(db)
     r = _one_run(eng, run)
-    if not queue.retry(eng, [r.id]):
-        fail(f"run {r.id} is {r.state}; only failed, diverged, cancelled or pruned runs can be retried")
+    moves = queue.retry(eng, [r.id])
+    if moves.refused:
+        fail(str(moves.refused[0]))
     typer.echo(f"requeued {r.id}")
 
 
@@ -708,10 +712,10 @@ def db_upgrade(db: DbOpt = None):
 
 
 def _one_run(eng, prefix: str):
-    from orchestrator import queue
+    from orchestrator import queries
 
     check_run_prefix(prefix)
-    matches = queue.find(eng, prefix)
+    matches = queries.find(eng, prefix)
     if not matches:
         fail(f"no run id starts with {prefix!r} (see `orch ls`)")
     if len(matches) > 1:

@@ -92,7 +92,7 @@ class Experiment(Base):
 
 
 class Lease(Base):
-    """Which process drives a sweep (queue.take_lease): one holder at a time, beating on the database clock;
+    """Which process drives a sweep (leases.take): one holder at a time, beating on the database clock;
     a holder whose beats stop is replaced once the grace period has passed."""
 
     __tablename__ = "leases"

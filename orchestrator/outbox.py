@@ -3,7 +3,7 @@
 What MLflow must end up holding for a run is durable before anything is sent: its points in the run
 directory's metrics.jsonl, its final numbers and state in the database, its artifacts in the run directory.
 So the outbox is a comparison rather than a second copy: MLflow is brought up to what those hold, by whoever
-holds the run's tracking lease (queue.take_lease "track:<run id>"): its worker while it trains, then anyone
+holds the run's tracking lease (leases.take "track:<run id>"): its worker while it trains, then anyone
 — that worker again, a later worker, or `orch sync` — until `runs.tracked` equals the run's final state.
 Each step is idempotent, so a failure anywhere (the server down for minutes, a worker killed mid-send) is
 repaired by the next pass:
@@ -30,7 +30,8 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from orchestrator import queue
+from orchestrator import states
+from orchestrator import leases, queries, queue
 from orchestrator.db import Run
 from trainer.rundir import METRICS, read_events
 
@@ -69,7 +70,7 @@ class Outbox:
         """Bring MLflow up to date for one run; raises what the tracking server raised (nothing is lost:
         the next pass starts from what MLflow has). `close=False` sends points only: its trainer still
         runs (a cancelled run checkpointing), and the MLflow run is closed once it has exited."""
-        other = queue.take_lease(self.engine, _lease(run_id), self.holder, self.lease_grace_s)
+        other = leases.take(self.engine, _lease(run_id), self.holder, self.lease_grace_s)
         if other is not None:
             self.cursors.pop(run_id, None)
             return Pass(False, note=f"tracked by {other}")
@@ -82,7 +83,7 @@ class Outbox:
             run = _get(self.engine, run_id)
             if run is None:
                 return self._let_go(run_id, Pass(True, note="no such run"))
-            final = run.state in queue.FINAL
+            final = run.state in states.FINAL
             if final and run.launches == 0 and not run.mlflow_run_id:  # cancelled before it ever ran
                 queue.set_tracked(self.engine, run.id, run.state)
                 return self._let_go(run_id, Pass(True))
@@ -112,13 +113,13 @@ class Outbox:
 
     def _let_go(self, run_id: str, outcome: Pass) -> Pass:
         self.cursors.pop(run_id, None)
-        queue.release_lease(self.engine, _lease(run_id), self.holder)
+        leases.release(self.engine, _lease(run_id), self.holder)
         return outcome
 
     def _mlflow_run(self, run: Run) -> str:
         if run.mlflow_run_id:
             return run.mlflow_run_id
-        memberships = queue.memberships(self.engine, run.id)
+        memberships = queries.memberships(self.engine, run.id)
         first_exp, arm = memberships[0] if memberships else ("orch", "run")
         found = self.tracker.find_run(first_exp, run.id)
         mlflow_id = found or self.tracker.start_run(
@@ -146,7 +147,7 @@ def sync_all(outbox: Outbox, limit: int = 10_000) -> tuple[int, list[tuple[str, 
     """`orch sync`: one pass over every finished run MLflow does not hold whole. Returns (#done, [(run,
     why not)]) — a run another process is sending, or whose directory is not on this machine, stays pending."""
     done, pending = 0, []
-    for run_id in queue.untracked(outbox.engine, limit=limit):
+    for run_id in queries.untracked(outbox.engine, limit=limit):
         try:
             outcome = outbox.sync(run_id)
         except Exception as exc:  # noqa: BLE001 - reported per run; the next `orch sync` retries it
@@ -260,7 +261,7 @@ class OutboxThread:
 
     def _orphans(self) -> None:
         try:
-            runs = queue.untracked(self.outbox.engine, finished_before_s=self.orphans_after_s, limit=20)
+            runs = queries.untracked(self.outbox.engine, finished_before_s=self.orphans_after_s, limit=20)
         except Exception:  # noqa: BLE001 - the database is down; the main loop says so
             return
         with self._lock:

@@ -1,15 +1,13 @@
-"""Every state transition of a run, each one short transaction conditioned on the state it leaves.
+"""Every write of a run: each one short transaction, conditioned on the state it leaves (states.py's table).
 
-    queued ──claim──▶ running ──finish──▶ succeeded | diverged | pruned | failed (attempts used up)
-       ▲                 │  └─ preempted, or failed with attempts left ─▶ queued
-       └─ stale heartbeat┘
-    queued | running ──cancel──▶ cancelled        failed | diverged | cancelled | pruned ──retry──▶ queued
-
-A finished run is never modified except by an explicit retry (Optuna's storage contract). Claiming is the
-one contended transition: on PostgreSQL the candidate rows are locked with FOR UPDATE SKIP LOCKED, so
-concurrent claimers take different rows without waiting (procrastinate's design); on SQLite the whole
-transaction holds the write lock from BEGIN IMMEDIATE (db.py), and `state = 'queued'` in the UPDATE
-guards the rest. Either way each run is claimed by exactly one worker.
+The state machine itself is states.MOVES; this module is its only writer. Each state change names its
+event, updates only rows in one of the event's source states, and sets the event's target state (`_move`);
+a user's request that the table refuses (`orch retry` of a succeeded run) comes back as states.IllegalMove.
+A final run is never modified except by an explicit retry. Claiming is the one contended transition: on
+PostgreSQL the candidate rows are locked with FOR UPDATE SKIP LOCKED, so concurrent claimers take different
+rows without waiting (procrastinate's design); on SQLite the whole transaction holds the write lock from
+BEGIN IMMEDIATE (db.py), and the state condition guards the rest. Either way each run is claimed by
+exactly one worker.
 
 Attempts count crashes, never preemptions. A launch counts one when its trainer is actually started
 (start), and an ending that says "preempted" (the trainer checkpointed: SIGTERM, STOP, Slurm's warning, or
@@ -26,18 +24,33 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
-from pydantic import ValidationError
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from orchestrator.db import Experiment as ExperimentRow
-from orchestrator.db import Lease, Membership, Run, db_now
-from orchestrator.specs import Experiment, Intervention, Looks, RunSpec
+from orchestrator.db import Membership, Run, db_now
+from orchestrator import states
+from orchestrator.specs import Experiment, Looks, RunSpec
+from orchestrator.states import Event, IllegalMove, RunState, move, stored_sources, target
+from trainer.rundir import Status
 
-QUEUED, RUNNING = "queued", "running"
-SUCCEEDED, FAILED, DIVERGED, CANCELLED, PRUNED = "succeeded", "failed", "diverged", "cancelled", "pruned"
-FINAL = (SUCCEEDED, FAILED, DIVERGED, CANCELLED, PRUNED)
-ACTIVE = (QUEUED, RUNNING)
+
+def _in(event: Event):
+    """SQL: the run is in a state that `event` may leave."""
+    return Run.state.in_(stored_sources(event))
+
+
+def _move(conn: Connection | Session, event: Event, where, **values) -> list[str]:
+    """The one UPDATE that changes runs' state: those matching `where` and in one of `event`'s source states
+    take its target state. Returns the ids moved."""
+    return list(conn.execute(sa.update(Run).where(where, _in(event)).values(state=str(target(event)), **values)
+                             .returning(Run.id).execution_options(synchronize_session=False)).scalars().all())
+
+
+# The state names as this module's attributes, until every caller reads them from states.RunState.
+QUEUED, RUNNING, SUCCEEDED, FAILED = RunState.QUEUED, RunState.RUNNING, RunState.SUCCEEDED, RunState.FAILED
+DIVERGED, CANCELLED, PRUNED = RunState.DIVERGED, RunState.CANCELLED, RunState.PRUNED
+FINAL, ACTIVE = tuple(str(s) for s in states.FINAL), tuple(str(s) for s in states.ACTIVE)
 
 
 @dataclass
@@ -46,10 +59,30 @@ class SubmitReport:
     reused: list[tuple[RunSpec, str]] = field(default_factory=list)  # (run, its current state)
 
 
+@dataclass
+class Moves:
+    """What a user's state change did: the runs moved, and per run refused, why (the table's own words)."""
+
+    done: list[str] = field(default_factory=list)
+    refused: list[IllegalMove] = field(default_factory=list)
+
+
+@dataclass
+class Imported:
+    """A result measured elsewhere, to be stored as a finished run of an arm."""
+
+    id: str
+    arm: str
+    seed: int
+    test_loss: float
+    result: dict
+
+
 def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str | None = None,
            max_attempts: int = 3, priority: int = 0) -> SubmitReport:
     """Queue the runs that do not exist yet and record the experiment's membership of all of them."""
     report = SubmitReport()
+    queued = str(move(None, Event.SUBMIT))
     with engine.begin() as conn:
         existing: dict[str, str] = {}
         ids = [r.id for r in runs]
@@ -63,11 +96,11 @@ def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str
             if r.id in existing:
                 report.reused.append((r, existing[r.id]))
             else:
-                new_runs.append(dict(id=r.id, state=QUEUED, config=r.config.model_dump(mode="json"), seed=r.seed,
+                new_runs.append(dict(id=r.id, state=queued, config=r.config.model_dump(mode="json"), seed=r.seed,
                                      data_seed=r.data_seed, repeat=r.repeat, priority=priority, attempts=0,
                                      max_attempts=max_attempts, created_at=now + len(new_runs) * 1e-6))
                 report.queued.append(r)
-                existing[r.id] = QUEUED
+                existing[r.id] = queued
             if (r.arm, r.id) not in members:
                 new_members.append(dict(experiment=exp.name, arm=r.arm, run_id=r.id))
                 members.add((r.arm, r.id))
@@ -86,7 +119,6 @@ def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str
         row = dict(description=exp.description, spec=exp.model_dump(mode="json"), source=source)
         if exists:
             row["source"] = source or exists.source  # a spec change keeps where it first came from
-        if exists:
             conn.execute(sa.update(ExperimentRow).where(ExperimentRow.name == exp.name).values(**row))
         else:
             conn.execute(sa.insert(ExperimentRow).values(name=exp.name, created_at=now, **row))
@@ -98,25 +130,45 @@ def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str
     return report
 
 
+def add_imported(engine: Engine, spec: Experiment, source: str, runs: Sequence[Imported]) -> int:
+    """Store results measured elsewhere as finished runs of experiment `spec.name` (the import event); a run
+    already stored (the same import again) is left as it is. Into an existing experiment the imported arms
+    just join; its own spec stays as submitted. Returns how many runs were new."""
+    state = str(move(None, Event.IMPORT))
+    added = 0
+    with engine.begin() as conn:
+        now = conn.execute(sa.select(db_now())).scalar_one()
+        for r in runs:
+            if conn.execute(sa.select(Run.id).where(Run.id == r.id)).first() is None:
+                conn.execute(sa.insert(Run).values(
+                    id=r.id, state=state, config={"imported": True}, seed=r.seed, data_seed=0, repeat=0, priority=0,
+                    attempts=0, max_attempts=0, created_at=now, finished_at=now, test_loss=r.test_loss,
+                    result=finite(r.result)))
+                added += 1
+            member = (Membership.experiment == spec.name) & (Membership.arm == r.arm) & (Membership.run_id == r.id)
+            if conn.execute(sa.select(Membership.run_id).where(member)).first() is None:
+                conn.execute(sa.insert(Membership).values(experiment=spec.name, arm=r.arm, run_id=r.id))
+        if conn.execute(sa.select(ExperimentRow.name).where(ExperimentRow.name == spec.name)).first() is None:
+            conn.execute(sa.insert(ExperimentRow).values(name=spec.name, created_at=now, description=spec.description,
+                                                         spec=spec.model_dump(mode="json"), source=source))
+    return added
+
+
 def claim(engine: Engine, worker: str, limit: int = 1) -> list[Run]:
     """Atomically move up to `limit` queued runs to running for this worker and return them."""
     with Session(engine, expire_on_commit=False) as conn, conn.begin():
-        # Two statements, as the design says: the SELECT locks (and skips locked) candidate rows; the UPDATE
-        # takes them. (One UPDATE … WHERE id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED) can take more than n
-        # rows on PostgreSQL, which may re-run the subquery.)
+        # Two statements: the SELECT locks (and skips locked) candidate rows; the UPDATE takes them. (One
+        # UPDATE … WHERE id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED) can take more than n rows on
+        # PostgreSQL, which may re-run the subquery.)
         candidates = conn.execute(
-            sa.select(Run.id).where(Run.state == QUEUED).order_by(Run.priority.desc(), Run.created_at, Run.id)
+            sa.select(Run.id).where(_in(Event.CLAIM)).order_by(Run.priority.desc(), Run.created_at, Run.id)
             .limit(limit).with_for_update(skip_locked=True)  # SQLite ignores this; BEGIN IMMEDIATE serialises
         ).scalars().all()
         if not candidates:
             return []
         now = db_now()
-        ids = conn.execute(
-            sa.update(Run).where(Run.id.in_(candidates), Run.state == QUEUED)
-            .values(state=RUNNING, worker=worker, started_at=now, heartbeat_at=now, finished_at=None,
-                    exit_code=None, stop=None, launches=Run.launches + 1)
-            .returning(Run.id).execution_options(synchronize_session=False)
-        ).scalars().all()
+        ids = _move(conn, Event.CLAIM, Run.id.in_(candidates), worker=worker, started_at=now, heartbeat_at=now,
+                    finished_at=None, exit_code=None, stop=None, launches=Run.launches + 1)
         if not ids:
             return []
         rows = conn.execute(sa.select(Run).where(Run.id.in_(ids))).scalars().all()
@@ -145,53 +197,58 @@ class Beat:
     lost: dict[str, str] = field(default_factory=dict)
 
 
+def _ours(run_id: str, worker: str):
+    return (Run.id == run_id) & (Run.worker == worker) & (Run.state == str(RunState.RUNNING))
+
+
 def heartbeat(engine: Engine, worker: str, progress: dict[str, dict]) -> Beat:
-    """Beat for each of this worker's runs (with its progress). A run taken away must have its trainer
-    stopped; only a cancelled one is this worker's to close in MLflow (outbox.py decides by the state)."""
+    """Beat for each of this worker's runs (with its progress columns: progress.Progress.columns()). A run
+    taken away must have its trainer stopped; only a cancelled one is this worker's to close in MLflow
+    (outbox.py decides by the state). Progress is not a state change: no event."""
     beat = Beat()
     with engine.begin() as conn:
         for run_id, fields in progress.items():
-            stop = conn.execute(sa.update(Run).where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)
+            stop = conn.execute(sa.update(Run).where(_ours(run_id, worker))
                                 .values(heartbeat_at=db_now(), **finite(fields)).returning(Run.stop)).first()
             if stop is not None:
                 beat.owned[run_id] = stop[0]
             else:
                 state = conn.execute(sa.select(Run.state).where(Run.id == run_id)).scalar()
-                beat.lost[run_id] = "cancelled" if state == CANCELLED else "taken over"
+                beat.lost[run_id] = "cancelled" if state == RunState.CANCELLED else "taken over"
     return beat
 
 
-def request_stop(engine: Engine, run_ids: Iterable[str], reason: str = "pruned") -> list[str]:
-    """Ask the workers of running runs to stop them (through the trainer's STOP file) with this reason.
+def request_stop(engine: Engine, run_ids: Iterable[str], reason: str = Status.PRUNED.value) -> list[str]:
+    """Ask the workers of running runs to stop them (through the trainer's STOP file) with this reason; the
+    worker records the ending as usual. Only a run that the reason's event may leave is asked.
 
     The database carries the request, so whoever asks (a sweep on another machine) needs no access to
     the run directories."""
+    event = Event.PRUNE if reason == Status.PRUNED else Event.PREEMPT
     with engine.begin() as conn:
-        return list(conn.execute(sa.update(Run).where(Run.id.in_(list(run_ids)), Run.state == RUNNING)
+        return list(conn.execute(sa.update(Run).where(Run.id.in_(list(run_ids)), _in(event))
                                  .values(stop=reason).returning(Run.id)).scalars())
 
 
 def requeue_stale(engine: Engine, grace_s: float, except_worker: str | None = None) -> list[str]:
-    """Runs whose worker has not beaten for `grace_s` seconds go back to the queue, their launch left open.
+    """Runs whose worker has not beaten for `grace_s` seconds go back to the queue (lose), their launch left open.
 
     Whether that launch used up an attempt is not known here: its trainer may have checkpointed and ended
     as preempted after its worker died. The next launcher reads its result.json and decides (judge_lost).
     A worker never reaps its own runs (`except_worker`): it is alive, only late.
     """
     with engine.begin() as conn:
-        stale = (Run.state == RUNNING) & (Run.heartbeat_at < db_now() - grace_s)
+        stale = Run.heartbeat_at < db_now() - grace_s
         if except_worker is not None:
             stale = stale & (Run.worker != except_worker)
-        return list(conn.execute(sa.update(Run).where(stale).values(state=QUEUED, worker=None)
-                                 .returning(Run.id)).scalars().all())
+        return _move(conn, Event.LOSE, stale, worker=None)
 
 
 def start(engine: Engine, run: Run, worker: str) -> bool:
     """This claim's trainer is about to start: count the attempt and open the launch. False if the run is
-    no longer ours, or an earlier launch is still open (judge_lost it first)."""
+    no longer ours, or an earlier launch is still open (judge_lost it first). Not a state change."""
     with engine.begin() as conn:
-        ok = conn.execute(sa.update(Run).where(Run.id == run.id, Run.worker == worker, Run.state == RUNNING,
-                                               Run.open_launch.is_(None))
+        ok = conn.execute(sa.update(Run).where(_ours(run.id, worker), Run.open_launch.is_(None))
                           .values(attempts=Run.attempts + 1, open_launch=Run.launches)
                           .returning(Run.attempts)).scalar()
     if ok is None:
@@ -211,19 +268,18 @@ def judge_lost(engine: Engine, run: Run, worker: str, ending: dict | None) -> st
     if n is None:
         return "launch"
     status = (ending or {}).get("status")
-    if status in (SUCCEEDED, DIVERGED, PRUNED, FAILED):  # it ended for good after its worker died
+    if status in (Status.SUCCEEDED, Status.DIVERGED, Status.PRUNED, Status.FAILED):  # it ended after its worker died
         return finish(engine, run.id, worker, status, result=ending, exit_code=ending.get("exit_code"),
                       error=ending.get("error"))
-    if status != "preempted" and run.attempts >= run.max_attempts:  # a crash, and it was the last attempt
-        return finish(engine, run.id, worker, FAILED, error=f"launch {n} ended without a result after its "
+    if status != Status.PREEMPTED and run.attempts >= run.max_attempts:  # a crash, and it was the last attempt
+        return finish(engine, run.id, worker, Status.FAILED, error=f"launch {n} ended without a result after its "
                       f"worker stopped heartbeating; no attempts left (of {run.max_attempts})", count=False)
-    refund = 1 if status == "preempted" else 0  # checkpointed: the attempt it used is given back
+    refund = 1 if status == Status.PREEMPTED else 0  # checkpointed: the attempt it used is given back
     with engine.begin() as conn:
-        mine = (Run.id == run.id) & (Run.worker == worker) & (Run.state == RUNNING)
-        done = conn.execute(sa.update(Run).where(mine, Run.open_launch == n)
+        done = conn.execute(sa.update(Run).where(_ours(run.id, worker), Run.open_launch == n)
                             .values(attempts=Run.attempts - refund, open_launch=None).returning(Run.attempts)).scalar()
         if done is None:  # judged already (a retry after a database error), or no longer ours
-            return "launch" if conn.execute(sa.select(Run.id).where(mine)).first() else None
+            return "launch" if conn.execute(sa.select(Run.id).where(_ours(run.id, worker))).first() else None
     run.attempts, run.open_launch = done, None
     return "launch"
 
@@ -238,14 +294,16 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
     """
     with engine.begin() as conn:
         run = conn.execute(sa.select(Run.attempts, Run.max_attempts, Run.stop, Run.open_launch)
-                           .where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)
-                           .with_for_update()).first()
+                           .where(_ours(run_id, worker)).with_for_update()).first()
         if run is None:
             return None
-        if run.stop == PRUNED and status in ("preempted", FAILED):
-            status = PRUNED  # a prune request outlives the preemption or crash that ended this attempt
-        values: dict = dict(exit_code=exit_code, worker=None if status in ("preempted", FAILED) else worker,
-                            open_launch=None)
+        try:
+            ending = Status(status)
+        except ValueError:  # a result.json this trainer version would not write: not an ending to trust
+            ending = Status.FAILED
+        event = _ending(ending, run, count, result)
+        values: dict = dict(exit_code=exit_code, open_launch=None,
+                            worker=None if event in (Event.PREEMPT, Event.CRASH) else worker)
         started = run.open_launch is not None  # its attempt was counted by start()
         if result is not None:
             result = finite(result)
@@ -253,21 +311,30 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
                           train_loss=result.get("train_loss"), tokens_per_s=result.get("tokens_per_s"))
         if error is not None:
             values["error"] = error
-        attempts = run.attempts + (0 if started else 1)  # a launch that failed before its trainer started counts too
-        if status == "preempted":
-            new = QUEUED
+        if event == Event.PREEMPT:
             values["attempts"] = run.attempts - (1 if started else 0)
-        elif status == FAILED and count and attempts < run.max_attempts and (result or {}).get("retryable", True):
-            new = QUEUED
-            values["attempts"] = attempts
-        else:
-            new = status if status in FINAL else FAILED
+        elif event in (Event.CRASH, Event.FAIL):
+            values["attempts"] = run.attempts + (0 if started else 1)  # one that failed before its start counts too
+        if target(event) != RunState.QUEUED:
             values["finished_at"] = db_now()
-            if new == FAILED:
-                values["attempts"] = attempts
-        conn.execute(sa.update(Run).where(Run.id == run_id, Run.worker == worker, Run.state == RUNNING)
-                     .values(state=new, **values))
-        return new
+        _move(conn, event, _ours(run_id, worker), **values)
+        return str(target(event))
+
+
+def _ending(status: Status, run, count: bool, result: dict | None) -> Event:
+    """The event an attempt's ending is for its run, with the accounting: a prune request outlives the
+    preemption or crash that ended the attempt; a crash is retried while attempts remain and the trainer did
+    not say that no retry can fix it."""
+    if run.stop == Status.PRUNED and status in (Status.PREEMPTED, Status.FAILED):
+        return Event.PRUNE
+    if status == Status.PREEMPTED:
+        return Event.PREEMPT
+    if status == Status.FAILED:
+        attempts = run.attempts + (0 if run.open_launch is not None else 1)
+        if count and attempts < run.max_attempts and (result or {}).get("retryable", True):
+            return Event.CRASH
+        return Event.FAIL
+    return {Status.SUCCEEDED: Event.SUCCEED, Status.DIVERGED: Event.DIVERGE, Status.PRUNED: Event.PRUNE}[status]
 
 
 def set_mlflow_run(engine: Engine, run_id: str, mlflow_run_id: str) -> str:
@@ -285,115 +352,28 @@ def set_tracked(engine: Engine, run_id: str, state: str) -> None:
         conn.execute(sa.update(Run).where(Run.id == run_id, Run.state == state).values(tracked=state))
 
 
-def untracked(engine: Engine, finished_before_s: float | None = None, limit: int = 100) -> list[str]:
-    """Finished runs that MLflow does not hold whole yet (some of them), optionally only those finished at
-    least `finished_before_s` seconds ago (their owner had its chance). Imported results have no MLflow run."""
-    with engine.connect() as conn:
-        q = sa.select(Run.id, Run.result).where(Run.state.in_(FINAL),
-                                                sa.or_(Run.tracked.is_(None), Run.tracked != Run.state))
-        if finished_before_s is not None:
-            q = q.where(Run.finished_at < db_now() - finished_before_s)
-        # In random order: runs that this process cannot send (their directory is on another machine) must
-        # not fill every pass.
-        rows = conn.execute(q.order_by(sa.func.random()).limit(limit)).all()
-    return [r.id for r in rows if not (r.result or {}).get("imported")]
-
-
-def cancel(engine: Engine, run_ids: Iterable[str]) -> list[str]:
+def cancel(engine: Engine, run_ids: Iterable[str]) -> Moves:
     """Queued or running → cancelled. A running run's worker notices at its next heartbeat and stops it."""
-    done: list[str] = []
-    with engine.begin() as conn:
-        for chunk in _chunks(list(run_ids), 500):
-            done += conn.execute(sa.update(Run).where(Run.id.in_(chunk), Run.state.in_(ACTIVE))
-                                 .values(state=CANCELLED, finished_at=db_now()).returning(Run.id)).scalars().all()
-    return done
+    return _user_move(engine, Event.CANCEL, list(run_ids), finished_at=db_now())
 
 
-def shared(engine: Engine, run_ids: Iterable[str], experiment: str, arm: str | None = None) -> dict[str, list[str]]:
-    """Of these runs, those that other experiments share (same config hash) — or, with `arm`, other arms too
-    (two sweep trials with the same parameters) — with the names of those experiments. Cancelling or pruning
-    a run on behalf of one experiment or arm must leave these alone: they are not its own."""
-    out: dict[str, set[str]] = {}
-    other = Membership.experiment != experiment
-    if arm is not None:
-        other = sa.or_(other, Membership.arm != arm)
-    with engine.connect() as conn:
-        for chunk in _chunks(list(run_ids), 500):
-            for run_id, name in conn.execute(sa.select(Membership.run_id, Membership.experiment)
-                                             .where(Membership.run_id.in_(chunk), other).distinct()):
-                out.setdefault(run_id, set()).add(name)
-    return {k: sorted(v) for k, v in out.items()}
-
-
-def retry(engine: Engine, run_ids: Iterable[str]) -> list[str]:
+def retry(engine: Engine, run_ids: Iterable[str]) -> Moves:
     """A finished run that did not succeed goes back to the queue with its attempts reset."""
-    done: list[str] = []
+    return _user_move(engine, Event.RETRY, list(run_ids), attempts=0, worker=None, finished_at=None,
+                      open_launch=None, tracked=None)
+
+
+def _user_move(engine: Engine, event: Event, run_ids: list[str], **values) -> Moves:
+    """A state change a user asked for, run by run: moved, or refused with the table's reason."""
+    out = Moves()
     with engine.begin() as conn:
-        for chunk in _chunks(list(run_ids), 500):
-            done += conn.execute(sa.update(Run).where(Run.id.in_(chunk), Run.state.in_((FAILED, DIVERGED, CANCELLED, PRUNED)))
-                                 .values(state=QUEUED, attempts=0, worker=None, finished_at=None,
-                                         open_launch=None, tracked=None)
-                                 .returning(Run.id)).scalars().all()
-    return done
-
-
-def counts(engine: Engine) -> dict[str, int]:
-    with engine.connect() as conn:
-        return dict(conn.execute(sa.select(Run.state, sa.func.count()).group_by(Run.state)).all())
-
-
-def runs_of(engine: Engine, experiments: Sequence[str] | None = None) -> list[tuple[str, str, Run]]:
-    """(experiment, arm, run) for the named experiments, or all of them."""
-    with Session(engine, expire_on_commit=False) as conn:
-        q = sa.select(Membership.experiment, Membership.arm, Run).join(Run, Run.id == Membership.run_id)
-        if experiments:
-            q = q.where(Membership.experiment.in_(experiments))
-        rows = conn.execute(q.order_by(Membership.experiment, Membership.arm, Run.seed, Run.repeat)).all()
-    return [(e, a, r) for e, a, r in rows]
-
-
-def experiment_names(engine: Engine) -> list[str]:
-    with engine.connect() as conn:
-        return list(conn.execute(sa.select(ExperimentRow.name).order_by(ExperimentRow.name)).scalars())
-
-
-def specs(engine: Engine) -> dict[str, Experiment]:
-    """experiment name → its spec as last submitted (stacks and looks for `orch table`)."""
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(ExperimentRow.name, ExperimentRow.spec)).all()
-    out = {}
-    for name, raw in rows:
-        if not raw:
-            continue
-        try:
-            out[name] = Experiment.model_validate(raw)
-        except ValidationError:
-            # Written by another orch version: keep what the table needs, so that one old row cannot
-            # stop the leaderboard of every experiment, and sequential looks are never forgotten.
-            try:
-                looks = Looks.model_validate(raw["looks"]) if raw.get("looks") else None
-            except ValidationError:
-                looks = Looks(first=2, last=100)  # unreadable looks: assume many, the strict side
-            out[name] = Experiment.model_construct(
-                name=name, interventions=[Intervention.model_construct(name=i["name"], stack=list(i.get("stack") or []))
-                                          for i in raw.get("interventions") or [] if isinstance(i, dict) and "name" in i],
-                looks=looks)
+        for chunk in _chunks(run_ids, 500):
+            out.done += _move(conn, event, Run.id.in_(chunk), **values)
+        moved = set(out.done)
+        for chunk in _chunks([i for i in run_ids if i not in moved], 500):
+            for rid, state in conn.execute(sa.select(Run.id, Run.state).where(Run.id.in_(chunk))).all():
+                out.refused.append(IllegalMove(RunState(state), event, rid))
     return out
-
-
-def memberships(engine: Engine, run_id: str) -> list[tuple[str, str]]:
-    """(experiment, arm) pairs that include this run, oldest experiment first."""
-    with engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(
-            sa.select(Membership.experiment, Membership.arm).join(ExperimentRow, ExperimentRow.name == Membership.experiment)
-            .where(Membership.run_id == run_id).order_by(ExperimentRow.created_at, Membership.experiment)).all()]
-
-
-def find(engine: Engine, prefix: str) -> list[Run]:
-    """Runs whose id starts with `prefix` (ids are 16 hex digits; a few are usually enough)."""
-    with Session(engine, expire_on_commit=False) as s:
-        # startswith escapes LIKE's own wildcards: `orch cancel %` must match no run, not all of them.
-        return list(s.execute(sa.select(Run).where(Run.id.startswith(prefix, autoescape=True))).scalars().all())
 
 
 def _chunks(items: list, n: int):
@@ -401,32 +381,5 @@ def _chunks(items: list, n: int):
         yield items[i : i + n]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Leases: one driver per sweep.
-
-def take_lease(engine: Engine, name: str, holder: str, grace_s: float) -> str | None:
-    """Take or renew the lease `name` for `holder`. Returns None when `holder` holds it now, or a line
-    saying who does: a holder keeps the lease while it beats at least every `grace_s` seconds (database
-    clock), and loses it to the next taker once it has not."""
-    for _ in range(3):  # two first takers on PostgreSQL: one insert wins, the other reads it next pass
-        try:
-            with engine.begin() as conn:
-                now = conn.execute(sa.select(db_now())).scalar_one()
-                row = conn.execute(sa.select(Lease.holder, Lease.heartbeat_at).where(Lease.name == name)
-                                   .with_for_update()).first()
-                if row is None:
-                    conn.execute(sa.insert(Lease).values(name=name, holder=holder, heartbeat_at=now))
-                    return None
-                if row.holder == holder or row.heartbeat_at < now - grace_s:
-                    conn.execute(sa.update(Lease).where(Lease.name == name).values(holder=holder, heartbeat_at=now))
-                    return None
-                return f"{row.holder} (last beat {now - row.heartbeat_at:.0f} s ago)"
-        except sa.exc.IntegrityError:
-            continue
-    raise RuntimeError(f"could not take or read lease {name!r}")
-
-
-def release_lease(engine: Engine, name: str, holder: str) -> None:
-    """Give the lease up (a clean exit), so that a standby takes over at once rather than after the grace."""
-    with engine.begin() as conn:
-        conn.execute(sa.delete(Lease).where(Lease.name == name, Lease.holder == holder))
+# TEMP-ALIAS: read queries moved to queries.py; kept here only until worker.py's split lands.
+from orchestrator.queries import counts, find, runs_of  # noqa: E402,F401

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator import queue, stats
+from orchestrator.states import RunState
+from orchestrator import queries, stats
 from orchestrator import table as tbl
 from orchestrator.specs import BASELINE
 from trainer.rundir import read_metrics
@@ -39,9 +40,9 @@ def write_report(engine, experiment: str, out_dir: Path, alpha: float = 0.05, tr
 
     matplotlib.use("Agg")  # no display on a worker node or in CI; Agg renders PNGs anywhere
     # The noise studies of this experiment (`orch noise`) feed its board's summary, as in `orch table`.
-    names = [experiment] + [n for n in queue.experiment_names(engine) if n.startswith(experiment + tbl.NOISE_SEP)]
-    triples = queue.runs_of(engine, names)
-    board = next((b for b in tbl.build(triples, queue.specs(engine), alpha) if b.experiment == experiment), None)
+    names = [experiment] + [n for n in queries.experiment_names(engine) if n.startswith(experiment + tbl.NOISE_SEP)]
+    triples = queries.runs_of(engine, names)
+    board = next((b for b in tbl.build(triples, queries.specs(engine), alpha) if b.experiment == experiment), None)
     if board is None:
         raise ValueError(f"no runs in experiment {experiment!r}")
     runs = [(arm, run) for exp, arm, run in triples if exp == experiment]
@@ -71,7 +72,7 @@ def _events(runs: list[tuple[str, object]], runs_dir: Path | None) -> dict[str, 
     out: dict[str, list[list[dict]]] = {}
     for arm, run in runs:
         # Only the runs the leaderboard ranks: a failed or half-finished curve would drag the mean.
-        if run.state != queue.SUCCEEDED or (run.result or {}).get("imported"):
+        if run.state != RunState.SUCCEEDED or (run.result or {}).get("imported"):
             continue
         # run_dir is what the worker's heartbeat recorded; it may be relative to that worker's cwd, so
         # fall back to the runs folder we were given.

@@ -19,32 +19,22 @@ import json
 import math
 from pathlib import Path
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from orchestrator import queue, stats
+from orchestrator import queries, queue, stats
+from trainer.rundir import Status
 from orchestrator import table as tbl
-from orchestrator.db import Experiment as ExperimentRow
-from orchestrator.db import Membership, Run, db_now
+from orchestrator.db import Run
 from orchestrator.specs import (BASELINE, Experiment, Intervention, Looks, RunSpec, SpecError, check_name, run_id,
                                  seeded)
 
 VARY = ("init", "data", "both", "none")
 
 
-def _spec(engine: Engine, experiment: str) -> Experiment:
-    with engine.connect() as conn:
-        spec = conn.execute(sa.select(ExperimentRow.spec).where(ExperimentRow.name == experiment)).scalar()
-    if spec is None:
-        known = ", ".join(queue.experiment_names(engine)) or "none"
-        raise SpecError(f"no experiment named {experiment!r}; known: {known}")
-    return Experiment.model_validate(spec)
-
-
 def _seed0_configs(engine: Engine, experiment: str) -> dict[str, dict]:
     """Per arm, the config of its first seed (lowest seed and data seed, repeat 0): the seed-0 template."""
     first: dict[str, Run] = {}
-    for _, arm, r in queue.runs_of(engine, [experiment]):
+    for _, arm, r in queries.runs_of(engine, [experiment]):
         if (r.result or {}).get("imported"):
             continue
         if arm not in first or (r.seed, r.data_seed, r.repeat) < (first[arm].seed, first[arm].data_seed, first[arm].repeat):
@@ -58,7 +48,7 @@ def noise(engine: Engine, experiment: str, repeats: int, vary: str) -> queue.Sub
         raise SpecError(f"--vary must be one of {', '.join(VARY)}, not {vary!r}")
     if repeats < 2:
         raise SpecError("a noise study needs at least 2 repeats to estimate a σ; use --repeats 8, say")
-    parent = _spec(engine, experiment)
+    parent = queries.spec(engine, experiment)
     base = _seed0_configs(engine, experiment).get(BASELINE)
     if base is None:
         raise SpecError(f"experiment {experiment!r} has no baseline runs to repeat")
@@ -78,12 +68,12 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
     why it got more seeds or not."""
     if max_seeds < 2:
         raise SpecError("--max-seeds must be at least 2 (a verdict needs two runs per side)")
-    spec = _spec(engine, experiment)
+    spec = queries.spec(engine, experiment)
     if tbl.NOISE_SEP in experiment:
         parent = experiment.split(tbl.NOISE_SEP)[0]
         raise SpecError(f"{experiment!r} is a noise study (baseline repeats, no interventions to decide); "
                         f"add repeats with `orch noise {parent} --repeats N`, or seeds to {parent!r} itself")
-    runs = queue.runs_of(engine, [experiment])
+    runs = queries.runs_of(engine, [experiment])
     if not runs:
         raise SpecError(f"experiment {experiment!r} has no runs yet")
     # This call looks at the verdicts, and may look again after every seed it adds: from now on they are
@@ -220,26 +210,15 @@ def import_results(engine: Engine, path: str | Path, experiment: str, baseline: 
     """Store imported results as finished runs of `experiment` (the row named `baseline` is the baseline)."""
     rows, spec = plan_import(path, experiment, baseline)
     seen: dict[str, int] = {}
-    with engine.begin() as conn:
-        now = conn.execute(sa.select(db_now())).scalar_one()
-        for r in rows:
-            arm = BASELINE if r["name"] == baseline else _arm_name(r["name"])
-            seed = r["seed"] if r["seed"] is not None else seen.get(arm, 0)
-            seen[arm] = seed + 1
-            rid = "imp" + hashlib.sha256(json.dumps([experiment, arm, seed, r["test_loss"]]).encode()).hexdigest()[:13]
-            if conn.execute(sa.select(Run.id).where(Run.id == rid)).first() is None:
-                conn.execute(sa.insert(Run).values(
-                    id=rid, state=queue.SUCCEEDED, config={"imported": True}, seed=seed, data_seed=0, repeat=0,
-                    priority=0, attempts=0, max_attempts=0, created_at=now, finished_at=now,
-                    test_loss=r["test_loss"], result={"imported": True, "source": str(path), "name": r["name"],
-                                                      "test_loss": r["test_loss"], "status": "succeeded"}))
-            if conn.execute(sa.select(Membership.run_id).where(Membership.experiment == experiment,
-                                                                 Membership.arm == arm, Membership.run_id == rid)).first() is None:
-                conn.execute(sa.insert(Membership).values(experiment=experiment, arm=arm, run_id=rid))
-        # Into an existing experiment the imported arms just join; its own spec stays as submitted.
-        if conn.execute(sa.select(ExperimentRow.name).where(ExperimentRow.name == experiment)).first() is None:
-            conn.execute(sa.insert(ExperimentRow).values(name=experiment, created_at=now, description=spec.description,
-                                                         spec=spec.model_dump(mode="json"), source=str(path)))
+    runs = []
+    for r in rows:
+        arm = BASELINE if r["name"] == baseline else _arm_name(r["name"])
+        seed = r["seed"] if r["seed"] is not None else seen.get(arm, 0)
+        seen[arm] = seed + 1
+        rid = "imp" + hashlib.sha256(json.dumps([experiment, arm, seed, r["test_loss"]]).encode()).hexdigest()[:13]
+        runs.append(queue.Imported(id=rid, arm=arm, seed=seed, test_loss=r["test_loss"], result={
+            "imported": True, "source": str(path), "name": r["name"], "test_loss": r["test_loss"], "status": Status.SUCCEEDED.value}))
+    queue.add_imported(engine, spec, str(path), runs)
     return len(rows)
 
 

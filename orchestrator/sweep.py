@@ -15,7 +15,7 @@ identified by their config hash (resubmitting reuses them), and intermediate val
 step. Workers never know they serve a sweep. Pruning requests travel through the database (runs.stop), so
 the driver needs no access to the workers' run directories.
 
-One driver asks at a time: it holds the sweep's lease (queue.take_lease) and renews it every pass. A second
+One driver asks at a time: it holds the sweep's lease (leases.take) and renews it every pass. A second
 `orch sweep` on the same study waits as a standby and takes over within `lease_grace_s` of the first one's
 death, or at once when the first one exits cleanly.
 """
@@ -33,7 +33,10 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 from sqlalchemy.engine import Engine
 
-from orchestrator import queue
+from orchestrator import states
+from orchestrator.states import RunState
+from trainer.rundir import Status
+from orchestrator import leases, queries, queue
 from orchestrator.db import Run
 from orchestrator.specs import Experiment, LogUniform, Sweep, Uniform, sweep_base, trial_runs
 
@@ -165,7 +168,7 @@ class Driver:
             return self._drive()
         finally:
             try:
-                queue.release_lease(self.engine, self.lease, self.holder)
+                leases.release(self.engine, self.lease, self.holder)
             except Exception as exc:  # noqa: BLE001 - never hide the error that ended the loop
                 self.echo(f"sweep {self.sweep.name}: could not release the lease ({exc}); a standby takes "
                           f"over after {self.lease_grace_s:g} s")
@@ -173,14 +176,14 @@ class Driver:
     def _holds_lease(self) -> bool:
         """Renew the lease; False (and say so) when another driver has taken it — this one stalled past the
         grace (a suspended laptop, say) and must leave the study to the new driver."""
-        holder = queue.take_lease(self.engine, self.lease, self.holder, self.lease_grace_s)
+        holder = leases.take(self.engine, self.lease, self.holder, self.lease_grace_s)
         if holder is not None:
             self.echo(f"sweep {self.sweep.name}: {holder} took over this sweep; leaving it to that driver")
         return holder is None
 
     def _wait_for_lease(self) -> None:
         told = False
-        while (holder := queue.take_lease(self.engine, self.lease, self.holder, self.lease_grace_s)) is not None:
+        while (holder := leases.take(self.engine, self.lease, self.holder, self.lease_grace_s)) is not None:
             if not told:
                 self.echo(f"sweep {self.sweep.name} is driven by {holder}; waiting as a standby, to take over "
                           f"if it stops for {self.lease_grace_s:g} s (Ctrl-C to leave)")
@@ -258,7 +261,7 @@ class Driver:
                 self.echo(f"trial {frozen.number}: abandoned before its parameters were chosen")
                 continue
             run_ids = frozen.user_attrs.get(RUNS_ATTR)
-            runs = _runs(self.engine, run_ids or [])
+            runs = queries.runs(self.engine, run_ids or [])
             if run_ids is None or len(runs) < len(run_ids):
                 # Died between suggesting and queuing: queue them now (submitting is idempotent).
                 specs_ = trial_runs(self.sweep, self.base, frozen.params, f"trial-{frozen.number}")
@@ -268,12 +271,12 @@ class Driver:
                 continue
             if frozen.user_attrs.get("pruning"):  # re-asked each pass: a requeue clears a stop request
                 own = self._stop(runs, f"trial-{frozen.number}")
-                if all(r.state in queue.FINAL for r in own):  # shared runs train on; the trial is done
+                if all(r.state in states.FINAL for r in own):  # shared runs train on; the trial is done
                     self._tell(frozen, runs)
                     continue
             self._link_mlflow(runs)
             self._report(trial, frozen, runs)
-            if all(r.state in queue.FINAL for r in runs) and len(runs) == len(run_ids):
+            if all(r.state in states.FINAL for r in runs) and len(runs) == len(run_ids):
                 self._tell(frozen, runs)
 
     def _report(self, trial: optuna.Trial, frozen, runs: list[Run]) -> None:
@@ -292,18 +295,18 @@ class Driver:
         """Stop a pruned trial's own runs: cancel the queued ones, ask the running ones' trainers to stop as
         pruned; return them. A run that another experiment, or another trial with the same parameters,
         shares trains on for it, and the trial is told pruned without waiting for it."""
-        others = queue.shared(self.engine, [r.id for r in runs], self.sweep.name, arm)
+        others = queries.shared(self.engine, [r.id for r in runs], self.sweep.name, arm)
         own = [r for r in runs if r.id not in others]
-        queue.cancel(self.engine, [r.id for r in own if r.state == queue.QUEUED])
-        queue.request_stop(self.engine, [r.id for r in own if r.state == queue.RUNNING], "pruned")
+        queue.cancel(self.engine, [r.id for r in own if r.state == RunState.QUEUED])
+        queue.request_stop(self.engine, [r.id for r in own if r.state == RunState.RUNNING], Status.PRUNED)
         return own
 
     def _tell(self, frozen, runs: list[Run]) -> None:
         values = [(r.result or {}).get("val_loss") for r in runs]
-        if frozen.user_attrs.get("pruning") or any(r.state == queue.PRUNED for r in runs):
+        if frozen.user_attrs.get("pruning") or any(r.state == RunState.PRUNED for r in runs):
             self.study.tell(frozen.number, state=TrialState.PRUNED, skip_if_finished=True)
             self.echo(f"trial {frozen.number}: pruned")
-        elif all(r.state == queue.SUCCEEDED for r in runs) and None not in values:
+        elif all(r.state == RunState.SUCCEEDED for r in runs) and None not in values:
             value = sum(values) / len(values)
             tests = [r.test_loss for r in runs]
             optuna.trial.Trial(self.study, frozen._trial_id).set_user_attr("test_loss", sum(tests) / len(tests))
@@ -335,13 +338,6 @@ class Driver:
                 self.tracker.finish_sweep(self.parent_run, best.params, best.value, self.study)
             except Exception as exc:  # noqa: BLE001 - the study holds the result; MLflow's copy is a convenience
                 self.echo(f"sweep {self.sweep.name}: could not record the best trial in MLflow ({exc})")
-
-
-def _runs(engine: Engine, ids: list[str]) -> list[Run]:
-    from sqlalchemy.orm import Session
-
-    with Session(engine, expire_on_commit=False) as s:
-        return list(s.execute(sa.select(Run).where(Run.id.in_(ids))).scalars())
 
 
 def best_trial(study: optuna.Study):

@@ -16,7 +16,9 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 
-from orchestrator import queue, stats
+from orchestrator import states
+from orchestrator.states import RunState
+from orchestrator import stats
 from orchestrator.specs import BASELINE, Experiment
 
 NOISE_SEP = ".noise-"  # `orch noise EXP --vary V` writes experiment "EXP.noise-V"
@@ -63,7 +65,7 @@ class Board:
 
 def build(runs: list[tuple[str, str, object]], specs: dict[str, Experiment] | None = None,
           alpha: float = 0.05) -> list[Board]:
-    """One board per experiment from (experiment, arm, run) triples; `specs` (queue.specs) gives each
+    """One board per experiment from (experiment, arm, run) triples; `specs` (queries.specs) gives each
     experiment's stacks and, once `orch more-seeds` has looked at it, its sequential looks."""
     by_exp: dict[str, dict[str, list]] = {}
     for exp, arm, run in runs:
@@ -88,7 +90,7 @@ def build(runs: list[tuple[str, str, object]], specs: dict[str, Experiment] | No
 
 def finished(run) -> bool:
     """A run that counts in the table: succeeded, with a test loss."""
-    return run.state == queue.SUCCEEDED and run.test_loss is not None
+    return run.state == RunState.SUCCEEDED and run.test_loss is not None
 
 
 def _key(run) -> tuple:
@@ -102,11 +104,11 @@ def _board(exp: str, arms: dict[str, list], stacks: dict[str, list[str]], alpha:
     for arm, rs in arms.items():
         losses = {_key(r): r.test_loss for r in rs if finished(r)}
         for r in rs:
-            if r.state in (queue.FAILED, queue.DIVERGED):
+            if r.state in (RunState.FAILED, RunState.DIVERGED):
                 step = (r.result or {}).get("diverged_step")
                 failed.append({"arm": arm, "run": r.id, "seed": r.seed, "state": r.state,
                                "detail": f"diverged at step {step}" if step else _last_line(r.error)})
-        row = Row(exp, arm, len(losses), None, None, pending=sum(r.state in queue.ACTIVE for r in rs),
+        row = Row(exp, arm, len(losses), None, None, pending=sum(r.state in states.ACTIVE for r in rs),
                   imported=any((r.result or {}).get("imported") for r in rs), losses=sorted(losses.values()))
         if losses:
             if arm == BASELINE:

@@ -17,11 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.states import RunState
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 ENV_URI = "ORCH_MLFLOW"
 BATCH = 1000  # MLflow's limit on metrics per log_batch
-TERMINAL = {"succeeded": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "pruned": "KILLED",
-            "cancelled": "KILLED"}
+# A final run state as MLflow's run status (mlflow.entities.RunStatus).
+TERMINAL = {RunState.SUCCEEDED: "FINISHED", RunState.FAILED: "FAILED", RunState.DIVERGED: "FAILED",
+            RunState.PRUNED: "KILLED", RunState.CANCELLED: "KILLED"}
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -82,7 +85,7 @@ class Tracker:
     def start_run(self, *, experiment: str, all_experiments: list[str], arm: str, run_id: str, config: dict,
                   seed: int, data_seed: int, repeat: int, git_commit: str | None) -> str:
         """Create the MLflow run for an orch run, with params and tags; return its MLflow id."""
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         tags = {"orch.run_id": run_id, "orch.experiment": experiment, "orch.experiments": ",".join(all_experiments),
                 "orch.intervention": arm, "orch.seed": str(seed), "orch.data_seed": str(data_seed),

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+from tests.servers import Postgres, pg_bin  # noqa: E402
 from trainer import config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,3 +155,24 @@ def read_result(run_dir) -> dict:
 def ok(proc: subprocess.CompletedProcess, code: int = 0) -> subprocess.CompletedProcess:
     assert proc.returncode == code, f"exit {proc.returncode} (wanted {code})\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
+
+
+# The database every queue-level test runs against twice: SQLite, and a real PostgreSQL server (one cluster per
+# session, a fresh database per test).
+@pytest.fixture(scope="session")
+def postgres():
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    pg = Postgres().start()
+    yield pg
+    pg.stop()
+
+
+_dbs = iter(range(10_000))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'results.db'}"
+    return request.getfixturevalue("postgres").create_db(f"t{next(_dbs)}")

@@ -15,7 +15,7 @@ import shutil
 import socket
 import sqlite3
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 

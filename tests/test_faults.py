@@ -9,7 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from orchestrator import queue
+from orchestrator import queries
 from orchestrator.db import connect
 from tests.conftest import REPO, start_trainer, subprocess_env, trainer_cmd, wait_for_step
 from tests.servers import MlflowServer, free_port
@@ -85,7 +85,7 @@ def test_killed_torchrun_agent_leaves_no_second_trainer_and_costs_no_attempt(tmp
     exp = write_experiment(tmp_path, data_dir, "agent", "", steps=60)
     orch("submit", str(exp))
     eng = connect(orch.db)
-    [(_, _, run)] = queue.runs_of(eng)
+    [(_, _, run)] = queries.runs_of(eng)
     w = orch.start("worker", "--nproc-per-node", "2", "--heartbeat", "0.5", "--no-mlflow", "--until-empty")
     run_dir = orch.runs / run.id
     wait_until(lambda: max(logged_steps(run_dir), default=0) >= 5, what="step 5")
@@ -99,7 +99,7 @@ def test_killed_torchrun_agent_leaves_no_second_trainer_and_costs_no_attempt(tmp
     # The kernel stopped the orphaned ranks (parent-death signal): they checkpointed and ended preempted
     # before the worker launched the run again; nothing was counted as a crash.
     assert not any(alive(p) for p in ranks)
-    [done] = queue.find(eng, run.id)
+    [done] = queries.find(eng, run.id)
     assert done.state == "succeeded" and done.attempts == 1 and done.launches == 2, out
     assert f"{run.id} preempted (exit 75)" in out, out
     steps_once(run_dir, 60)
@@ -110,7 +110,7 @@ def test_a_killed_worker_takes_its_trainer_with_it(tmp_path, data_dir):
     exp = write_experiment(tmp_path, data_dir, "pdeath", "", steps=400)
     orch("submit", str(exp))
     eng = connect(orch.db)
-    [(_, _, run)] = queue.runs_of(eng)
+    [(_, _, run)] = queries.runs_of(eng)
     orch.env.update(ORCH_DB=orch.db, PGPASSWORD="s3cret", MLFLOW_TRACKING_TOKEN="t0ken")
     w = orch.start("worker", "--heartbeat", "0.5", "--no-mlflow")
     run_dir = orch.runs / run.id
@@ -134,7 +134,7 @@ def test_tracking_survives_an_mlflow_outage(tmp_path, data_dir):
     exp = write_experiment(tmp_path, data_dir, "outage", "", steps=30)
     orch("submit", str(exp))
     eng = connect(orch.db)
-    [(_, _, run)] = queue.runs_of(eng)
+    [(_, _, run)] = queries.runs_of(eng)
     port = free_port()
     store = f"sqlite:///{tmp_path / 'mlflow-server.db'}"
     url = f"http://127.0.0.1:{port}"
@@ -143,7 +143,7 @@ def test_tracking_survives_an_mlflow_outage(tmp_path, data_dir):
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert worker.returncode == 0, worker.stdout + worker.stderr
     assert "tracking paused" in worker.stdout and "kept for the next worker or `orch sync`" in worker.stdout
-    [r] = queue.find(eng, run.id)
+    [r] = queries.find(eng, run.id)
     assert r.state == "succeeded" and r.mlflow_run_id is None and r.tracked is None  # nothing was lost, only late
 
     server = MlflowServer(store, tmp_path / "mlartifacts")
@@ -162,7 +162,7 @@ def test_tracking_survives_an_mlflow_outage(tmp_path, data_dir):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(url)
-        [r] = queue.find(eng, run.id)
+        [r] = queries.find(eng, run.id)
         mlrun = client.get_run(r.mlflow_run_id)
         assert mlrun.info.status == "FINISHED" and r.tracked == "succeeded"
         assert sorted(m.step for m in client.get_metric_history(r.mlflow_run_id, "loss")) == list(range(1, 31))
@@ -180,14 +180,14 @@ def test_a_takeover_is_not_a_cancellation_and_only_the_owner_closes_mlflow(tmp_p
     exp = write_experiment(tmp_path, data_dir, "takeover", "", steps=60)
     orch("submit", str(exp))
     eng = connect(orch.db)
-    [(_, _, run)] = queue.runs_of(eng)
+    [(_, _, run)] = queries.runs_of(eng)
     a = orch.start("worker", "--heartbeat", "0.5", "--grace", "3", "--until-empty")
     run_dir = orch.runs / run.id
     wait_until(lambda: max(logged_steps(run_dir), default=0) >= 3, what="step 3")
     os.kill(a.pid, signal.SIGSTOP)
     try:
         b = orch.start("worker", "--heartbeat", "0.5", "--grace", "3", "--until-empty")
-        wait_until(lambda: queue.find(eng, run.id)[0].launches == 2, what="B's claim")
+        wait_until(lambda: queries.find(eng, run.id)[0].launches == 2, what="B's claim")
         wait_until(lambda: (runlock.holder(run_dir) or {}).get("launch") == f"{run.id}.2", what="B's trainer")
     finally:
         os.kill(a.pid, signal.SIGCONT)
@@ -195,7 +195,7 @@ def test_a_takeover_is_not_a_cancellation_and_only_the_owner_closes_mlflow(tmp_p
     out_a, _ = a.communicate(timeout=300)
     assert b.returncode == 0 and a.returncode == 0, out_a + out_b
     assert "taken over" in out_a and "cancelled" not in out_a, out_a
-    [done] = queue.find(eng, run.id)
+    [done] = queries.find(eng, run.id)
     assert done.state == "succeeded" and done.attempts == 1, out_b  # A's launch ended preempted: free
 
     from mlflow.tracking import MlflowClient
@@ -220,7 +220,7 @@ def test_a_full_disk_costs_no_attempt_and_the_run_finishes_once_space_is_free(tm
         exp = write_experiment(tmp_path, data_dir, "full", "", steps=80)
         orch("submit", str(exp))
         eng = connect(orch.db)
-        [(_, _, run)] = queue.runs_of(eng)
+        [(_, _, run)] = queries.runs_of(eng)
         w = orch.start("worker", "--heartbeat", "0.5", "--no-mlflow", "--until-empty")
         run_dir = orch.runs / run.id
         wait_until(lambda: max(logged_steps(run_dir), default=0) >= 5, what="step 5")
@@ -232,12 +232,12 @@ def test_a_full_disk_costs_no_attempt_and_the_run_finishes_once_space_is_free(tm
                     f.flush()
             except OSError:
                 pass
-        wait_until(lambda: queue.find(eng, run.id)[0].launches >= 2 or not alive(w.pid), timeout=120,
+        wait_until(lambda: queries.find(eng, run.id)[0].launches >= 2 or not alive(w.pid), timeout=120,
                    what="the run handed back")
         junk.unlink()
         out, _ = w.communicate(timeout=300)
         assert w.returncode == 0, out
-        [done] = queue.find(eng, run.id)
+        [done] = queries.find(eng, run.id)
         assert "no space left under" in out and done.state == "succeeded" and done.attempts == 1, out
         assert "Traceback" not in (run_dir / "train.log").read_text()
         steps_once(run_dir, 80)

@@ -9,28 +9,8 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from orchestrator import queue, specs
+from orchestrator import leases, queries, queue, specs
 from orchestrator.db import SchemaError, connect
-from tests.servers import Postgres, pg_bin
-
-
-@pytest.fixture(scope="session")
-def postgres():
-    if pg_bin() is None:
-        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
-    pg = Postgres().start()
-    yield pg
-    pg.stop()
-
-
-_dbs = iter(range(10_000))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'results.db'}"
-    return request.getfixturevalue("postgres").create_db(f"t{next(_dbs)}")
 
 
 def experiment(n_seeds=2, name="exp", **kw):
@@ -51,8 +31,8 @@ def test_submit_queues_then_reuses(db_url):
                              seeds=2)
     rep = queue.submit(eng, other, specs.expand(other))
     assert len(rep.queued) == 2 and {r.arm for r, _ in rep.reused} == {"baseline"}
-    assert queue.counts(eng) == {"queued": 6}
-    assert {(e, a) for e, a, _ in queue.runs_of(eng, ["other"])} == {("other", "baseline"), ("other", "bias")}
+    assert queries.counts(eng) == {"queued": 6}
+    assert {(e, a) for e, a, _ in queries.runs_of(eng, ["other"])} == {("other", "baseline"), ("other", "bias")}
 
 
 def test_claim_heartbeat_finish(db_url):
@@ -70,7 +50,7 @@ def test_claim_heartbeat_finish(db_url):
     assert queue.heartbeat(eng, "w1", {run.id: {"step": 4, "val_curve": [[2, 9.5], [4, 9.1]]}}).owned == {run.id: "pruned"}
     assert queue.finish(eng, run.id, "w1", "succeeded", result={"test_loss": 7.5, "step": 12}) == "succeeded"
     assert queue.finish(eng, run.id, "w1", "failed") is None  # a finished run is never modified
-    [done] = queue.find(eng, run.id)
+    [done] = queries.find(eng, run.id)
     assert done.state == "succeeded" and done.test_loss == 7.5 and done.finished_at is not None
 
 
@@ -84,9 +64,9 @@ def test_failures_retry_until_attempts_run_out(db_url):
     [r] = queue.claim(eng, "w", 1)
     assert r.attempts == 1 and queue.start(eng, r, "w") and r.attempts == 2
     assert queue.finish(eng, r.id, "w", "failed", exit_code=1, error="boom again") == "failed"
-    [r] = queue.find(eng, r.id)
+    [r] = queries.find(eng, r.id)
     assert r.error == "boom again" and r.exit_code == 1 and r.attempts == 2
-    assert queue.retry(eng, [r.id]) == [r.id]
+    assert queue.retry(eng, [r.id]).done == [r.id]
     [r] = queue.claim(eng, "w", 1)
     assert queue.start(eng, r, "w") and r.attempts == 1
     # Preemption hands the run back without using up an attempt.
@@ -99,7 +79,7 @@ def test_failures_retry_until_attempts_run_out(db_url):
     assert r.attempts == 1
     # ... but a claim handed back before it started anything (a full disk, a worker stopping) costs nothing.
     assert queue.finish(eng, r.id, "w", "preempted") == "queued"
-    assert queue.find(eng, r.id)[0].attempts == 1
+    assert queries.find(eng, r.id)[0].attempts == 1
 
 
 def test_stale_runs_are_requeued_on_the_database_clock(db_url):
@@ -110,7 +90,7 @@ def test_stale_runs_are_requeued_on_the_database_clock(db_url):
     time.sleep(0.6)
     queue.heartbeat(eng, "dead", {b.id: {}})  # b still beats
     assert queue.requeue_stale(eng, 0.5) == [a.id]
-    assert queue.counts(eng) == {"queued": 1, "running": 1}
+    assert queries.counts(eng) == {"queued": 1, "running": 1}
     assert queue.heartbeat(eng, "dead", {a.id: {}}).lost == {a.id: "taken over"}  # the old worker learns it lost the run
 
 
@@ -119,8 +99,8 @@ def test_cancel(db_url):
     exp = experiment()
     queue.submit(eng, exp, specs.expand(exp))
     [running] = queue.claim(eng, "w", 1)
-    assert len(queue.cancel(eng, [r.id for _, _, r in queue.runs_of(eng)])) == 4
-    assert queue.counts(eng) == {"cancelled": 4}
+    assert len(queue.cancel(eng, [r.id for _, _, r in queries.runs_of(eng)]).done) == 4
+    assert queries.counts(eng) == {"cancelled": 4}
     assert queue.heartbeat(eng, "w", {running.id: {}}).lost == {running.id: "cancelled"}
 
 
@@ -148,7 +128,7 @@ def test_a_lost_launch_that_checkpointed_costs_no_attempt(db_url):
         assert queue.judge_lost(eng, r, "next", ending) == "launch" and r.attempts == 0  # judged once only
         assert queue.start(eng, r, "next") and r.attempts == 1
         assert queue.finish(eng, r.id, "next", "preempted") == "queued"
-    [r] = queue.find(eng, r.id)
+    [r] = queries.find(eng, r.id)
     assert r.attempts == 0 and r.state == "queued" and r.open_launch is None and r.launches == 10
 
 
@@ -163,7 +143,7 @@ def test_a_lost_launch_without_an_ending_was_a_crash(db_url):
     queue.requeue_stale(eng, 0.0)
     [r] = queue.claim(eng, "third", 1)
     assert r.attempts == 2 and queue.judge_lost(eng, r, "third", None) == "failed"
-    [r] = queue.find(eng, r.id)
+    [r] = queries.find(eng, r.id)
     assert r.state == "failed" and "no attempts left" in r.error
 
 
@@ -174,7 +154,7 @@ def test_a_lost_launch_that_finished_is_recorded_not_retrained(db_url):
     lost, r = _lose(eng)
     ending = {"status": "succeeded", "launch_id": lost.launch_id(), "test_loss": 6.25, "step": 12, "exit_code": 0}
     assert queue.judge_lost(eng, r, "next", ending) == "succeeded"
-    [r] = queue.find(eng, r.id)
+    [r] = queries.find(eng, r.id)
     assert r.state == "succeeded" and r.test_loss == 6.25 and r.exit_code == 0
 
 
@@ -199,24 +179,24 @@ def test_shared_names_the_other_experiments_of_a_run(db_url):
     b = specs.Experiment(name="b")  # its baseline is a's baseline: one run, two experiments
     queue.submit(eng, a, specs.expand(a))
     queue.submit(eng, b, specs.expand(b))
-    ids = {arm: r.id for exp, arm, r in queue.runs_of(eng, ["a"])}
-    assert queue.shared(eng, ids.values(), "a") == {ids["baseline"]: ["b"]}
-    assert queue.shared(eng, ids.values(), "b") == {ids["x"]: ["a"]}
+    ids = {arm: r.id for exp, arm, r in queries.runs_of(eng, ["a"])}
+    assert queries.shared(eng, ids.values(), "a") == {ids["baseline"]: ["b"]}
+    assert queries.shared(eng, ids.values(), "b") == {ids["x"]: ["a"]}
 
 
 def test_a_lease_has_one_holder_until_its_beats_stop(db_url):
     eng = connect(db_url)
-    assert queue.take_lease(eng, "sweep:s", "a", grace_s=0.5) is None
-    assert queue.take_lease(eng, "sweep:s", "b", grace_s=0.5).startswith("a (last beat")
-    assert queue.take_lease(eng, "sweep:s", "a", grace_s=0.5) is None  # the holder renews
-    assert queue.take_lease(eng, "sweep:other", "b", grace_s=0.5) is None  # leases are per name
+    assert leases.take(eng, "sweep:s", "a", grace_s=0.5) is None
+    assert leases.take(eng, "sweep:s", "b", grace_s=0.5).startswith("a (last beat")
+    assert leases.take(eng, "sweep:s", "a", grace_s=0.5) is None  # the holder renews
+    assert leases.take(eng, "sweep:other", "b", grace_s=0.5) is None  # leases are per name
     time.sleep(0.7)
-    assert queue.take_lease(eng, "sweep:s", "b", grace_s=0.5) is None  # a's beats stopped: b takes over
-    assert queue.take_lease(eng, "sweep:s", "a", grace_s=0.5).startswith("b ")  # and a learns it lost
-    queue.release_lease(eng, "sweep:s", "a")  # not a's to release: nothing happens
-    assert queue.take_lease(eng, "sweep:s", "c", grace_s=60).startswith("b ")
-    queue.release_lease(eng, "sweep:s", "b")
-    assert queue.take_lease(eng, "sweep:s", "c", grace_s=60) is None  # released: taken at once
+    assert leases.take(eng, "sweep:s", "b", grace_s=0.5) is None  # a's beats stopped: b takes over
+    assert leases.take(eng, "sweep:s", "a", grace_s=0.5).startswith("b ")  # and a learns it lost
+    leases.release(eng, "sweep:s", "a")  # not a's to release: nothing happens
+    assert leases.take(eng, "sweep:s", "c", grace_s=60).startswith("b ")
+    leases.release(eng, "sweep:s", "b")
+    assert leases.take(eng, "sweep:s", "c", grace_s=60) is None  # released: taken at once
 
 
 def test_a_spec_another_version_wrote_keeps_the_tables_stacks_and_looks(db_url):
@@ -229,7 +209,7 @@ def test_a_spec_another_version_wrote_keeps_the_tables_stacks_and_looks(db_url):
            "interventions": [{"name": "p"}, {"name": "q"}, {"name": "pq", "stack": ["p", "q"], "extra": True}]}
     with eng.begin() as conn:
         conn.execute(sa.insert(ExperimentRow).values(name="old", spec=raw, created_at=0.0))
-    got = queue.specs(eng)
+    got = queries.specs(eng)
     assert got["a"].seeds == 2 and got["old"].looks == specs.Looks(first=2, last=6)
     assert [i.stack for i in got["old"].interventions] == [[], [], ["p", "q"]]
 
@@ -258,7 +238,7 @@ def test_eight_concurrent_claimers_claim_each_run_exactly_once(db_url):
         t.join()
     assert not errors
     assert len(claimed) == 200 and set(claimed.values()) == {1}
-    assert queue.counts(eng) == {"running": 200}
+    assert queries.counts(eng) == {"running": 200}
     with eng.connect() as conn:
         from orchestrator.db import Run
 
@@ -309,9 +289,9 @@ def test_a_database_from_the_previous_schema_is_refused_then_upgraded_with_its_d
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "db", "upgrade", "--db", url],
                          capture_output=True, text=True)
     assert out.returncode == 0 and f"0001 -> {head}" in out.stdout, out.stderr
-    [run] = queue.find(connect(url), "abc")
+    [run] = queries.find(connect(url), "abc")
     assert run.test_loss == 3.7 and run.val_curve is None and run.stop is None
-    assert queue.take_lease(connect(url), "sweep:s", "a", grace_s=60) is None  # 0004's table is there
+    assert leases.take(connect(url), "sweep:s", "a", grace_s=60) is None  # 0004's table is there
 
 
 def test_non_finite_numbers_are_stored_as_null_on_both_databases(db_url):
@@ -322,7 +302,7 @@ def test_non_finite_numbers_are_stored_as_null_on_both_databases(db_url):
     assert queue.heartbeat(eng, "w", {r.id: {"train_loss": float("nan"), "val_curve": [[2, float("inf")]]}}).owned == {r.id: None}
     result = {"status": "diverged", "train_loss": float("nan"), "diverged_step": 7, "test_loss": None}
     assert queue.finish(eng, r.id, "w", "diverged", result=result) == "diverged"
-    [r] = queue.find(eng, r.id)
+    [r] = queries.find(eng, r.id)
     assert r.result["train_loss"] is None and r.result["diverged_step"] == 7 and r.val_curve == [[2, None]]
 
 
@@ -340,6 +320,6 @@ def test_find_treats_like_wildcards_as_characters(db_url):
     eng = connect(db_url)
     exp = experiment(n_seeds=1)
     queue.submit(eng, exp, specs.expand(exp))
-    assert queue.find(eng, "%") == [] and queue.find(eng, "_") == []
+    assert queries.find(eng, "%") == [] and queries.find(eng, "_") == []
     [r] = queue.claim(eng, "w", 1)
-    assert [x.id for x in queue.find(eng, r.id[:6])] == [r.id]
+    assert [x.id for x in queries.find(eng, r.id[:6])] == [r.id]

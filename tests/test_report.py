@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from orchestrator import queue, report, specs
+from orchestrator import queries, queue, report, specs
 from orchestrator.db import Run, connect
 from tests.test_worker import Orch, write_experiment
 
@@ -34,7 +34,7 @@ def study(tmp_path_factory, data_dir):
     orch("submit", str(exp))
     orch("worker", "--until-empty", "--no-mlflow", "--parallel", "2", "--heartbeat", "0.5")
     engine = connect(orch.db)
-    assert queue.counts(engine) == {"succeeded": 4}, [(r.state, r.error) for _, _, r in queue.runs_of(engine)]
+    assert queries.counts(engine) == {"succeeded": 4}, [(r.state, r.error) for _, _, r in queries.runs_of(engine)]
     index = report.write_report(engine, "rep", tmp / "out", runs_dir=orch.runs)
     return orch, engine, index
 
@@ -68,7 +68,7 @@ def test_page_and_pngs(study):
 
 def test_curves_come_from_every_finished_run(study):
     orch, engine, _ = study
-    runs = [(arm, run) for _, arm, run in queue.runs_of(engine, ["rep"])]
+    runs = [(arm, run) for _, arm, run in queries.runs_of(engine, ["rep"])]
     events = report._events(runs, None)  # run_dir as the worker's heartbeat recorded it
     assert sorted(events) == ["baseline", "no-dropout"] and all(len(v) == 2 for v in events.values())
     for per_run in events.values():

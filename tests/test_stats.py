@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from orchestrator import queue, specs, stats, studies
+from orchestrator import queries, queue, specs, stats, studies
 from orchestrator import table as tbl
 from orchestrator.db import connect
 
@@ -95,7 +95,7 @@ SALT = 0  # the noise draws are a pure function of (run, arm, SALT): the same on
 
 def simulate(eng, loss_of=lambda run, arm: TRUE_LOSS[arm]):
     """Claim every queued run and finish it with loss = truth + a seed-determined normal draw."""
-    arm_of = {r.id: arm for _, arm, r in queue.runs_of(eng)}
+    arm_of = {r.id: arm for _, arm, r in queries.runs_of(eng)}
     while batch := queue.claim(eng, "sim", 50):
         for r in batch:
             noise = np.random.default_rng([r.seed, r.data_seed, r.repeat, zlib.crc32(arm_of[r.id].encode()), SALT]).normal(0, SIGMA)
@@ -104,7 +104,7 @@ def simulate(eng, loss_of=lambda run, arm: TRUE_LOSS[arm]):
 
 
 def board(eng, name, alpha=0.05):
-    [b] = [b for b in tbl.build(queue.runs_of(eng), queue.specs(eng), alpha) if b.experiment == name]
+    [b] = [b for b in tbl.build(queries.runs_of(eng), queries.specs(eng), alpha) if b.experiment == name]
     return {r.arm: r for r in b.rows}, b
 
 
@@ -167,7 +167,7 @@ def test_more_seeds_refuses_a_noise_study_and_names_what_to_run(eng):
     studies.noise(eng, "planted", 3, "init")
     with pytest.raises(specs.SpecError, match="noise study.*orch noise planted --repeats"):
         studies.more_seeds(eng, "planted.noise-init", max_seeds=6)
-    assert queue.specs(eng)["planted.noise-init"].looks is None  # nothing recorded
+    assert queries.specs(eng)["planted.noise-init"].looks is None  # nothing recorded
 
 
 def test_a_sequential_board_with_one_baseline_run_says_both(eng):
@@ -275,4 +275,4 @@ def test_bad_imports_are_clear_and_store_nothing(eng, tmp_path, content, message
     path.write_text(content)
     with pytest.raises(specs.SpecError, match=message):
         studies.import_results(eng, path, "bad")
-    assert queue.counts(eng) == {}
+    assert queries.counts(eng) == {}

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from orchestrator import queue
+from orchestrator.states import RunState
+from orchestrator import queries, queue
 from orchestrator.db import connect
 from tests.conftest import FAST
 from tests.test_worker import Orch, wait_until
@@ -66,7 +67,7 @@ def test_sweep_runs_its_budget_on_two_workers_with_mlflow_parent_and_children(tm
     runs = [r for t in info["trials"] for r in t["runs"]]
     assert len(runs) == len(set(runs)) == 4  # one run per trial, none shared
     eng = connect(orch.db)
-    workers_used = {r.result["environment"]["host"] + str(r.attempts) for _, _, r in queue.runs_of(eng, ["sw"]) if r.result}
+    workers_used = {r.result["environment"]["host"] + str(r.attempts) for _, _, r in queries.runs_of(eng, ["sw"]) if r.result}
     assert workers_used
     text = orch("sweep", "status", "sw").stdout
     assert "best: trial" in text and "optim.lr=" in text
@@ -87,7 +88,7 @@ def test_sweep_runs_its_budget_on_two_workers_with_mlflow_parent_and_children(tm
     confirm = orch("sweep", "confirm", "sw", "--seeds", "2").stdout
     # Baseline and best trial, 2 seeds each; the best trial's own run (seed 42) is reused, not retrained.
     assert "sw.confirm: 3 queued, 1 reused" in confirm
-    wait_until(lambda: queue.counts(eng).get("queued", 0) + queue.counts(eng).get("running", 0) == 0, timeout=300,
+    wait_until(lambda: queries.counts(eng).get("queued", 0) + queries.counts(eng).get("running", 0) == 0, timeout=300,
                what="the confirmation runs")
     table = json.loads(orch("table", "sw.confirm", "--format", "json").stdout)[0]
     best = next(r for r in table["rows"] if r["arm"].startswith("best-trial-"))
@@ -108,7 +109,7 @@ def test_pruning_stops_hopeless_trials_early(tmp_path, data_dir, workers):
     assert states[2] == states[3] == "pruned"
     eng = connect(orch.db)
     for t in info["trials"][2:]:
-        [run] = queue.find(eng, t["runs"][0])
+        [run] = queries.find(eng, t["runs"][0])
         assert run.state == "pruned" and run.result["status"] == "pruned"
         assert run.result["step"] < 60  # stopped early, checkpointed
     assert info["best"]["number"] in (0, 1)
@@ -142,7 +143,7 @@ def test_killed_sweep_command_resumes_and_counts_every_trial_once(tmp_path, data
     assert info["counts"] == {"complete": 6}
     runs = [r for t in info["trials"] for r in t["runs"]]
     assert len(runs) == len(set(runs)) == 6
-    assert all(r.state == "succeeded" for _, _, r in queue.runs_of(eng, ["kl"]))
+    assert all(r.state == "succeeded" for _, _, r in queries.runs_of(eng, ["kl"]))
     assert sorted(t["number"] for t in info["trials"]) == list(range(6))
 
 
@@ -175,11 +176,11 @@ def test_pruning_leaves_runs_that_other_experiments_share(tmp_path):
     queue.submit(eng, driver.experiment, runs)
     queue.submit(eng, specs.Experiment(name="other", include_baseline=False), runs[:1])  # shares seed 0
     queue.claim(eng, "w", 2)
-    driver._stop(queue.find(eng, runs[0].id) + queue.find(eng, runs[1].id), "trial-0")
+    driver._stop(queries.find(eng, runs[0].id) + queries.find(eng, runs[1].id), "trial-0")
     assert queue.heartbeat(eng, "w", {runs[0].id: {}, runs[1].id: {}}).owned == {runs[0].id: None, runs[1].id: "pruned"}
     queue.requeue_stale(eng, -1)  # both back in the queue: the shared one stays, the trial's own is cancelled
-    driver._stop(queue.find(eng, runs[0].id) + queue.find(eng, runs[1].id), "trial-0")
-    assert [queue.find(eng, r.id)[0].state for r in runs] == [queue.QUEUED, queue.CANCELLED]
+    driver._stop(queries.find(eng, runs[0].id) + queries.find(eng, runs[1].id), "trial-0")
+    assert [queries.find(eng, r.id)[0].state for r in runs] == [RunState.QUEUED, RunState.CANCELLED]
 
 
 def test_a_pruned_trial_is_told_once_its_own_runs_stop_and_same_parameter_trials_share_runs(tmp_path):
@@ -198,8 +199,8 @@ def test_a_pruned_trial_is_told_once_its_own_runs_stop_and_same_parameter_trials
     # A later trial that drew the same parameters shares both runs, under another arm of the same experiment.
     again = specs.trial_runs(sweep, driver.base, frozen.params, "trial-9")
     queue.submit(eng, driver.experiment, again)
-    assert set(queue.shared(eng, ids, "sw", "trial-0")) == set(ids)
-    assert queue.shared(eng, ids, "sw") == {}  # no other experiment has them
+    assert set(queries.shared(eng, ids, "sw", "trial-0")) == set(ids)
+    assert queries.shared(eng, ids, "sw") == {}  # no other experiment has them
     # Only seed 1 is shared now (seed 0's second membership removed): pruning stops seed 0 alone, and the
     # trial is told pruned as soon as seed 0 is final, while seed 1 trains on for trial 9.
     from orchestrator.db import Membership
@@ -213,4 +214,4 @@ def test_a_pruned_trial_is_told_once_its_own_runs_stop_and_same_parameter_trials
     queue.finish(eng, ids[0], "w", "pruned", result={"status": "pruned", "step": 2})
     driver.reconcile()
     assert driver.study.get_trials(deepcopy=False)[0].state == optuna.trial.TrialState.PRUNED
-    assert queue.find(eng, ids[1])[0].state == queue.RUNNING
+    assert queries.find(eng, ids[1])[0].state == RunState.RUNNING

@@ -1,5 +1,5 @@
 """Leases: one `orch sweep` process drives a study at a time; a second one waits as a standby and takes
-over when the first stops beating (queue.take_lease).
+over when the first stops beating (leases.take).
 
 Revision ID: 0004
 Revises: 0003
