@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (PYTHON, REPO, ok, read_result, set_args, start_trainer, subprocess_env, tiny_config,
+from conftest import (PYTHON, REPO, ok, read_result, set_args, subprocess_env, tiny_config,
                       wait_for_step)
 from trainer.rundir import checkpoint_paths, read_metrics
 

@@ -2,10 +2,11 @@
 
 Everything a run does is decided here and nowhere else, so that two runs with equal configs are the same
 experiment and a run's identity can be a hash of its resolved config. Unknown keys and impossible values are
-errors whose message names the key and says how to fix it (house rule 2).
+errors whose message names the key and says how to fix it: a mistake is fixed from one line of output,
+before any training time is spent on it.
 
 Presets:
-- `gpt2-small`: the blog series' baseline exactly ("8xa100m40-baseline", shared/DESIGN.md §2): GPT-2-small
+- `gpt2-small`: the blog series' baseline exactly (its run "8xa100m40-baseline"): GPT-2-small
   shape (163M parameters, untied), dropout 0.1, no QKV bias, PyTorch's default initialisation (the series'
   model is Raschka's, which never re-initialises), 96 × 1024-token sequences per step as 12 per GPU on 8 GPUs,
   3,260,190,720 tokens, AdamW lr 4e-4 wd 0.1 on every parameter, constant LR, no clipping, fp16 AMP + TF32,
@@ -44,7 +45,7 @@ class ModelConfig(Section):
     qkv_bias: bool = False
     tie_weights: bool = False
     # "pytorch": nn.Linear / nn.Embedding defaults, as Raschka's model (and so the blog baseline) does.
-    # "gpt2": N(0, 0.02), residual projections scaled by 1/sqrt(2·n_layer) (GPT-2 paper §2.3, nanoGPT).
+    # "gpt2": N(0, 0.02), residual projections scaled by 1/sqrt(2·n_layer) (GPT-2 paper, section 2.3; nanoGPT).
     init: Literal["pytorch", "gpt2"] = "pytorch"
     layer_norm_eps: float = Field(1e-5, gt=0)
 

@@ -1,4 +1,5 @@
-"""Throughput accounting: peak FLOP/s per device, MFU, the micro-batch finder, and the environment record."""
+"""Throughput accounting: peak FLOP/s per device, MFU, the micro-batch layout (and its finder), and the
+environment record."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from trainer.config import ConfigError, TrainConfig
+from trainer.distributed import Dist
+from trainer.evaluate import autocast
+from trainer.model import GPT, cross_entropy
 from trainer.provenance import git_commit
 
 # Dense peak FLOP/s per GPU from the vendors' datasheets (no sparsity): (16-bit tensor core, TF32, plain fp32).
@@ -66,6 +72,49 @@ def find_micro_batch(per_rank_batch: int, fits: Callable[[int], None]) -> int:
             "or use precision.amp=bf16"
         )
     return best
+
+
+def batch_layout(cfg: TrainConfig, d: Dist, model: GPT, opt: torch.optim.Optimizer) -> tuple[int, int]:
+    """(micro-batch size, gradient-accumulation steps) per rank for the configured global batch."""
+    G = cfg.run.batch_size
+    if G % d.world:
+        raise ConfigError(f"run.batch_size ({G}) must be divisible by the number of processes ({d.world})")
+    per_rank = G // d.world
+    micro = cfg.run.micro_batch_size
+    if micro == "auto":
+        if d.device.type == "cuda":
+            micro = find_micro_batch(per_rank, lambda m: _probe(model, opt, cfg, d.device, m))
+            if d.world > 1:  # every rank must take the same number of accumulation steps
+                t = torch.tensor(micro, device=d.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MIN)
+                micro = int(t.item())
+        else:
+            micro = per_rank  # a CPU has no out-of-memory error to search against
+    if per_rank % micro:
+        raise ConfigError(
+            f"run.micro_batch_size ({micro}) must divide the per-process batch "
+            f"{per_rank} (= run.batch_size {G} / {d.world} processes); try 'auto'"
+        )
+    return micro, per_rank // micro
+
+
+def _probe(model: GPT, opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device, micro: int) -> None:
+    """One forward+backward+optimizer step at this micro-batch size, leaving no trace in weights or RNG."""
+    lrs = [g["lr"] for g in opt.param_groups]
+    with torch.random.fork_rng(devices=[device]):
+        try:
+            x = torch.randint(0, cfg.model.vocab_size, (micro, cfg.model.context_length), device=device)
+            with autocast(device, cfg.precision.amp):
+                loss = cross_entropy(model(x), x)
+            loss.backward()
+            for g in opt.param_groups:
+                g["lr"] = 0.0  # allocate Adam's moments at full size without moving any weight
+            opt.step()
+        finally:  # also when it ran out of memory half-way: no probe gradient may reach the first real step
+            for g, lr in zip(opt.param_groups, lrs):
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            opt.state.clear()
 
 
 def environment(device: torch.device, world_size: int) -> dict:

@@ -1,4 +1,4 @@
-"""The run directory: the whole contract between the trainer and whoever launched it (shared/DESIGN.md §4).
+"""The run directory: the whole contract between the trainer and whoever launched it (files, not calls).
 
     runs/<id>/config.json       the resolved TrainConfig (written by the launcher, or by the trainer for --preset)
     runs/<id>/metrics.jsonl     one JSON object per event, appended and flushed as training goes
@@ -112,6 +112,24 @@ def read_events(path: Path, offset: int, until: int | None = None) -> tuple[list
         except json.JSONDecodeError:
             continue
     return events, offset + end
+
+
+class Metrics:
+    """The writer of metrics.jsonl: appended and flushed one event at a time, by rank 0 only (elsewhere a no-op)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.file = open(path, "a", buffering=1) if enabled else None
+        if self.file and self.file.tell() > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:  # an earlier attempt died mid-line (a full disk, a kill): end that line, keep ours whole
+                self.file.write("\n")
+
+    def log(self, **event: Any) -> None:
+        if self.file:
+            self.file.write(json.dumps(event) + "\n")
+            self.file.flush()
 
 
 def checkpoint_paths(run_dir: str | os.PathLike) -> list[Path]:

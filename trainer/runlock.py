@@ -37,7 +37,7 @@ class RunDirBusy(RuntimeError):
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask the kernel for `sig` when our parent dies (Linux; a no-op elsewhere, where the trainer's
-    ORCH_WORKER_PID check in train.StopRequest still notices at its next sync point)."""
+    ORCH_WORKER_PID check in distributed.StopRequest still notices at its next sync point)."""
     if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
