@@ -31,13 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a
 import torch
 
 from trainer import config
-from trainer.__main__ import parse_sets  # the same --set syntax and errors as `python -m trainer`
+from trainer.__main__ import (
+    parse_sets,  # the same --set syntax and errors as `python -m trainer`
+)
 from trainer.config import ConfigError, TrainConfig
+from trainer.distributed import Dist
 from trainer.evaluate import autocast
 from trainer.model import GPT, cross_entropy
 from trainer.optim import build_optimizer
-from trainer.perf import environment, peak_flops
-from trainer.train import Dist, batch_layout  # find_micro_batch on CUDA with 'auto', exactly as training does
+from trainer.perf import (
+    batch_layout,  # find_micro_batch on CUDA with 'auto', exactly as training does
+    environment,
+    peak_flops,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
