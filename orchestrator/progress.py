@@ -1,7 +1,9 @@
-"""A run's progress as its worker reads it from metrics.jsonl: what `orch status` shows and a pruner reads.
+"""A run's progress as its worker reads it from metrics.jsonl (tail.py): what `orch status` shows and a
+pruner reads.
 
 A typed record rather than a dict, because its fields become columns of the runs table at each heartbeat
-(queue.heartbeat) and nothing else may slip in with them.
+(queue.heartbeat): only the columns named here may be written, and nothing else (no control flag, no
+stray key of a metrics event) can slip in with them.
 """
 
 from __future__ import annotations
@@ -17,16 +19,6 @@ class Progress:
     train_loss: float | None = None
     tokens_per_s: float | None = None
     val_curve: list[list[float]] = field(default_factory=list)  # [[step, val_loss], …] of the current attempt
-
-    def update(self, events: list[dict]) -> None:
-        """Fold new metrics.jsonl events in (trainer/rundir.py describes them)."""
-        for e in events:
-            if e.get("event") == "resume":  # a relaunch: curve points past the checkpoint are superseded
-                self.val_curve = [p for p in self.val_curve if p[0] <= e["step"]]
-            elif "loss" in e:
-                self.step, self.train_loss, self.tokens_per_s = e["step"], e["loss"], e.get("tokens_per_s")
-            elif "val_loss" in e and "test_loss" not in e:
-                self.val_curve = [*self.val_curve, [e["step"], e["val_loss"]]]
 
     def columns(self) -> dict:
         """The runs-table columns a heartbeat writes (only what is known: a fresh launch has no step yet)."""

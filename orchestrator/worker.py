@@ -1,14 +1,14 @@
-"""The worker: claim → wait for the run directory → launch → heartbeat → record the ending.
+"""The worker: claim → judge a lost launch → start → advance → beat → finish, for every slot of one node.
 
 One worker per node. It splits the node's GPUs into slots (`--gpus 0,1,2,3 --gpus-per-run 2` is two slots
 of two), or runs `--parallel N` CPU slots, and keeps every slot busy: the moment a trainer exits, its slot
 claims the next run in the same loop iteration, so the GPU-idle gap is one poll interval plus the trainer's
-start-up (measured in bench/orchestrator.py). A one-process run starts `python -m trainer` directly; a
-run of several processes starts torchrun's agent, which starts the ranks.
+start-up (measured in bench/orchestrator.py). A launcher (launchers/) starts the trainers; each claimed run
+is a `Launch` holding the launcher's handle once its trainer has started.
 
-The loop never blocks on a trainer or on MLflow: it polls processes, reads each run's metrics.jsonl for its
-progress, and beats for all its runs on the database's clock; MLflow is fed by a background thread from
-the run directories (outbox.py), so an absent tracking server delays tracking and nothing else.
+The loop never blocks on a trainer or on MLflow: it polls the handles, follows each run's metrics.jsonl for
+its progress (tail.py), and beats for all its runs on the database's clock; MLflow is fed by a background
+thread from the run directories (outbox.py), so an absent tracking server delays tracking and nothing else.
 
 Exactly one trainer per run directory (trainer/runlock.py): trainers and torchrun agents die with their
 launcher, and a claimed run is launched only once the previous holder of its directory's lock is gone —
@@ -21,13 +21,12 @@ grace period any worker requeues the runs, reads how the lost launch ended, and 
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,53 +35,47 @@ from pathlib import Path
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
-from orchestrator import queue
+from orchestrator import queries, queue
 from orchestrator.db import Run
+from orchestrator.launchers import LOG, Handle, Launcher, Slot, clean_tail, trainer_env
+from orchestrator.launchers.local import LocalLauncher
 from orchestrator.outbox import Outbox, OutboxThread
 from orchestrator.progress import Progress
+from orchestrator.tail import MetricsTail
 from trainer import runlock
 from trainer.config import TrainConfig
 from trainer.provenance import git_commit
-from trainer.rundir import CONFIG, EXIT_NO_SPACE, METRICS, NO_SPACE_LINE, RESULT, STOP, read_events, write_json
+from trainer.rundir import CONFIG, EXIT_NO_SPACE, NO_SPACE_LINE, RESULT, STOP, write_json
 
-LOG = "train.log"
 STOP_TIMEOUT_S = 120  # how long a trainer gets to checkpoint after STOP before it is killed
 IDLE_CLAIM_S = 1.0  # how often an idle worker asks an empty queue for work
 NO_SPACE_PAUSE_S = 10.0  # after a full disk, claim nothing for this long (each launch would fail again)
-# Never handed to a trainer: it needs no database or tracking credentials (issue 8), and a child's
-# environment is readable by any process of the same user (/proc/PID/environ).
-SECRET_ENV = ("ORCH_DB", "ORCH_MLFLOW", "DATABASE_URL", "PGPASSWORD", "PGPASSFILE", "PGSERVICEFILE",
-              "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-              # an MLflow artifact store's credentials: the worker uploads artifacts, never the trainer
-              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_CONNECTION_STRING",
-              "AZURE_STORAGE_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "DATABRICKS_TOKEN")
-
-
-@dataclass
-class Slot:
-    index: int
-    gpus: list[str] | None  # None: a CPU slot
 
 
 @dataclass
 class Launch:
     """One claimed run on one slot, from the claim to the recorded ending.
 
-    Phases: waiting (proc None: a previous trainer still holds the directory), training (proc running),
-    draining (proc exited, but a trainer it started still holds the lock: a killed torchrun agent's
-    orphan, checkpointing after the kernel's SIGTERM)."""
+    Phases: waiting (no handle: a previous trainer still holds the directory), training (the handle's
+    trainer running), draining (it exited, but a trainer it started still holds the lock: a killed
+    torchrun agent's orphan, checkpointing after the kernel's SIGTERM)."""
 
     run: Run
     slot: Slot
     run_dir: Path
     progress: Progress
-    proc: subprocess.Popen | None = None
+    tail: MetricsTail
+    handle: Handle | None = None
     since: float = field(default_factory=time.monotonic)  # when the current phase began
     signalled: int | None = None  # the signal last sent to a stale lock holder
-    offset: int = 0  # bytes of metrics.jsonl read into progress
     stop_sent_at: float | None = None
     lost: str | None = None  # why the database took the run away: "cancelled" or "taken over"
     killed: bool = False  # by us, on a second Ctrl-C: its ending is a preemption, not a crash
+
+    def stop_overdue(self) -> bool:
+        """Its trainer was asked to stop more than STOP_TIMEOUT_S ago: time to kill it."""
+        return (self.handle is not None and self.stop_sent_at is not None
+                and time.monotonic() - self.stop_sent_at > STOP_TIMEOUT_S)
 
 
 def plan_slots(gpus: list[str] | None, gpus_per_run: int, parallel: int) -> list[Slot]:
@@ -105,12 +98,12 @@ def detect_gpus() -> list[str]:
 class Worker:
     def __init__(self, engine: Engine, *, runs_dir: str | Path = "runs", slots: list[Slot], nproc_per_node: int = 1,
                  tracker=None, heartbeat_s: float = 5.0, grace_s: float = 60.0, poll_s: float = 0.2,
-                 forward_s: float = 2.0, progress_s: float = 10.0, name: str | None = None, echo=print):
+                 forward_s: float = 2.0, progress_s: float = 10.0, name: str | None = None,
+                 launcher: Launcher | None = None, echo=print):
         self.engine, self.runs_dir, self.slots = engine, Path(runs_dir), slots
-        self.nproc = nproc_per_node
-        self.heartbeat_s, self.grace_s, self.poll_s = heartbeat_s, grace_s, poll_s
-        self.progress_s = progress_s
+        self.heartbeat_s, self.grace_s, self.poll_s, self.progress_s = heartbeat_s, grace_s, poll_s, progress_s
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:4]}"
+        self.launcher = launcher or LocalLauncher(self.name, nproc_per_node, cpu_slots=len(slots))
         self.echo = echo
         self.active: dict[str, Launch] = {}
         self.stopping = False
@@ -171,7 +164,7 @@ class Worker:
         if self.stopping:
             if not self.active:
                 return True
-        elif self._take_work(now, until_empty):
+        elif self._claim(now, until_empty):
             return True
         # Also while stopping: trainers that are checkpointing still beat.
         if self._every("beat", self.heartbeat_s, now):
@@ -180,7 +173,19 @@ class Worker:
             self._show_progress()
         return False
 
-    def _take_work(self, now: float, until_empty: bool) -> bool:
+    def _on_signal(self, signum, frame) -> None:
+        if self.stopping:  # a second Ctrl-C: stop waiting for checkpoints (they resume from the last one)
+            for launch in self.active.values():
+                if launch.handle is not None:
+                    launch.killed = True
+                    launch.handle.kill()
+                    if (record := runlock.holder(launch.run_dir)) is not None:  # torchrun's ranks
+                        runlock.stop_holder(record, signal.SIGKILL)
+        self.stopping = True
+
+    # -- claim --------------------------------------------------------------------------------------------
+
+    def _claim(self, now: float, until_empty: bool) -> bool:
         """Requeue stale runs, fill free slots; True when until_empty and nothing is left anywhere."""
         if self._every("reap", self.heartbeat_s, now):
             for run_id in queue.requeue_stale(self.engine, self.grace_s, except_worker=self.name):
@@ -191,60 +196,60 @@ class Worker:
             claimed = queue.claim(self.engine, self.name, len(free))
             for run, slot in zip(claimed, free):
                 if run.id not in self.active:  # ours already: requeued while we were late
-                    self._claimed(run, slot)
+                    self._open(run, slot)
             # An empty queue is asked again in a second, not every poll: idle workers should not keep the
             # database's write lock busy.
             self._due["claim"] = max(self._due["claim"], now + (0.0 if len(claimed) == len(free) else IDLE_CLAIM_S))
         if until_empty and not self.active:
-            counts = queue.counts(self.engine)
+            counts = queries.counts(self.engine)
             return not counts.get(queue.QUEUED) and not counts.get(queue.RUNNING)
         return False
 
-    def _on_signal(self, signum, frame) -> None:
-        if self.stopping:  # a second Ctrl-C: stop waiting for checkpoints (they resume from the last one)
-            for launch in self.active.values():
-                if launch.proc is not None:
-                    launch.killed = True
-                    _kill(launch.proc)
-                    if (record := runlock.holder(launch.run_dir)) is not None:  # torchrun's ranks
-                        runlock.stop_holder(record, signal.SIGKILL)
-        self.stopping = True
-
-    # -- one run: waiting → training → draining → ended ---------------------------------------------------
-
-    def _claimed(self, run: Run, slot: Slot) -> None:
+    def _open(self, run: Run, slot: Slot) -> None:
+        """A claimed run becomes a waiting Launch, unless this orch cannot read its config."""
         run_dir = self.runs_dir / run.id
         try:
             total = TrainConfig.model_validate(run.config).total_steps()
-        except ValueError as exc:  # a config this orch cannot read (written by another version): no retry helps
+        except ValueError as exc:  # written by another version of orch: no retry helps
             self.echo(f"{run.id}: its stored config is invalid here: {str(exc).splitlines()[0]}")
             queue.finish(self.engine, run.id, self.name, queue.FAILED, result={"retryable": False},
                          error=f"stored config refused by this orch: {exc}")
             return
-        launch = Launch(run, slot, run_dir, Progress(run_dir=str(run_dir), total_steps=total))
+        launch = Launch(run, slot, run_dir, Progress(run_dir=str(run_dir), total_steps=total), MetricsTail(run_dir))
         self.active[run.id] = launch
         if self.outbox is not None:
             self.outbox.watch(run.id)
         self._advance(launch)
 
+    def _drop(self, run_id: str) -> None:
+        """The run is no longer this worker's to launch or beat for (its ending is recorded, or not ours)."""
+        self.active.pop(run_id, None)
+        if self.outbox is not None:
+            self.outbox.let_go(run_id)
+
+    # -- advance: waiting → training → draining → finished -----------------------------------------------
+
     def _advance(self, launch: Launch) -> None:
         """Move one launch on as far as it can go now."""
-        if launch.proc is None:
+        if launch.handle is None:
             record = runlock.holder(launch.run_dir)
             if record is None:
                 self._start_or_fail(launch)
             else:
                 self._hurry(launch, record, "a previous trainer of this run")
-        elif launch.proc.poll() is not None:
-            record = runlock.holder(launch.run_dir)
-            if record is None:
-                self._finish(launch)
-                self.finished += 1
-            else:
-                if launch.signalled is None:
-                    launch.since = time.monotonic()  # draining starts: its orphan has SIGTERM already
-                    launch.signalled = signal.SIGTERM
-                self._hurry(launch, record, "the orphaned trainer")
+            return
+        code = launch.handle.poll()
+        if code is None:
+            return
+        record = runlock.holder(launch.run_dir)
+        if record is None:
+            self._finish(launch, code)
+            self.finished += 1
+            return
+        if launch.signalled is None:
+            launch.since = time.monotonic()  # draining starts: its orphan has SIGTERM already
+            launch.signalled = signal.SIGTERM
+        self._hurry(launch, record, "the orphaned trainer")
 
     def _hurry(self, launch: Launch, record: dict, who: str) -> None:
         """Tell a stale holder of the run's directory to checkpoint, and kill it after STOP_TIMEOUT_S."""
@@ -267,19 +272,17 @@ class Worker:
             raise  # the database is away: the launch stays waiting and the loop retries it
         except Exception as exc:  # noqa: BLE001 - any launch error is the run's failure, not the worker's
             self.echo(f"{launch.run.id}: could not start: {exc}")
-            if _no_space(exc):
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._pause_for_space(launch.run.id, str(exc))
-                self._let_go(launch.run.id)
                 return
             queue.finish(self.engine, launch.run.id, self.name, queue.FAILED, error=f"launch failed: {exc!r}")
-            self.active.pop(launch.run.id, None)
-            self._let_go(launch.run.id)
+            self._drop(launch.run.id)
 
     def _pause_for_space(self, run_id: str, error: str) -> None:
         """A full disk under the runs directory: hand the run back without counting an attempt (nothing is
         wrong with it), and claim nothing for a while rather than fail every run in the queue in turn."""
         queue.finish(self.engine, run_id, self.name, "preempted", error=f"no space left: {error}")
-        self.active.pop(run_id, None)
+        self._drop(run_id)
         self._due["claim"] = time.monotonic() + NO_SPACE_PAUSE_S
         self.echo(f"warning: no space left under {self.runs_dir}: {run_id} requeued (no attempt used); "
                   f"claiming again in {NO_SPACE_PAUSE_S:.0f} s — free disk space")
@@ -302,8 +305,7 @@ class Worker:
             return True
         self.echo(f"{run.id}: launch {n}, whose worker died, ended the run: {verdict}" if verdict else
                   f"{run.id} is no longer ours")
-        self.active.pop(run.id, None)
-        self._let_go(run.id)
+        self._drop(run.id)
         return False
 
     def _start(self, launch: Launch) -> None:
@@ -313,45 +315,21 @@ class Worker:
         (run_dir / RESULT).unlink(missing_ok=True)  # so is an earlier launch's ending (and it was accounted)
         if not (run_dir / CONFIG).exists():
             write_json(run_dir / CONFIG, run.config)
-        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
-        env.update(PYTHONUNBUFFERED="1", ORCH_WORKER_PID=str(os.getpid()), ORCH_LAUNCH_ID=run.launch_id())
-        if self.commit:
-            env["ORCH_GIT_COMMIT"] = self.commit
-        if slot.gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(slot.gpus)
-            nproc = len(slot.gpus)
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-            nproc = self.nproc
-            threads = max(1, (os.cpu_count() or 1) // (len(self.slots) * nproc))
-            env.setdefault("OMP_NUM_THREADS", str(threads))
-        trainer = ["-m", "trainer", "--config", str(run_dir / CONFIG), "--run-dir", str(run_dir)]
-        if nproc == 1:  # no agent to start (~1.3 s) or to leave an orphan behind: the trainer itself
-            cmd = [sys.executable, *trainer]
-        else:
-            # The agent dies with us (runlock's exec shim), by SIGKILL: on SIGTERM it would SIGKILL its ranks
-            # 30 s later, checkpoint or not. Its ranks get SIGTERM from the kernel as it dies, and all stop
-            # at their next sync point with a checkpoint (their collectives need no agent).
-            cmd = [sys.executable, "-m", "trainer.runlock", "--signal", "KILL", sys.executable, "-m",
-                   "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *trainer]
         if not queue.start(self.engine, run, self.name):  # counts the attempt; False: no longer ours
             self.echo(f"{run.id} is no longer ours")
-            self.active.pop(run.id, None)
-            self._let_go(run.id)
+            self._drop(run.id)
             return
-        log = open(run_dir / LOG, "ab")
-        log.write(f"\n=== attempt {run.attempts} (launch {run.launch_id()}) on {self.name}: {' '.join(cmd)}\n".encode())
-        log.flush()
-        launch.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        log.close()
+        launch.handle = self.launcher.launch(run, slot, run_dir, trainer_env(run.launch_id(), self.commit))
         launch.since, launch.signalled = time.monotonic(), None
         launch.stop_sent_at = None  # a stop asked for while it waited is asked again at the next beat
         where = f"GPUs {','.join(slot.gpus)}" if slot.gpus else f"CPU slot {slot.index}"
-        self.echo(f"started {run.id} (attempt {run.attempts}) on {where}")
+        self.echo(f"started {run.id} (attempt {run.attempts}) on {where}, {launch.handle.describe()}")
 
-    def _finish(self, launch: Launch) -> None:
-        self._read_progress(launch)
-        run, code = launch.run, launch.proc.returncode
+    # -- finish -------------------------------------------------------------------------------------------
+
+    def _finish(self, launch: Launch, code: int) -> None:
+        """Record how the launch ended: its result.json if it wrote one, else a crash with its log's tail."""
+        run = launch.run
         result = _read_json(launch.run_dir / RESULT)
         if result is not None and result.get("launch_id") not in (None, run.launch_id()):
             result = None  # another launch's ending: this one left none (it crashed)
@@ -362,34 +340,30 @@ class Worker:
             status, error = queue.FAILED, clean_tail(launch.run_dir / LOG)
             if code == EXIT_NO_SPACE or NO_SPACE_LINE in error or _disk_full(launch.run_dir):
                 self._pause_for_space(run.id, error.splitlines()[-1] if error else "")
-                self._let_go(run.id)
                 return
             if launch.killed:
                 status = "preempted"  # we killed it (a second Ctrl-C): it resumes from its last checkpoint
         new_state = queue.finish(self.engine, run.id, self.name, status, result=result, exit_code=code, error=error)
-        self.active.pop(run.id, None)
-        self._let_go(run.id)
+        self._drop(run.id)
         loss = f", test loss {result['test_loss']:.4f}" if result and result.get("test_loss") is not None else ""
         ending = new_state or f"no longer ours ({launch.lost or 'taken away'})"
         self.echo(f"{run.id} {status} (exit {code}){loss} -> {ending}")
 
-    def _let_go(self, run_id: str) -> None:
-        if self.outbox is not None:
-            self.outbox.let_go(run_id)
+    # -- beat, and stopping ---------------------------------------------------------------------------------
 
     def _beat(self) -> None:
+        """Beat with every run's newest progress and validation curve (a pruner reads it), then act on what
+        the database says: runs taken away are stopped, stops it asks for are sent."""
         if not self.active:
             return
-        for launch in self.active.values():  # the newest progress and validation curve (a pruner reads it)
-            self._read_progress(launch)
-        beat = queue.heartbeat(self.engine, self.name, {rid: l.progress.columns() for rid, l in self.active.items()})
+        progress = {run_id: launch.tail.read_into(launch.progress) for run_id, launch in self.active.items()}
+        beat = queue.heartbeat(self.engine, self.name, {run_id: p.columns() for run_id, p in progress.items()})
         for run_id, launch in list(self.active.items()):
             if run_id in beat.lost and launch.lost is None:
                 launch.lost = beat.lost[run_id]
-                if launch.proc is None:  # never started: nothing to stop
+                if launch.handle is None:  # never started: nothing to stop
                     self.echo(f"{run_id} was {launch.lost} before it started")
-                    self.active.pop(run_id)
-                    self._let_go(run_id)
+                    self._drop(run_id)
                     continue
                 why = "" if launch.lost == "cancelled" else " (our heartbeats missed the grace period)"
                 self.echo(f"{run_id} was {launch.lost}{why}: stopping its trainer")
@@ -398,43 +372,34 @@ class Worker:
                 self.echo(f"{run_id}: stop requested ({beat.owned[run_id]})")
                 self._send_stop(launch, beat.owned[run_id])
         for launch in self.active.values():  # escalate on trainers that ignore STOP
-            if launch.proc is not None and launch.stop_sent_at is not None \
-                    and time.monotonic() - launch.stop_sent_at > STOP_TIMEOUT_S:
-                _kill(launch.proc)
+            if launch.stop_overdue():
+                launch.handle.kill()
 
     def _show_progress(self) -> None:
         """One line: the queue's counts, then step, loss and speed of each run this worker trains."""
-        counts = queue.counts(self.engine)
+        counts = queries.counts(self.engine)
         parts = [", ".join(f"{counts[k]} {k}" for k in (queue.QUEUED, queue.RUNNING, *queue.FINAL) if counts.get(k))]
         for run_id, launch in self.active.items():
-            parts.append(f"{run_id[:8]} {launch.progress.line() if launch.proc else 'waiting for its directory'}")
+            parts.append(f"{run_id[:8]} {launch.progress.line() if launch.handle else 'waiting for its directory'}")
         self.echo(" | ".join(parts))
 
     def _stop_all(self) -> None:
         for run_id, launch in list(self.active.items()):
-            if launch.proc is None:  # not started: hand it straight back
+            if launch.handle is None:  # not started: hand it straight back
                 queue.finish(self.engine, run_id, self.name, "preempted")
-                self.active.pop(run_id)
-                self._let_go(run_id)
+                self._drop(run_id)
             elif launch.stop_sent_at is None:
                 self._send_stop(launch)
-            elif time.monotonic() - launch.stop_sent_at > STOP_TIMEOUT_S:
-                _kill(launch.proc)
+            elif launch.stop_overdue():
+                launch.handle.kill()
 
     def _send_stop(self, launch: Launch, reason: str = "preempted") -> None:
         try:
             (launch.run_dir / STOP).write_text(reason + "\n")
         except OSError:  # a full disk: SIGTERM says "checkpoint and stop" too (a prune then ends as preempted,
-            if launch.proc is not None:  # and the prune request in the database still wins)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(launch.proc.pid, signal.SIGTERM)
+            if launch.handle is not None:  # and the prune request in the database still wins)
+                launch.handle.stop()
         launch.stop_sent_at = time.monotonic()
-
-    # -- progress -----------------------------------------------------------------------------------------
-
-    def _read_progress(self, launch: Launch) -> None:
-        events, launch.offset = read_events(launch.run_dir / METRICS, launch.offset)
-        launch.progress.update(events)
 
 
 def _disk_full(run_dir: Path, min_free: int = 1 << 20) -> bool:
@@ -446,38 +411,8 @@ def _disk_full(run_dir: Path, min_free: int = 1 << 20) -> bool:
     return st.f_bavail * st.f_frsize < min_free
 
 
-def _no_space(exc: BaseException) -> bool:
-    import errno
-
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def clean_tail(path: Path, lines: int = 40) -> str:
-    """The end of a trainer's log, cut where torchrun's agent begins its report of a failed child: a
-    traceback of its own and a summary box, ~20 lines that only say "a rank exited non-zero" after the
-    trainer's real error."""
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return "(no log)"
-    start = max((i for i, line in enumerate(text) if line.startswith("=== attempt")), default=0)
-    text = text[start:]  # this launch's part of the log
-    for i, line in enumerate(text):
-        if "torch/distributed/elastic" in line and "failed (exitcode" in line:
-            text = text[:i]
-            break
-    return "\n".join(text[-lines:])

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import queue
+from orchestrator import queries, queue
 from orchestrator.db import connect
-from tests.conftest import FAST, REPO, subprocess_env
+from tests.conftest import FAST, subprocess_env
 from tests.servers import MlflowServer
 
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
@@ -84,15 +84,15 @@ def test_submit_worker_table_and_mlflow(tmp_path, data_dir):
     assert "0 queued, 2 reused" in orch("submit", str(exp)).stdout
     orch("worker", "--until-empty", "--heartbeat", "0.5")
     eng = connect(orch.db)
-    assert queue.counts(eng) == {"succeeded": 2}
-    runs = [r for _, _, r in queue.runs_of(eng, ["e2e"])]
+    assert queries.counts(eng) == {"succeeded": 2}
+    runs = [r for _, _, r in queries.runs_of(eng, ["e2e"])]
     for r in runs:
         result = json.loads((orch.runs / r.id / "result.json").read_text())
         assert r.test_loss == result["test_loss"] and r.mlflow_run_id and r.attempts == 1
 
     table = json.loads(orch("table", "e2e", "--format", "json").stdout)[0]
     assert [row["arm"] for row in table["rows"]] == sorted(
-        ["baseline", "no-dropout"], key=lambda a: next(r.test_loss for e, arm, r in queue.runs_of(eng) if arm == a))
+        ["baseline", "no-dropout"], key=lambda a: next(r.test_loss for e, arm, r in queries.runs_of(eng) if arm == a))
     base = next(row for row in table["rows"] if row["arm"] == "baseline")
     other = next(row for row in table["rows"] if row["arm"] == "no-dropout")
     assert other["improvement"] == pytest.approx(base["mean"] - other["mean"])
@@ -130,7 +130,7 @@ def test_killed_worker_run_is_finished_by_another_with_nothing_lost(tmp_path, da
     exp = write_experiment(tmp_path, data_dir, "kill", "", steps=24)
     orch("submit", str(exp))
     eng = connect(orch.db)
-    [(_, _, run)] = queue.runs_of(eng)
+    [(_, _, run)] = queries.runs_of(eng)
     first = orch.start("worker", "--heartbeat", "0.5", "--grace", "3")
     run_dir = orch.runs / run.id
     wait_until(lambda: run_dir.exists() and max(logged_steps(run_dir), default=0) >= 10, what="step 10")
@@ -143,8 +143,8 @@ def test_killed_worker_run_is_finished_by_another_with_nothing_lost(tmp_path, da
     second = orch("worker", "--until-empty", "--heartbeat", "0.5", "--grace", "3")
     assert f"requeued {run.id}" in second.stdout
     assert f"{run.id}: launch 1, whose worker died, ended preempted" in second.stdout
-    [done] = queue.find(eng, run.id)
-    # The worker's death cost no attempt: its trainer had checkpointed (issue 8: preemption is free).
+    [done] = queries.find(eng, run.id)
+    # The worker's death cost no attempt: its trainer had checkpointed, and a preemption is free.
     assert done.state == "succeeded" and done.attempts == 1 and done.launches == 2 and done.exit_code == 0
     result = json.loads((run_dir / "result.json").read_text())
     assert result["launches"] == 2 and result["step"] == 24
@@ -161,14 +161,14 @@ def test_sigterm_checkpoints_and_requeues(tmp_path, data_dir):
     exp = write_experiment(tmp_path, data_dir, "term", "", steps=400)
     orch("submit", str(exp))
     eng = connect(orch.db)
-    [(_, _, run)] = queue.runs_of(eng)
+    [(_, _, run)] = queries.runs_of(eng)
     w = orch.start("worker", "--heartbeat", "0.5", "--no-mlflow")
     run_dir = orch.runs / run.id
     wait_until(lambda: run_dir.exists() and max(logged_steps(run_dir), default=0) >= 3, what="step 3")
     w.send_signal(signal.SIGTERM)
     out, _ = w.communicate(timeout=120)
     assert w.returncode == 0, out
-    [r] = queue.find(eng, run.id)
+    [r] = queries.find(eng, run.id)
     assert r.state == "queued" and r.attempts == 0
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "preempted"
@@ -181,20 +181,20 @@ def test_cancel_and_retry_from_the_cli(tmp_path, data_dir):
     orch("submit", str(exp))
     assert "cancelled 2 run(s)" in orch("cancel", "cx").stdout
     eng = connect(orch.db)
-    ids = [r.id for _, _, r in queue.runs_of(eng)]
+    ids = [r.id for _, _, r in queries.runs_of(eng)]
     assert "requeued" in orch("retry", ids[0][:8]).stdout
-    assert queue.counts(eng) == {"cancelled": 1, "queued": 1}
+    assert queries.counts(eng) == {"cancelled": 1, "queued": 1}
     assert "error:" in orch("retry", "zzzz", code=2).stderr
     ls = orch("ls").stdout
     assert ids[0] in ls and "cancelled" in ls
     # Another experiment's runs are not cancelled with this one unless asked: here both share the baseline.
     other = write_experiment(tmp_path, data_dir, "cy", "Intervention(name='tied', set={'model.tie_weights': True})")
     orch("submit", str(other))
-    [base] = [r for _, arm, r in queue.runs_of(eng, ["cy"]) if arm == "baseline"]
+    [base] = [r for _, arm, r in queries.runs_of(eng, ["cy"]) if arm == "baseline"]
     queue.retry(eng, [base.id])
     out = orch("cancel", "cy").stdout
     assert "cancelled 1 run(s)" in out and "kept 1 run(s) that cx also use(s)" in out and "--include-shared" in out
-    assert queue.find(eng, base.id)[0].state == queue.QUEUED
+    assert queries.find(eng, base.id)[0].state == queue.QUEUED
     assert "cancelled 1 run(s)" in orch("cancel", "cy", "--include-shared").stdout
 
 
@@ -220,7 +220,7 @@ def test_failures_keep_the_error_and_are_retried_only_when_a_retry_can_help(tmp_
     orch("submit", str(missing), "--no-check-data")  # the submit-time check would refuse it (test_bad_input)
     orch("worker", "--until-empty", "--no-mlflow", "--heartbeat", "0.5")
     eng = connect(orch.db)
-    [(_, _, run)] = queue.runs_of(eng, ["nodata"])
+    [(_, _, run)] = queries.runs_of(eng, ["nodata"])
     assert run.state == "failed" and run.attempts == 1
     assert "does not exist" in run.error and "trainer.prepare" in run.error
     logs = orch("logs", run.id[:8]).stdout
@@ -232,7 +232,7 @@ def test_failures_keep_the_error_and_are_retried_only_when_a_retry_can_help(tmp_
     crash.write_text(text)
     orch("submit", str(crash))
     orch("worker", "--until-empty", "--no-mlflow", "--heartbeat", "0.5")
-    [(_, _, run)] = queue.runs_of(eng, ["crash"])
+    [(_, _, run)] = queries.runs_of(eng, ["crash"])
     assert run.state == "failed" and run.attempts == 3 and run.exit_code != 0
     assert "IndexError" in run.error or "index out of range" in run.error
 
