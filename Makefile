@@ -3,7 +3,7 @@
 #   make test   install, run the test suite
 PYTHON ?= python3
 # Pin torch before installing the project: on a CPU machine this takes the CPU build, and the project's own
-# `torch>=2.6` is then already satisfied, so pip never pulls the multi-GB CUDA wheels (shared/DESIGN.md §7).
+# `torch>=2.6` is then already satisfied, so pip never pulls the multi-GB CUDA wheels.
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin

@@ -187,8 +187,8 @@ class ExitWatcher(threading.Thread):
         fds: dict[int, str] = {}
         while not self.done:
             for rid, launch in list(self.worker.active.items()):
-                if launch.proc is not None and rid not in self.exits and rid not in fds.values():
-                    fds[os.pidfd_open(launch.proc.pid)] = rid
+                if launch.handle is not None and rid not in self.exits and rid not in fds.values():
+                    fds[os.pidfd_open(launch.handle.pid)] = rid
             ready = select.select(list(fds), [], [], 0.002)[0] if fds else time.sleep(0.002) or []
             for fd in ready:
                 self.exits[fds.pop(fd)] = time.time()

@@ -29,7 +29,6 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db import Experiment as ExperimentRow
 from orchestrator.db import Membership, Run, db_now
-from orchestrator import states
 from orchestrator.specs import Experiment, Looks, RunSpec
 from orchestrator.states import Event, IllegalMove, RunState, move, stored_sources, target
 from trainer.rundir import Status
@@ -45,12 +44,6 @@ def _move(conn: Connection | Session, event: Event, where, **values) -> list[str
     take its target state. Returns the ids moved."""
     return list(conn.execute(sa.update(Run).where(where, _in(event)).values(state=str(target(event)), **values)
                              .returning(Run.id).execution_options(synchronize_session=False)).scalars().all())
-
-
-# The state names as this module's attributes, until every caller reads them from states.RunState.
-QUEUED, RUNNING, SUCCEEDED, FAILED = RunState.QUEUED, RunState.RUNNING, RunState.SUCCEEDED, RunState.FAILED
-DIVERGED, CANCELLED, PRUNED = RunState.DIVERGED, RunState.CANCELLED, RunState.PRUNED
-FINAL, ACTIVE = tuple(str(s) for s in states.FINAL), tuple(str(s) for s in states.ACTIVE)
 
 
 @dataclass
@@ -380,6 +373,3 @@ def _chunks(items: list, n: int):
     for i in range(0, len(items), n):
         yield items[i : i + n]
 
-
-# TEMP-ALIAS: read queries moved to queries.py; kept here only until worker.py's split lands.
-from orchestrator.queries import counts, find, runs_of  # noqa: E402,F401

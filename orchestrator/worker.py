@@ -41,11 +41,12 @@ from orchestrator.launchers import LOG, Handle, Launcher, Slot, clean_tail, trai
 from orchestrator.launchers.local import LocalLauncher
 from orchestrator.outbox import Outbox, OutboxThread
 from orchestrator.progress import Progress
+from orchestrator.states import RunState
 from orchestrator.tail import MetricsTail
 from trainer import runlock
 from trainer.config import TrainConfig
 from trainer.provenance import git_commit
-from trainer.rundir import CONFIG, EXIT_NO_SPACE, NO_SPACE_LINE, RESULT, STOP, write_json
+from trainer.rundir import CONFIG, EXIT_NO_SPACE, NO_SPACE_LINE, RESULT, STOP, Status, write_json
 
 STOP_TIMEOUT_S = 120  # how long a trainer gets to checkpoint after STOP before it is killed
 IDLE_CLAIM_S = 1.0  # how often an idle worker asks an empty queue for work
@@ -202,7 +203,7 @@ class Worker:
             self._due["claim"] = max(self._due["claim"], now + (0.0 if len(claimed) == len(free) else IDLE_CLAIM_S))
         if until_empty and not self.active:
             counts = queries.counts(self.engine)
-            return not counts.get(queue.QUEUED) and not counts.get(queue.RUNNING)
+            return not counts.get(RunState.QUEUED) and not counts.get(RunState.RUNNING)
         return False
 
     def _open(self, run: Run, slot: Slot) -> None:
@@ -212,7 +213,7 @@ class Worker:
             total = TrainConfig.model_validate(run.config).total_steps()
         except ValueError as exc:  # written by another version of orch: no retry helps
             self.echo(f"{run.id}: its stored config is invalid here: {str(exc).splitlines()[0]}")
-            queue.finish(self.engine, run.id, self.name, queue.FAILED, result={"retryable": False},
+            queue.finish(self.engine, run.id, self.name, Status.FAILED, result={"retryable": False},
                          error=f"stored config refused by this orch: {exc}")
             return
         launch = Launch(run, slot, run_dir, Progress(run_dir=str(run_dir), total_steps=total), MetricsTail(run_dir))
@@ -275,13 +276,13 @@ class Worker:
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._pause_for_space(launch.run.id, str(exc))
                 return
-            queue.finish(self.engine, launch.run.id, self.name, queue.FAILED, error=f"launch failed: {exc!r}")
+            queue.finish(self.engine, launch.run.id, self.name, Status.FAILED, error=f"launch failed: {exc!r}")
             self._drop(launch.run.id)
 
     def _pause_for_space(self, run_id: str, error: str) -> None:
         """A full disk under the runs directory: hand the run back without counting an attempt (nothing is
         wrong with it), and claim nothing for a while rather than fail every run in the queue in turn."""
-        queue.finish(self.engine, run_id, self.name, "preempted", error=f"no space left: {error}")
+        queue.finish(self.engine, run_id, self.name, Status.PREEMPTED, error=f"no space left: {error}")
         self._drop(run_id)
         self._due["claim"] = time.monotonic() + NO_SPACE_PAUSE_S
         self.echo(f"warning: no space left under {self.runs_dir}: {run_id} requeued (no attempt used); "
@@ -337,12 +338,12 @@ class Worker:
             status, error = result["status"], result.get("error")
             code = result.get("exit_code", code)  # the trainer's own code, not torchrun's 1
         else:
-            status, error = queue.FAILED, clean_tail(launch.run_dir / LOG)
+            status, error = Status.FAILED, clean_tail(launch.run_dir / LOG)
             if code == EXIT_NO_SPACE or NO_SPACE_LINE in error or _disk_full(launch.run_dir):
                 self._pause_for_space(run.id, error.splitlines()[-1] if error else "")
                 return
             if launch.killed:
-                status = "preempted"  # we killed it (a second Ctrl-C): it resumes from its last checkpoint
+                status = Status.PREEMPTED  # we killed it (a second Ctrl-C): it resumes from its last checkpoint
         new_state = queue.finish(self.engine, run.id, self.name, status, result=result, exit_code=code, error=error)
         self._drop(run.id)
         loss = f", test loss {result['test_loss']:.4f}" if result and result.get("test_loss") is not None else ""
@@ -378,7 +379,7 @@ class Worker:
     def _show_progress(self) -> None:
         """One line: the queue's counts, then step, loss and speed of each run this worker trains."""
         counts = queries.counts(self.engine)
-        parts = [", ".join(f"{counts[k]} {k}" for k in (queue.QUEUED, queue.RUNNING, *queue.FINAL) if counts.get(k))]
+        parts = [", ".join(f"{counts[k]} {k}" for k in RunState if counts.get(k))]
         for run_id, launch in self.active.items():
             parts.append(f"{run_id[:8]} {launch.progress.line() if launch.handle else 'waiting for its directory'}")
         self.echo(" | ".join(parts))
@@ -386,14 +387,14 @@ class Worker:
     def _stop_all(self) -> None:
         for run_id, launch in list(self.active.items()):
             if launch.handle is None:  # not started: hand it straight back
-                queue.finish(self.engine, run_id, self.name, "preempted")
+                queue.finish(self.engine, run_id, self.name, Status.PREEMPTED)
                 self._drop(run_id)
             elif launch.stop_sent_at is None:
                 self._send_stop(launch)
             elif launch.stop_overdue():
                 launch.handle.kill()
 
-    def _send_stop(self, launch: Launch, reason: str = "preempted") -> None:
+    def _send_stop(self, launch: Launch, reason: str = Status.PREEMPTED) -> None:
         try:
             (launch.run_dir / STOP).write_text(reason + "\n")
         except OSError:  # a full disk: SIGTERM says "checkpoint and stop" too (a prune then ends as preempted,

@@ -194,7 +194,7 @@ def test_cancel_and_retry_from_the_cli(tmp_path, data_dir):
     queue.retry(eng, [base.id])
     out = orch("cancel", "cy").stdout
     assert "cancelled 1 run(s)" in out and "kept 1 run(s) that cx also use(s)" in out and "--include-shared" in out
-    assert queries.find(eng, base.id)[0].state == queue.QUEUED
+    assert queries.find(eng, base.id)[0].state == "queued"
     assert "cancelled 1 run(s)" in orch("cancel", "cy", "--include-shared").stdout
 
 

@@ -37,6 +37,9 @@ class Status(str, Enum):
     # message in "error"; a crash leaves no result.json, and a launcher may retry it.
     FAILED = "failed"
 
+    def __str__(self) -> str:  # messages and f-strings read "preempted", not "Status.PREEMPTED"
+        return self.value
+
 
 # Exit codes, so a launcher can tell the endings apart without parsing anything (sysexits.h style).
 EXIT_CODES = {Status.SUCCEEDED: 0, Status.FAILED: 2, Status.DIVERGED: 65, Status.PREEMPTED: 75, Status.PRUNED: 76}
