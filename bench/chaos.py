@@ -1145,11 +1145,11 @@ class Campaign:
         sweep = None
         if "sweep_kill" in self.args.kinds or self.args.sweep_trials:
             try:
-                from orchestrator import sweep as sw
+                from orchestrator import sweep_views
 
-                sweep = sw.status(self.engine, self.sweep_name)
-                sweep = {"counts": sweep["counts"], "trials": [{k: t[k] for k in ("number", "state", "runs")}
-                                                                for t in sweep["trials"]]}
+                sweep = sweep_views.status(self.engine, self.sweep_name)
+                sweep = {"counts": sweep.counts, "trials": [{"number": t.number, "state": t.state, "runs": t.runs}
+                                                            for t in sweep.trials]}
             except Exception as exc:  # noqa: BLE001
                 sweep = {"error": f"{type(exc).__name__}: {exc}"}
         return {"runs": runs, "sweep": sweep}

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from orchestrator.db import Experiment as ExperimentRow
 from orchestrator.db import Membership, Run, db_now
 from orchestrator.specs import Experiment, Intervention, Looks, SpecError
-from orchestrator.states import FINAL
+from orchestrator.states import ACTIVE, FINAL, RunState
 
 
 class Member(NamedTuple):
@@ -38,6 +38,28 @@ def runs_of(engine: Engine, experiments: Sequence[str] | None = None) -> list[Me
             q = q.where(Membership.experiment.in_(experiments))
         rows = conn.execute(q.order_by(Membership.experiment, Membership.arm, Run.seed, Run.repeat)).all()
     return [Member(e, a, r) for e, a, r in rows]
+
+
+def running(engine: Engine) -> list[Member]:
+    """The running runs, each once (under its first experiment and arm), for `orch status`."""
+    seen: dict[str, Member] = {}
+    for m in runs_of(engine):
+        if m.run.state == RunState.RUNNING:
+            seen.setdefault(m.run.id, m)
+    return list(seen.values())
+
+
+def active(engine: Engine, experiments: Sequence[str]) -> int:
+    """How many of these experiments' runs are still queued or running."""
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count(sa.distinct(Run.id))).join(Membership, Membership.run_id == Run.id)
+                            .where(Membership.experiment.in_(experiments),
+                                   Run.state.in_([str(s) for s in ACTIVE]))).scalar_one()
+
+
+def has_table(engine: Engine, name: str) -> bool:
+    """Whether the database has this table (Optuna's `studies` exists only once a sweep ran)."""
+    return sa.inspect(engine).has_table(name)
 
 
 def experiment_names(engine: Engine) -> list[str]:
@@ -82,8 +104,6 @@ def find(engine: Engine, prefix: str) -> list[Run]:
     with Session(engine, expire_on_commit=False) as s:
         # startswith escapes LIKE's own wildcards: `orch cancel %` must match no run, not all of them.
         return list(s.execute(sa.select(Run).where(Run.id.startswith(prefix, autoescape=True))).scalars().all())
-
-
 
 
 def untracked(engine: Engine, finished_before_s: float | None = None, limit: int = 100) -> list[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.states import RunState
-from orchestrator import queries, stats
+from orchestrator import noise, queries, stats
 from orchestrator import table as tbl
 from orchestrator.specs import BASELINE
 from trainer.rundir import read_metrics
@@ -30,7 +30,6 @@ VERDICT_COLOURS = {stats.BETTER: "#2e7d32", stats.WORSE: "#c62828", stats.NOISE:
                    stats.UNVERIFIED: "#cfcfcf"}
 PLOTS = {"train_loss.png": "Training loss", "val_loss.png": "Validation loss",
          "improvement.png": "Improvement vs baseline"}
-REPORT_TAG = "orch.kind"
 
 
 def write_report(engine, experiment: str, out_dir: Path, alpha: float = 0.05, tracker=None,
@@ -40,8 +39,7 @@ def write_report(engine, experiment: str, out_dir: Path, alpha: float = 0.05, tr
 
     matplotlib.use("Agg")  # no display on a worker node or in CI; Agg renders PNGs anywhere
     # The noise studies of this experiment (`orch noise`) feed its board's summary, as in `orch table`.
-    names = [experiment] + [n for n in queries.experiment_names(engine) if n.startswith(experiment + tbl.NOISE_SEP)]
-    triples = queries.runs_of(engine, names)
+    triples = queries.runs_of(engine, noise.with_studies(engine, [experiment]))
     board = next((b for b in tbl.build(triples, queries.specs(engine), alpha) if b.experiment == experiment), None)
     if board is None:
         raise ValueError(f"no runs in experiment {experiment!r}")
@@ -60,7 +58,7 @@ def write_report(engine, experiment: str, out_dir: Path, alpha: float = 0.05, tr
     index = out_dir / "index.html"
     index.write_text(_page(board, runs, out_dir), encoding="utf-8")  # σ, ±, — whatever the locale
     if tracker is not None:
-        _log_to_mlflow(tracker, experiment, [index, *(out_dir / name for name in PLOTS)])
+        tracker.log_report(experiment, [index, *(out_dir / name for name in PLOTS)])
     return index
 
 
@@ -210,7 +208,7 @@ def _page(board: tbl.Board, runs: list[tuple[str, object]], out_dir: Path) -> st
     parts.append("<h2>Leaderboard</h2>")
     parts += [f"<p>{e(line)}</p>" for line in tbl.summary(board)]
     if board.rows:
-        header, cells = tbl._columns(board)  # the same cells as `orch table --format markdown`
+        header, cells = tbl.columns(board)  # the same cells as `orch table --format markdown`
         parts.append("<table id=leaderboard><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header)
                      + "</tr></thead><tbody>")
         for row, cs in zip(board.rows, cells):
@@ -225,17 +223,3 @@ def _page(board: tbl.Board, runs: list[tuple[str, object]], out_dir: Path) -> st
         parts.append("</ul>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
-
-
-def _log_to_mlflow(tracker, experiment: str, files: list[Path]) -> str:
-    """Log the files to the experiment's "report" run (made once, then reused); return its MLflow id."""
-    exp_id = tracker.experiment_id(experiment)
-    found = tracker.client.search_runs([exp_id], filter_string=f"tags.`{REPORT_TAG}` = 'report'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        run_id = tracker.client.create_run(exp_id, run_name="report", tags={REPORT_TAG: "report"}).info.run_id
-    for path in files:
-        tracker.client.log_artifact(run_id, str(path))  # same names each time: a new report replaces the old
-    tracker.client.set_terminated(run_id)
-    return run_id

@@ -1,4 +1,5 @@
-"""`orch sweep`: an Optuna search whose trials are ordinary queued runs (the only module importing optuna).
+"""The sweep driver: an Optuna search whose trials are ordinary queued runs (with sweep_views.py, the only
+modules importing optuna).
 
 The study lives in the same database as the queue (Optuna's RDB storage), so nothing about a sweep is held
 in a process: the driver (`orch sweep FILE`) is a loop of idempotent steps over the database —
@@ -250,7 +251,7 @@ class Driver:
         trial.set_user_attr(RUNS_ATTR, [r.id for r in runs])  # before queuing: a crash here resubmits
         report = queue.submit(self.engine, self.experiment, runs, source=f"sweep {self.sweep.name}")
         reused = f" ({len(report.reused)} reused)" if report.reused else ""
-        self.echo(f"trial {trial.number}: {_fmt(params)} -> {len(runs)} run(s){reused}")
+        self.echo(f"trial {trial.number}: {format_params(params)} -> {len(runs)} run(s){reused}")
         return True
 
     def reconcile(self) -> None:
@@ -331,13 +332,21 @@ class Driver:
         if best is None:
             self.echo("no trial completed")
             return
-        self.echo(f"best: trial {best.number}, val loss {best.value:.4f}, {_fmt(best.params)}")
+        self.echo(f"best: trial {best.number}, val loss {best.value:.4f}, {format_params(best.params)}")
         if self.tracker is not None:
             self._track_parent()
             try:
-                self.tracker.finish_sweep(self.parent_run, best.params, best.value, self.study)
+                self.tracker.finish_sweep(self.parent_run, best.params, best.value, trial_counts(self.study))
             except Exception as exc:  # noqa: BLE001 - the study holds the result; MLflow's copy is a convenience
                 self.echo(f"sweep {self.sweep.name}: could not record the best trial in MLflow ({exc})")
+
+
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    """Trials by state ("complete", "pruned", "running", "fail", …)."""
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    return counts
 
 
 def best_trial(study: optuna.Study):
@@ -345,102 +354,6 @@ def best_trial(study: optuna.Study):
     return min(complete, key=lambda t: t.value) if complete else None
 
 
-def _fmt(params: dict) -> str:
+def format_params(params: dict) -> str:
+    """A trial's parameters as one line, floats to 4 significant digits."""
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Status, plots, confirmation.
-
-def sweep_names(engine: Engine) -> list[str]:
-    """The studies in the database; none, without creating Optuna's tables, where no sweep ever ran."""
-    if not sa.inspect(engine).has_table("studies"):
-        return []
-    return sorted(s.study_name for s in optuna.get_all_study_summaries(storage(engine)))
-
-
-def load(engine: Engine, name: str) -> optuna.Study:
-    """A sweep's study, or ValueError naming the known ones. Building Optuna's storage creates its tables, so
-    a mistyped name must be answered before that: looking must not change the database."""
-    known = sweep_names(engine)
-    if name not in known:
-        raise ValueError(f"no sweep named {name!r}; known: "
-                         f"{', '.join(known) or 'none (start one with `orch sweep FILE`)'}")
-    return optuna.load_study(study_name=name, storage=storage(engine))
-
-
-def status(engine: Engine, name: str) -> dict:
-    study = load(engine, name)
-    trials = study.get_trials(deepcopy=False)
-    best = best_trial(study)
-    counts: dict[str, int] = {}
-    for t in trials:
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
-    return {
-        "name": name,
-        "counts": counts,
-        "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params},
-        # A pruned trial's Optuna value is an early validation loss: not comparable, so not shown as one.
-        "trials": [{"number": t.number, "state": t.state.name.lower(),
-                    "value": t.value if t.state == TrialState.COMPLETE else None, "params": t.params,
-                    "runs": t.user_attrs.get(RUNS_ATTR, []),
-                    "last_step": max(t.intermediate_values, default=None)} for t in trials],
-    }
-
-
-def plot(engine: Engine, name: str, out_dir) -> list:
-    """Optimisation history, λ × η contour and parameter importances, as PNGs and one HTML page."""
-    import base64
-    from pathlib import Path
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    study = load(engine, name)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    plots = [("history", lambda: ovm.plot_optimization_history(study))]
-    keys = list(complete[0].params) if complete else []
-    if len(keys) >= 2:
-        plots.append(("contour", lambda: ovm.plot_contour(study, params=keys[:2])))
-    if len(complete) >= 2 and keys:
-        plots.append(("importances", lambda: ovm.plot_param_importances(study)))
-    written = []
-    for stem, make in plots:
-        ax = make()
-        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-        fig.set_size_inches(8, 6)
-        fig.tight_layout()
-        path = out / f"{stem}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    images = "".join(f'<h2>{p.stem}</h2><img alt="{p.stem}" src="data:image/png;base64,'
-                     f'{base64.b64encode(p.read_bytes()).decode()}">' for p in written)
-    html = out / "index.html"
-    html.write_text(f"<!doctype html><meta charset=utf-8><title>sweep {name}</title><h1>sweep {name}</h1>{images}")
-    return [html, *written]
-
-
-def confirm(engine: Engine, name: str, seeds: int, sweep: Sweep | None = None) -> tuple[Experiment, queue.SubmitReport]:
-    """Queue the best trial's parameters as an intervention against the sweep's base, with `seeds` seeds
-    each, as experiment NAME.confirm: `orch table NAME.confirm` then gives the noise-aware verdict."""
-    from orchestrator import specs
-
-    info = status(engine, name)
-    if info["best"] is None:
-        raise ValueError(f"sweep {name!r} has no completed trial yet")
-    with engine.connect() as conn:
-        from orchestrator.db import Experiment as ExperimentRow
-
-        spec = conn.execute(sa.select(ExperimentRow.spec).where(ExperimentRow.name == name)).scalar()
-    base_exp = Experiment.model_validate(spec)
-    exp = Experiment(name=f"{name}.confirm", description=f"best trial of sweep {name}", preset=base_exp.preset,
-                     base=base_exp.base, seeds=seeds,
-                     interventions=[specs.Intervention(name=f"best-trial-{info['best']['number']}",
-                                                       set=info["best"]["params"])])
-    return exp, queue.submit(engine, exp, specs.expand(exp, source=f"sweep {name} confirm"))

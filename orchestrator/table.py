@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass, field
 from orchestrator import states
 from orchestrator.states import RunState
 from orchestrator import stats
+from orchestrator.noise import NOISE_SEP
 from orchestrator.specs import BASELINE, Experiment
-
-NOISE_SEP = ".noise-"  # `orch noise EXP --vary V` writes experiment "EXP.noise-V"
 
 
 @dataclass
@@ -169,7 +168,7 @@ def _cells(r: Row) -> list[str]:
             r.verdict or "", parts]
 
 
-def _columns(b: Board) -> tuple[list[str], list[list[str]]]:
+def columns(b: Board) -> tuple[list[str], list[list[str]]]:
     """Header and cells, without the stack column when nothing in this experiment is stacked."""
     cells = [_cells(r) for r in b.rows]
     header = list(HEADER)
@@ -223,7 +222,7 @@ def render(boards: list[Board], fmt: str = "rich") -> str | None:
             parts.append(f"### {b.experiment}\n")
             parts += [f"{line}\n" for line in summary(b)]
             if b.rows:
-                header, cells = _columns(b)
+                header, cells = columns(b)
                 parts.append("| " + " | ".join(header) + " |")
                 parts.append("|" + "---|" * len(header))
                 parts += ["| " + " | ".join(c) + " |" for c in cells]
@@ -241,7 +240,7 @@ def render(boards: list[Board], fmt: str = "rich") -> str | None:
     for b in boards:
         t = Table(title=b.experiment, title_justify="left", caption="\n".join(summary(b)) or None,
                   caption_justify="left")
-        header, all_cells = _columns(b)
+        header, all_cells = columns(b)
         for h in header:
             t.add_column(h, justify="left" if h in ("run", "verdict", "sum of parts") else "right")
         for r, cells in zip(b.rows, all_cells):

@@ -25,6 +25,7 @@ BATCH = 1000  # MLflow's limit on metrics per log_batch
 # A final run state as MLflow's run status (mlflow.entities.RunStatus).
 TERMINAL = {RunState.SUCCEEDED: "FINISHED", RunState.FAILED: "FAILED", RunState.DIVERGED: "FAILED",
             RunState.PRUNED: "KILLED", RunState.CANCELLED: "KILLED"}
+KIND_TAG = "orch.kind"  # what an MLflow run that is not an orch run holds: "sweep" (a parent) or "report"
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -166,27 +167,55 @@ class Tracker:
     def sweep_parent(self, sweep: str) -> str:
         """The sweep's parent run (found by tag, so a restarted driver reuses it)."""
         exp_id = self.experiment_id(sweep)
-        found = self.client.search_runs([exp_id], filter_string=f"tags.`orch.kind` = 'sweep' and tags.`orch.sweep` = '{sweep}'",
+        found = self.client.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep' and tags.`orch.sweep` = '{sweep}'",
                                         max_results=1)
         if found:
             return found[0].info.run_id
         return self.client.create_run(exp_id, run_name=f"sweep {sweep}",
-                                      tags={"orch.kind": "sweep", "orch.sweep": sweep}).info.run_id
+                                      tags={KIND_TAG: "sweep", "orch.sweep": sweep}).info.run_id
 
     def set_parent(self, child_run_id: str, parent_run_id: str) -> None:
         """Nest a trial's run under the sweep in the MLflow UI (the standard mlflow.parentRunId tag)."""
         self.client.set_tag(child_run_id, "mlflow.parentRunId", parent_run_id)
 
-    def finish_sweep(self, parent_run_id: str, params: dict, value: float, study) -> None:
+    def finish_sweep(self, parent_run_id: str, params: dict, value: float, counts: dict[str, int]) -> None:
+        """Close the sweep's parent run with the best parameters, their validation loss and the trial counts
+        by state (`complete`, `pruned`, …)."""
         from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)
-        counts: dict[str, int] = {}
-        for t in study.get_trials(deepcopy=False):
-            counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
         run = self.client.get_run(parent_run_id)
         new_params = [Param(f"best.{k}", str(v)) for k, v in params.items() if f"best.{k}" not in run.data.params]
         self.client.log_batch(parent_run_id, params=new_params,
                               metrics=[Metric("best.val_loss", value, now, 0)]
                               + [Metric(f"trials.{k}", float(v), now, 0) for k, v in counts.items()])
         self.client.set_terminated(parent_run_id, status="FINISHED")
+
+    # -- reports ----------------------------------------------------------------------------------------
+
+    def log_report(self, experiment: str, files: list[Path]) -> str:
+        """Log the files to the experiment's "report" run (made once, then reused); return its MLflow id."""
+        exp_id = self.experiment_id(experiment)
+        found = self.client.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` = 'report'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            run_id = self.client.create_run(exp_id, run_name="report", tags={KIND_TAG: "report"}).info.run_id
+        for path in files:
+            self.client.log_artifact(run_id, str(path))  # same names each time: a new report replaces the old
+        self.client.set_terminated(run_id)
+        return run_id
+
+
+def open_tracker(uri: str | None = None, enabled: bool = True) -> Tracker | None:
+    """The tracker every command that tracks uses: None when tracking is off (--no-mlflow). A URI given as
+    a value (a command line that `ps` shows anyone, a notebook that gets shared) must not hold a password:
+    MLflow reads $MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD, or $ORCH_MLFLOW may hold the whole URI."""
+    from urllib.parse import urlsplit
+
+    if not enabled:
+        return None
+    if uri is not None and urlsplit(uri).password:
+        raise ValueError("--mlflow holds a password, which anyone on this machine can read in `ps`: set "
+                         "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD, or give the URI in $ORCH_MLFLOW")
+    return Tracker(uri)

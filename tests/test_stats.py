@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from orchestrator import queries, queue, specs, stats, studies
+from orchestrator import imports, more_seeds, noise, queries, queue, specs, stats
 from orchestrator import table as tbl
 from orchestrator.db import connect
 
@@ -137,7 +137,7 @@ def test_more_seeds_spends_runs_where_the_answer_is_open_and_stops_when_decided(
     simulate(eng)
     rounds = 0
     while True:
-        report, reasons = studies.more_seeds(eng, "planted", max_seeds=10)
+        report, reasons, _ = more_seeds.more_seeds(eng, "planted", max_seeds=10)
         if not report.queued:
             break
         assert all(r.arm in ("baseline", "effect", "null") for r in report.queued)
@@ -149,7 +149,7 @@ def test_more_seeds_spends_runs_where_the_answer_is_open_and_stops_when_decided(
     assert rows["null"].verdict == stats.NOISE
     assert "decided" in reasons["effect"]
     # Once decided, a further call queues nothing.
-    again, _ = studies.more_seeds(eng, "planted", max_seeds=10)
+    again, _, _ = more_seeds.more_seeds(eng, "planted", max_seeds=10)
     assert not again.queued
     # The verdicts were sequential tests, and say so; resubmitting the file does not make them fixed-sample.
     _, b = board(eng, "planted")
@@ -164,9 +164,9 @@ def test_more_seeds_refuses_a_noise_study_and_names_what_to_run(eng):
     exp = planted(2)
     queue.submit(eng, exp, specs.expand(exp))
     simulate(eng)
-    studies.noise(eng, "planted", 3, "init")
+    noise.noise(eng, "planted", 3, "init")
     with pytest.raises(specs.SpecError, match="noise study.*orch noise planted --repeats"):
-        studies.more_seeds(eng, "planted.noise-init", max_seeds=6)
+        more_seeds.more_seeds(eng, "planted.noise-init", max_seeds=6)
     assert queries.specs(eng)["planted.noise-init"].looks is None  # nothing recorded
 
 
@@ -174,7 +174,7 @@ def test_a_sequential_board_with_one_baseline_run_says_both(eng):
     exp = planted(1)
     queue.submit(eng, exp, specs.expand(exp))
     simulate(eng)
-    studies.more_seeds(eng, "planted", max_seeds=4)
+    more_seeds.more_seeds(eng, "planted", max_seeds=4)
     lines = tbl.summary(board(eng, "planted")[1])
     assert any(line.startswith("one baseline run") for line in lines)
     assert any(line.startswith("sequential:") for line in lines)
@@ -183,8 +183,8 @@ def test_a_sequential_board_with_one_baseline_run_says_both(eng):
 def test_noise_study_varies_one_source_at_a_time(eng):
     exp = specs.Experiment(name="base", seeds=1)
     queue.submit(eng, exp, specs.expand(exp))
-    for vary in studies.VARY:
-        rep = studies.noise(eng, "base", 4, vary)
+    for vary in noise.VARY:
+        rep = noise.noise(eng, "base", 4, vary)
         cfgs = [r.config for r in rep.queued + [r for r, _ in rep.reused]]
         inits = {c.run.seed for c in cfgs}
         datas = {(c.data.order, c.data.seed) for c in cfgs}
@@ -197,11 +197,11 @@ def test_noise_study_varies_one_source_at_a_time(eng):
         return 3.7 + 0.02 * np.sin(run.seed) + 0.005 * np.sin(run.data_seed + 1) * (run.data_seed > 0)
     simulate(eng, loss)
     _, b = board(eng, "base")
-    assert set(b.noise) == set(studies.VARY) and all(v["n"] == 4 for v in b.noise.values())
+    assert set(b.noise) == set(noise.VARY) and all(v["n"] == 4 for v in b.noise.values())
     md = tbl.render([b], "markdown")
     assert "noise by source" in md and "init σ" in md and "none σ" in md
     with pytest.raises(specs.SpecError, match="--vary must be"):
-        studies.noise(eng, "base", 4, "weather")
+        noise.noise(eng, "base", 4, "weather")
 
 
 def test_stacks_show_the_sum_of_their_parts_and_conflicts_name_both(eng):
@@ -243,7 +243,7 @@ stacked,3.577761,clipping+no-dropout+lr-schedule+wd-0.01
 def test_imported_published_numbers_rank_as_published(eng, tmp_path):
     path = tmp_path / "blog.csv"
     path.write_text(BLOG)
-    assert studies.import_results(eng, path, "blog") == 10
+    assert imports.import_results(eng, path, "blog") == 10
     rows, b = board(eng, "blog")
     order = [r.arm for r in b.rows]
     assert order == ["stacked", "lr-schedule", "no-dropout", "wd-0.01", "qkv-bias", "clipping", "fp32", "baseline",
@@ -260,7 +260,7 @@ def test_imported_published_numbers_rank_as_published(eng, tmp_path):
     seeded.write_text('[' + ",".join(
         f'{{"name": "{n}", "test_loss": {v + draws[i, s]}, "seed": {s}}}'
         for s in range(5) for i, (n, v) in enumerate((("baseline", 3.6915), ("clipping", 3.6783), ("same", 3.6915)))) + ']')
-    studies.import_results(eng, seeded, "seeded")
+    imports.import_results(eng, seeded, "seeded")
     rows, _ = board(eng, "seeded")
     assert rows["clipping"].verdict == stats.BETTER and rows["same"].verdict == stats.NOISE
 
@@ -274,5 +274,5 @@ def test_bad_imports_are_clear_and_store_nothing(eng, tmp_path, content, message
     path = tmp_path / "bad.csv"
     path.write_text(content)
     with pytest.raises(specs.SpecError, match=message):
-        studies.import_results(eng, path, "bad")
+        imports.import_results(eng, path, "bad")
     assert queries.counts(eng) == {}

@@ -1,0 +1,54 @@
+"""The Python API: what every `orch` command does, as functions a notebook can call.
+
+    from orchestrator import api
+    api.submit("experiments/quickstart.py", preset="tiny")
+    api.worker(until_empty=True, parallel=2, track=False)
+    print(api.table("quickstart"))
+
+Each function takes plain values — `db` an SQLAlchemy URL or an open Engine (default $ORCH_DB, else
+sqlite:///results.db), `mlflow` a tracking URI (default $ORCH_MLFLOW, else sqlite:///mlflow.db), `track`
+False for no MLflow — and returns a typed record. An input a user can fix is refused with a ValueError (or
+its subclass SpecError), a database problem with a SchemaError, each one line naming the fix;
+`user_message(exc)` gives that line for any of them.
+"""
+
+from orchestrator.api.connection import connect, user_message
+from orchestrator.api.results import (
+                                      ImportReport,
+                                      Leaderboard,
+                                      Suggestions,
+                                      import_results,
+                                      more_seeds,
+                                      noise,
+                                      report,
+                                      suggest,
+                                      table,
+)
+from orchestrator.api.runs import (
+                                      CancelReport,
+                                      Log,
+                                      Running,
+                                      Status,
+                                      Submitted,
+                                      SyncReport,
+                                      WorkerReport,
+                                      cancel,
+                                      eta_s,
+                                      find_run,
+                                      logs,
+                                      ls,
+                                      retry,
+                                      status,
+                                      submit,
+                                      sync,
+                                      ui,
+                                      upgrade,
+                                      worker,
+)
+from orchestrator.api.sweeps import sweep_confirm, sweep_plot, sweep_run, sweep_status
+from orchestrator.more_seeds import Round
+
+__all__ = ["CancelReport", "ImportReport", "Leaderboard", "Log", "Round", "Running", "Status", "Submitted",
+           "Suggestions", "SyncReport", "WorkerReport", "cancel", "connect", "eta_s", "find_run", "import_results",
+           "logs", "ls", "more_seeds", "noise", "report", "retry", "status", "submit", "suggest", "sweep_confirm",
+           "sweep_plot", "sweep_run", "sweep_status", "sync", "table", "ui", "upgrade", "user_message", "worker"]

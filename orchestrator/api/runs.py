@@ -1,0 +1,255 @@
+"""Runs and the queue: submit an experiment, run a worker, and look at, cancel or retry runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from orchestrator import queries, queue, specs, states
+from orchestrator.api.connection import RUN_PREFIX, at_least, check_data, connect, refuse_password
+from orchestrator.db import Run
+from orchestrator.queries import Member
+from orchestrator.states import RunState
+from orchestrator.tracking import open_tracker
+
+Db = str | Engine | None
+
+
+@dataclass
+class Submitted:
+    """What a submit (or a noise study, or a sweep's confirmation) queued and what it reused."""
+
+    experiment: str
+    queued: list[specs.RunSpec] = field(default_factory=list)
+    reused: list[tuple[specs.RunSpec, str]] = field(default_factory=list)  # (run, its current state)
+    runs: list[specs.RunSpec] = field(default_factory=list)  # every run of the experiment, queued or not
+    identical: list[tuple[str, str]] = field(default_factory=list)  # arms that are the same runs at this preset
+    dry_run: bool = False
+
+    @classmethod
+    def of(cls, experiment: str, report: queue.SubmitReport) -> Submitted:
+        return cls(experiment, report.queued, report.reused)
+
+
+def submit(path: str | Path, *, preset: str | None = None, seeds: int | None = None, overrides: dict | None = None,
+           dry_run: bool = False, check_data_here: bool = True, db: Db = None) -> Submitted:
+    """Queue an experiment file's runs; runs that exist already (same config, seed, repeat) are reused. Each
+    data.path is checked first (shard headers, evaluation slices) unless `check_data_here` is False."""
+    if seeds is not None:
+        at_least("--seeds", seeds, example="3")
+    refuse_password(db)
+    exp = specs.load_experiment(path)
+    runs = specs.expand(exp, source=str(path), preset=preset, seeds=seeds, overrides=overrides or {})
+    if check_data_here:
+        check_data([r.config for r in runs])
+    out = Submitted(exp.name, runs=runs, identical=specs.identical_arms(runs), dry_run=dry_run)
+    if not dry_run:
+        report = queue.submit(connect(db, create=True), exp, runs, source=str(path))
+        out.queued, out.reused = report.queued, report.reused
+    return out
+
+
+@dataclass
+class WorkerReport:
+    name: str
+    finished: int
+
+
+def worker(*, gpus: str | Sequence[str] | None = None, gpus_per_run: int = 1, nproc_per_node: int = 1,
+           parallel: int = 1, until_empty: bool = False, runs_dir: str | Path = "runs", heartbeat: float = 5.0,
+           grace: float = 60.0, mlflow: str | None = None, track: bool = True, db: Db = None,
+           echo: Callable[[str], None] = print) -> WorkerReport:
+    """Claim queued runs and train them, one per free GPU slot (all GPUs unless `gpus` lists some; none: CPU
+    slots, `parallel` of them), until stopped or, with `until_empty`, until nothing is queued or running."""
+    at_least("--gpus-per-run", gpus_per_run, example="2")
+    at_least("--nproc-per-node", nproc_per_node, example="2")
+    at_least("--parallel", parallel, example="2")
+    if not heartbeat > 0:
+        raise ValueError(f"--heartbeat must be a positive number of seconds, not {heartbeat:g}; e.g. --heartbeat 5")
+    if not grace > heartbeat:
+        raise ValueError(f"--grace ({grace:g} s) must be longer than --heartbeat ({heartbeat:g} s), or live runs "
+                         f"would be requeued between two beats; e.g. --grace {max(60, 12 * heartbeat):g}")
+    if isinstance(gpus, str):
+        text = gpus.replace(" ", "")
+        gpus = [g for g in text.split(",") if g]
+        if not all(g.isdigit() for g in gpus) or len(set(gpus)) < len(gpus):
+            raise ValueError(f"--gpus takes distinct GPU indices separated by commas, e.g. --gpus 0,1,2,3; got {text!r}")
+    refuse_password(db)
+    from orchestrator.worker import Worker, detect_gpus, plan_slots
+
+    gpu_list = list(gpus) if gpus is not None else detect_gpus()
+    slots = plan_slots(gpu_list, gpus_per_run, parallel)
+    engine = connect(db, create=True)
+    w = Worker(engine, runs_dir=runs_dir, slots=slots, nproc_per_node=nproc_per_node,
+               tracker=open_tracker(mlflow, track), heartbeat_s=heartbeat, grace_s=grace, echo=echo)
+    where = f"{len(slots)} GPU slot(s)" if gpu_list else f"{len(slots)} CPU slot(s)"
+    echo(f"worker {w.name}: {where}" + (", until the queue is empty" if until_empty else ""))
+    return WorkerReport(w.name, w.run(until_empty=until_empty))
+
+
+@dataclass
+class Running:
+    """A running run as `orch status` shows it."""
+
+    id: str
+    experiment: str
+    arm: str
+    seed: int
+    step: int | None
+    total_steps: int | None
+    train_loss: float | None
+    tokens_per_s: float | None
+    eta_s: float | None  # the tokens left at the current throughput
+    worker: str | None
+
+
+@dataclass
+class Status:
+    counts: dict[str, int]  # every state, 0 where no run is in it
+    running: list[Running]
+
+
+def eta_s(run: Run) -> float | None:
+    """Seconds left for a running run: the tokens of its remaining steps at its current tokens/s."""
+    if not (run.step and run.total_steps and run.tokens_per_s):
+        return None
+    tokens_per_step = run.config["run"]["batch_size"] * run.config["model"]["context_length"]
+    return (run.total_steps - run.step) * tokens_per_step / run.tokens_per_s
+
+
+def status(db: Db = None) -> Status:
+    """Queued / running / done counts, and each running run's step, loss, tokens/s and ETA."""
+    engine = connect(db)
+    counts = queries.counts(engine)
+    return Status({str(s): counts.get(s, 0) for s in RunState},
+                  [Running(r.id, e, a, r.seed, r.step, r.total_steps, r.train_loss, r.tokens_per_s, eta_s(r), r.worker)
+                   for e, a, r in queries.running(engine)])
+
+
+def known_experiments(engine: Engine, names: Sequence[str]) -> list[str]:
+    """The experiments in the database; ValueError naming them if any of `names` is not one."""
+    known = queries.experiment_names(engine)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"no experiment named {', '.join(map(repr, unknown))}; known: {', '.join(known) or 'none'}")
+    return known
+
+
+def ls(experiments: Sequence[str] | None = None, *, state: str | None = None, db: Db = None) -> list[Member]:
+    """Runs as (experiment, arm, run), of the named experiments (default: all), optionally in one state."""
+    names = [str(s) for s in RunState]
+    if state is not None and state not in names:
+        raise ValueError(f"--state must be one of {', '.join(names)}, not {state!r}")
+    engine = connect(db)
+    if experiments:
+        known_experiments(engine, experiments)
+    return [m for m in queries.runs_of(engine, experiments) if state is None or m.run.state == state]
+
+
+def find_run(prefix: str, *, db: Db = None) -> Run:
+    """The one run whose id starts with `prefix`."""
+    if not RUN_PREFIX.fullmatch(prefix):
+        raise ValueError(f"{prefix!r} is not a run id or a prefix of one (hex digits, e.g. 3f2a; see `orch ls`)")
+    matches = queries.find(connect(db), prefix)
+    if not matches:
+        raise ValueError(f"no run id starts with {prefix!r} (see `orch ls`)")
+    if len(matches) > 1:
+        raise ValueError(f"{prefix!r} matches {len(matches)} runs; give more of the id")
+    return matches[0]
+
+
+@dataclass
+class Log:
+    run: str
+    state: str
+    path: Path
+    text: str | None  # the last lines of the trainer's log; None where there is none yet
+    error: str | None  # the stored error of a failed run
+
+
+def logs(run: str, *, lines: int = 50, db: Db = None) -> Log:
+    """The trainer's log of a run (a unique id prefix is enough), and its error if it failed."""
+    at_least("-n", lines, example="50")
+    r = find_run(run, db=db)
+    path = Path(r.run_dir or f"runs/{r.id}") / "train.log"
+    text = "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else None
+    return Log(r.id, r.state, path, text, r.error)
+
+
+@dataclass
+class CancelReport:
+    cancelled: list[str]
+    already_final: int  # asked for, but finished already
+    kept: dict[str, list[str]]  # run → the other experiments that share it, left running for them
+
+
+def cancel(target: str, *, include_shared: bool = False, db: Db = None) -> CancelReport:
+    """Cancel the queued and running runs of an experiment, or of a run id prefix (running trainers
+    checkpoint and stop). An experiment's runs that other experiments share (the same config, trained once
+    for all) are kept unless `include_shared`: cancelling one study must not take the baseline from under
+    another."""
+    engine = connect(db)
+    runs = [m.run for m in queries.runs_of(engine, [target])]
+    ids = [r.id for r in runs]
+    kept: dict[str, list[str]] = {}
+    if ids and not include_shared:
+        active = {r.id for r in runs if r.state in states.ACTIVE}
+        kept = {i: names for i, names in queries.shared(engine, ids, target).items() if i in active}
+        ids = [i for i in ids if i not in kept]
+    elif not ids:
+        ids = [r.id for r in queries.find(engine, target)] if RUN_PREFIX.fullmatch(target) else []
+        if not ids:
+            raise ValueError(f"no run or experiment matches {target!r} (see `orch ls`)")
+    done = queue.cancel(engine, ids).done
+    return CancelReport(done, len(ids) - len(done), kept)
+
+
+def retry(run: str, *, db: Db = None) -> str:
+    """Requeue a failed, diverged, cancelled or pruned run with its attempts reset; return its id."""
+    r = find_run(run, db=db)
+    moves = queue.retry(connect(db), [r.id])
+    if moves.refused:
+        raise ValueError(str(moves.refused[0]))
+    return r.id
+
+
+@dataclass
+class SyncReport:
+    synced: int
+    pending: list[tuple[str, str]]  # (run, why MLflow does not have it yet)
+
+
+def sync(*, runs_dir: str | Path = "runs", mlflow: str | None = None, db: Db = None) -> SyncReport:
+    """Send MLflow whatever it is missing of finished runs (after an outage, or runs trained without
+    tracking); workers do this by themselves, this does it now. Safe beside running workers."""
+    from orchestrator import outbox
+
+    engine = connect(db)
+    box = outbox.Outbox(engine, open_tracker(mlflow), f"sync:{socket.gethostname()}:{os.getpid()}", runs_dir)
+    return SyncReport(*outbox.sync_all(box))
+
+
+def ui(*, port: int = 5000, mlflow: str | None = None, echo: Callable[[str], None] = print) -> int:
+    """Serve the MLflow UI on 127.0.0.1 over the same tracking store until stopped; return its exit code."""
+    from orchestrator.tracking import resolve_uri
+
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port must be between 1 and 65535, not {port}")
+    uri = resolve_uri(mlflow)
+    echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                            "--host", "127.0.0.1", "--port", str(port)])
+
+
+def upgrade(db: Db = None) -> tuple[str | None, str]:
+    """Migrate a database written by an older orch to this version's schema: (revision before, after)."""
+    from orchestrator import migrations
+
+    return migrations.upgrade(connect(db, check_schema=False))

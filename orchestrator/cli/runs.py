@@ -1,0 +1,196 @@
+"""`orch submit`, `worker`, `status`, `ls`, `logs`, `cancel`, `retry`, `sync`, `ui` and `db upgrade`."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from orchestrator.cli.common import DbOpt, MlflowOpt, NoCheckDataOpt, NoMlflowOpt, app, call, parse_sets
+
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@app.command()
+def submit(
+    file: Annotated[str, typer.Argument(help="an experiment file, e.g. experiments/quickstart.py")],
+    preset: Annotated[Optional[str], typer.Option(help="scale preset: tiny | gpt2-small")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="seeds per arm (overrides the file)")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a config key for every run")] = [],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would be queued; queue nothing")] = False,
+    no_check_data: NoCheckDataOpt = False,
+    db: DbOpt = None,
+):
+    """Queue an experiment's runs; runs that exist already (same config, seed, repeat) are reused. Each
+    data.path is checked first (shard headers, evaluation slices) unless --no-check-data."""
+    from orchestrator import api
+
+    out = call(api.submit, file, preset=preset, seeds=seeds, overrides=parse_sets(set_), dry_run=dry_run,
+               check_data_here=not no_check_data, db=db)
+    for a, b in out.identical:
+        typer.secho(f"warning: {b!r} is identical to {a!r} at this preset; they share runs", fg="yellow", err=True)
+    if out.dry_run:
+        for r in out.runs:
+            typer.echo(f"would queue {r.id}  {out.experiment}/{r.arm}  seed {r.seed}  repeat {r.repeat}")
+        typer.echo(f"{len(out.runs)} runs (dry run: nothing queued)")
+        return
+    for r in out.queued:
+        typer.echo(f"queued {r.id}  {r.arm}  seed {r.seed}" + (f"  repeat {r.repeat}" if r.repeat else ""))
+    for r, state in out.reused:
+        typer.echo(f"reused {r.id}  {r.arm}  seed {r.seed}  ({state})")
+    typer.echo(f"{out.experiment}: {len(out.queued)} queued, {len(out.reused)} reused")
+
+
+@app.command()
+def worker(
+    gpus: Annotated[Optional[str], typer.Option(help="GPU indices to use, e.g. 0,1,2,3 (default: all; none → CPU)")] = None,
+    gpus_per_run: Annotated[int, typer.Option(help="GPUs per run (torchrun processes)")] = 1,
+    nproc_per_node: Annotated[int, typer.Option(help="processes per run on CPU")] = 1,
+    parallel: Annotated[int, typer.Option(help="CPU runs at once (no GPUs)")] = 1,
+    until_empty: Annotated[bool, typer.Option("--until-empty", help="exit when nothing is queued or running")] = False,
+    runs_dir: Annotated[str, typer.Option(help="where run directories go")] = "runs",
+    heartbeat: Annotated[float, typer.Option(help="seconds between heartbeats")] = 5.0,
+    grace: Annotated[float, typer.Option(help="seconds without heartbeat before a run is requeued")] = 60.0,
+    no_mlflow: NoMlflowOpt = False,
+    db: DbOpt = None,
+    mlflow: MlflowOpt = None,
+):
+    """Claim queued runs and train them with torchrun, one per free GPU slot (or CPU slot)."""
+    from orchestrator import api
+
+    out = call(api.worker, gpus=gpus, gpus_per_run=gpus_per_run, nproc_per_node=nproc_per_node, parallel=parallel,
+               until_empty=until_empty, runs_dir=runs_dir, heartbeat=heartbeat, grace=grace, mlflow=mlflow,
+               track=not no_mlflow, db=db, echo=typer.echo)
+    typer.echo(f"worker {out.name}: {out.finished} run(s) finished")
+
+
+@app.command()
+def status(
+    watch: Annotated[bool, typer.Option("--watch/--once", help="refresh until interrupted")] = False,
+    db: DbOpt = None,
+):
+    """Queued / running / done counts, and each running run's step, loss, tokens/s and ETA."""
+    from rich.console import Console
+    from rich.live import Live
+
+    if not watch:
+        Console().print(status_view(db))
+        return
+    with Live(status_view(db), refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(1)
+                live.update(status_view(db))
+        except KeyboardInterrupt:
+            pass
+
+
+def status_view(db: str | None):
+    from rich.console import Group
+    from rich.table import Table
+
+    from orchestrator import api
+
+    now = call(api.status, db)
+    summary = "  ".join(f"{k}: {n}" for k, n in now.counts.items())
+    t = Table(title="running")
+    for col in ("run", "experiment/arm", "seed", "step", "loss", "tokens/s", "ETA", "worker"):
+        t.add_column(col)
+    for r in now.running:
+        t.add_row(r.id, f"{r.experiment}/{r.arm}", str(r.seed), f"{r.step or 0}/{r.total_steps or '?'}",
+                  f"{r.train_loss:.4f}" if r.train_loss else "—", f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
+                  f"{r.eta_s:,.0f}s" if r.eta_s is not None else "—", r.worker or "")
+    return Group(summary, t) if t.row_count else Group(summary, "nothing running")
+
+
+@app.command()
+def ls(
+    experiments: Annotated[Optional[list[str]], typer.Argument()] = None,
+    state: Annotated[Optional[str], typer.Option(help="only runs in this state")] = None,
+    db: DbOpt = None,
+):
+    """List runs: id, experiment, arm, seed, state, attempts, test loss."""
+    from orchestrator import api
+
+    for exp, arm, r in call(api.ls, experiments, state=state, db=db):
+        loss = f"{r.test_loss:.4f}" if r.test_loss is not None else "—"
+        typer.echo(f"{r.id}  {exp:<24} {arm:<20} seed {r.seed:<4} {r.state:<10} attempts {r.attempts}  {loss}")
+
+
+@app.command()
+def logs(run: Annotated[str, typer.Argument(help="run id (a unique prefix is enough)")],
+         lines: Annotated[int, typer.Option("-n", help="last N lines")] = 50,
+         db: DbOpt = None):
+    """The trainer's log of a run (and its error, if it failed)."""
+    from orchestrator import api
+
+    log = call(api.logs, run, lines=lines, db=db)
+    typer.echo(log.text if log.text is not None else f"(no log at {log.path} yet: state {log.state})")
+    if log.error:
+        typer.echo(f"--- last error ---\n{log.error}")
+
+
+@app.command()
+def cancel(
+    target: Annotated[str, typer.Argument(help="a run id prefix or an experiment name")],
+    include_shared: Annotated[bool, typer.Option("--include-shared", help="also cancel an experiment's runs that other experiments share")] = False,
+    db: DbOpt = None,
+):
+    """Cancel queued and running runs of a run or an experiment (running trainers checkpoint and stop).
+
+    An experiment's runs that other experiments share (the same config, trained once for all) are kept
+    unless --include-shared: cancelling one study must not take the baseline from under another."""
+    from orchestrator import api
+
+    out = call(api.cancel, target, include_shared=include_shared, db=db)
+    typer.echo(f"cancelled {len(out.cancelled)} run(s)"
+               + (f"; {out.already_final} were already finished" if out.already_final else ""))
+    if out.kept:
+        names = sorted({n for v in out.kept.values() for n in v})
+        typer.echo(f"kept {len(out.kept)} run(s) that {', '.join(names)} also use(s); add --include-shared to "
+                   "cancel them too")
+
+
+@app.command()
+def retry(run: Annotated[str, typer.Argument(help="run id prefix")], db: DbOpt = None):
+    """Requeue a failed, diverged, cancelled or pruned run with its attempts reset."""
+    from orchestrator import api
+
+    typer.echo(f"requeued {call(api.retry, run, db=db)}")
+
+
+@app.command()
+def sync(
+    runs_dir: Annotated[str, typer.Option(help="where the workers' run directories are")] = "runs",
+    db: DbOpt = None,
+    mlflow: MlflowOpt = None,
+):
+    """Send MLflow whatever it is missing of finished runs (after an outage, or runs trained with
+    --no-mlflow); workers do this by themselves, this does it now. Safe beside running workers."""
+    from orchestrator import api
+
+    out = call(api.sync, runs_dir=runs_dir, mlflow=mlflow, db=db)
+    typer.echo(f"synced {out.synced} run(s) to MLflow" + (f"; {len(out.pending)} still pending:" if out.pending else ""))
+    for run_id, why in out.pending:
+        typer.echo(f"  {run_id}  {why}")
+    if out.pending:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000, mlflow: MlflowOpt = None):
+    """Start the MLflow UI on 127.0.0.1 over the same tracking store."""
+    from orchestrator import api
+
+    raise typer.Exit(call(api.ui, port=port, mlflow=mlflow, echo=typer.echo))
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: DbOpt = None):
+    """Migrate a database written by an older orch to this version's schema."""
+    from orchestrator import api
+
+    before, after = call(api.upgrade, db)
+    typer.echo(f"schema {before or 'empty'} -> {after}")
