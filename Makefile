@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all lint format clean
 
 install: $(STAMP)
 
@@ -34,6 +34,15 @@ test: $(STAMP)
 # Everything, including the slow end-to-end suites (minutes).
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ""
+
+# ruff, configured in pyproject.toml; CI runs `make lint`.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -176,3 +176,22 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'results.db'}"
     return request.getfixturevalue("postgres").create_db(f"t{next(_dbs)}")
+
+
+# End-to-end suites (the CLI, workers, faults, sweeps) run on SQLite by default; with ORCH_TEST_DB=postgresql
+# (`.ci/run` does both) each test gets a fresh database on one PostgreSQL server per test session instead.
+_e2e_pg: Postgres | None = None
+
+
+def results_db(tmp_path: Path) -> str:
+    global _e2e_pg
+    if os.environ.get("ORCH_TEST_DB", "sqlite") != "postgresql":
+        return f"sqlite:///{tmp_path / 'results.db'}"
+    if pg_bin() is None:
+        pytest.skip("ORCH_TEST_DB=postgresql, but the PostgreSQL server binaries are not installed")
+    if _e2e_pg is None:
+        import atexit
+
+        _e2e_pg = Postgres().start()
+        atexit.register(_e2e_pg.stop)
+    return _e2e_pg.create_db(f"e2e{next(_dbs)}")

@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator import queries, queue
 from orchestrator.db import connect
-from tests.conftest import FAST, subprocess_env
+from tests.conftest import FAST, results_db, subprocess_env
 from tests.servers import MlflowServer
 
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
@@ -37,7 +37,7 @@ class Orch:
     """Runs the CLI against one database, MLflow store and runs folder."""
 
     def __init__(self, tmp_path: Path):
-        self.db = f"sqlite:///{tmp_path / 'results.db'}"
+        self.db = results_db(tmp_path)
         self.mlflow = f"sqlite:///{tmp_path / 'mlflow.db'}"
         self.runs = tmp_path / "runs"
         self.cwd = tmp_path
