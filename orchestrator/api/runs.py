@@ -37,6 +37,11 @@ class Submitted:
     def of(cls, experiment: str, report: queue.SubmitReport) -> Submitted:
         return cls(experiment, report.queued, report.reused)
 
+    def __str__(self) -> str:
+        if self.dry_run:
+            return f"{len(self.runs)} runs (dry run: nothing queued)"
+        return f"{self.experiment}: {len(self.queued)} queued, {len(self.reused)} reused"
+
 
 def submit(path: str | Path, *, preset: str | None = None, seeds: int | None = None, overrides: dict | None = None,
            dry_run: bool = False, check_data_here: bool = True, db: Db = None) -> Submitted:

@@ -37,7 +37,7 @@ def noise(
     from orchestrator import api
 
     out = call(api.noise, experiment, repeats=repeats, vary=vary, db=db)
-    typer.echo(f"{out.experiment}: {len(out.queued)} queued, {len(out.reused)} reused")
+    typer.echo(str(out))
 
 
 @app.command("more-seeds")

@@ -34,13 +34,13 @@ def submit(
     if out.dry_run:
         for r in out.runs:
             typer.echo(f"would queue {r.id}  {out.experiment}/{r.arm}  seed {r.seed}  repeat {r.repeat}")
-        typer.echo(f"{len(out.runs)} runs (dry run: nothing queued)")
+        typer.echo(str(out))
         return
     for r in out.queued:
         typer.echo(f"queued {r.id}  {r.arm}  seed {r.seed}" + (f"  repeat {r.repeat}" if r.repeat else ""))
     for r, state in out.reused:
         typer.echo(f"reused {r.id}  {r.arm}  seed {r.seed}  ({state})")
-    typer.echo(f"{out.experiment}: {len(out.queued)} queued, {len(out.reused)} reused")
+    typer.echo(str(out))
 
 
 @app.command()

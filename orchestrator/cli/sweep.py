@@ -100,5 +100,4 @@ def confirm(name: NameArg = None,
     from orchestrator import api
 
     out = call(api.sweep_confirm, need("confirm", name), seeds=seeds, db=db)
-    typer.echo(f"{out.experiment}: {len(out.queued)} queued, {len(out.reused)} reused; when trained: "
-               f"orch table {out.experiment}")
+    typer.echo(f"{out}; when trained: orch table {out.experiment}")
