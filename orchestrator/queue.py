@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from orchestrator.db import Experiment as ExperimentRow
 from orchestrator.db import Membership, Run, db_now
 from orchestrator.specs import Experiment, Looks, RunSpec
-from orchestrator.states import Event, IllegalMove, RunState, move, stored_sources, target
+from orchestrator.states import Event, IllegalMove, RunState, ending_event, move, stored_sources, target
 from trainer.rundir import Status
 
 
@@ -327,7 +327,7 @@ def _ending(status: Status, run, count: bool, result: dict | None) -> Event:
         if count and attempts < run.max_attempts and (result or {}).get("retryable", True):
             return Event.CRASH
         return Event.FAIL
-    return {Status.SUCCEEDED: Event.SUCCEED, Status.DIVERGED: Event.DIVERGE, Status.PRUNED: Event.PRUNE}[status]
+    return ending_event(status)
 
 
 def set_mlflow_run(engine: Engine, run_id: str, mlflow_run_id: str) -> str:

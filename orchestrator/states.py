@@ -18,7 +18,6 @@ queue.py's accounting; which event an ending is, is `ending_event`'s.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from enum import Enum
 
 from trainer.rundir import Status
@@ -120,10 +119,6 @@ def stored_sources(event: Event) -> list[str]:
     return sorted(str(s) for s in sources(event) if s is not None)
 
 
-def is_final(state: RunState | str | None) -> bool:
-    return state is not None and RunState(state) in FINAL
-
-
 # A trainer's ending (result.json "status") as the event it is for the run. `failed` from the trainer itself
 # is an error no retry can fix (bad config, missing data): FAIL, not CRASH.
 _ENDINGS = {Status.SUCCEEDED: Event.SUCCEED, Status.DIVERGED: Event.DIVERGE, Status.PRUNED: Event.PRUNE,
@@ -132,10 +127,6 @@ _ENDINGS = {Status.SUCCEEDED: Event.SUCCEED, Status.DIVERGED: Event.DIVERGE, Sta
 
 def ending_event(status: Status | str) -> Event:
     return _ENDINGS[Status(status)]
-
-
-def final_states(states: Iterable[str]) -> list[str]:
-    return [s for s in states if is_final(s)]
 
 
 # Every event has one target state (target() relies on it); checked once at import so an edit to MOVES that
