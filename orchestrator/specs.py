@@ -275,7 +275,7 @@ class RunSpec:
 
 def run_id(cfg: TrainConfig, repeat: int) -> str:
     """16 hex digits of sha256 over the canonical resolved config and the repeat number."""
-    canonical = json.dumps({"config": cfg.model_dump(mode="json"), "repeat": repeat}, sort_keys=True)
+    canonical = json.dumps({"config": cfg.identity(), "repeat": repeat}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

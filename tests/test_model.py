@@ -193,3 +193,63 @@ def test_gpt2_init_statistics():
     assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(resid_std, rel=0.05)
     assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(resid_std, rel=0.1)
     assert torch.count_nonzero(model.blocks[0].mlp.fc.bias) == 0
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("init", ["pytorch", "gpt2"])
+def test_padded_vocabulary_is_the_unpadded_model(tie, init):
+    """model.pad_vocab changes the matmul's shape only: the same seed gives the same weights, logits, losses,
+    gradient norms and parameter count as the unpadded model, step after step, and the padding stays zero."""
+    from trainer.config import OptimConfig
+    from trainer.optim import build_optimizer
+
+    runs = []
+    for pad in (1, 64):
+        cfg = small_model_cfg(vocab_size=250, tie_weights=tie, init=init, dropout=0.1, pad_vocab=pad)
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        opt = build_optimizer(model, OptimConfig(lr=3e-3, weight_decay=0.1), CPU)
+        data = torch.Generator().manual_seed(1)
+        losses, norms = [], []
+        for _ in range(6):
+            x = torch.randint(0, cfg.vocab_size, (4, 16), generator=data)
+            loss = cross_entropy(model(x[:, :-1]), x[:, 1:])
+            loss.backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        assert model(x).shape[-1] == 250  # padding never reaches a caller
+        runs.append((losses, norms, model.num_params(), model.flops_per_token(), model))
+    (l1, n1, p1, f1, plain), (l64, n64, p64, f64, padded) = runs
+    assert padded.head.weight.shape[0] == padded.tok_emb.weight.shape[0] == 256
+    assert padded.tok_emb.weight[250:].abs().sum() == 0 and padded.head.weight[250:].abs().sum() == 0
+    assert (padded.head.weight is padded.tok_emb.weight) == tie
+    assert (p1, f1) == (p64, f64)
+    torch.testing.assert_close(l64, l1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(n64, n1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(padded.head.weight[:250], plain.head.weight, rtol=1e-5, atol=1e-6)
+    assert l64[0] == l1[0]  # before any update: the very same function
+
+
+def test_padded_vocabulary_keeps_run_ids():
+    """pad_vocab came after run ids were handed out: its neutral value leaves every id as it was."""
+    from orchestrator.specs import run_id
+    from trainer.config import same_run
+
+    cfg = config.load(preset_name="tiny")
+    old = cfg.model_dump(mode="json")
+    del old["model"]["pad_vocab"]  # a config.json or checkpoint written before the key existed
+    assert same_run(old, cfg)
+    assert run_id(cfg, 0) == _old_run_id(old, 0)
+    padded = config.load(preset_name="tiny", overrides={"model.pad_vocab": 64})
+    assert run_id(padded, 0) != run_id(cfg, 0) and not same_run(old, padded)
+
+
+def _old_run_id(config_dict: dict, repeat: int) -> str:
+    """run_id as it was computed before any LATER_KEYS existed."""
+    import hashlib
+    import json
+
+    canonical = json.dumps({"config": config_dict, "repeat": repeat}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

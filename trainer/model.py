@@ -75,6 +75,11 @@ class GPT(nn.Module):
             for name, p in self.named_parameters():
                 if name.endswith("proj.weight"):  # the two projections that write into the residual stream
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.padded_vocab_size > cfg.vocab_size:
+            # Padded only now, after every initial draw, so the seed gives the unpadded model's exact weights.
+            for module in (self.tok_emb, self.head):
+                module.weight = nn.Parameter(_zero_rows(module.weight.data, cfg.padded_vocab_size))
+            self.tok_emb.num_embeddings = self.head.out_features = cfg.padded_vocab_size
         if cfg.tie_weights:
             # One tensor, two uses: the head reads the embedding matrix (Press & Wolf 2017; GPT-2).
             # Under "pytorch" init that tensor keeps nn.Embedding's N(0, 1), as Raschka's book does.
@@ -89,23 +94,33 @@ class GPT(nn.Module):
         x = self.emb_dropout(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
+        logits = self.head(self.ln_f(x))
+        # model.pad_vocab: the padding's logits are dropped, so no softmax, loss or sample ever sees them.
+        return logits[..., : self.cfg.vocab_size] if self.cfg.padded_vocab_size > self.cfg.vocab_size else logits
 
     def num_params(self) -> int:
-        """Distinct parameters (a tied tensor counts once): 163,009,536 for the untied gpt2-small preset."""
-        return sum(p.numel() for p in self.parameters())
+        """Distinct parameters (a tied tensor counts once): 163,009,536 for the untied gpt2-small preset.
+        The zero rows of model.pad_vocab are not counted: they are never trained and never read."""
+        padding = (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.n_embd
+        return sum(p.numel() for p in self.parameters()) - padding * (1 if self.cfg.tie_weights else 2)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus attention scores.
 
         PaLM (Chowdhery et al. 2022, appendix B) and nanoGPT's estimate_mfu: 6·N + 12·L·d·T, where N counts
         the weights that take part in matmuls — every parameter except the embedding lookups, but including
-        the output head, which is a 50257-wide matmul even when tied.
+        the output head, which is a 50257-wide matmul even when tied. Model FLOPs of the unpadded vocabulary:
+        what model.pad_vocab adds is work the model does not need, so it must not raise MFU.
         """
         cfg = self.cfg
-        lookups = self.tok_emb.weight.numel() * (0 if cfg.tie_weights else 1) + self.pos_emb.weight.numel()
+        lookups = cfg.vocab_size * cfg.n_embd * (0 if cfg.tie_weights else 1) + self.pos_emb.weight.numel()
         n_matmul = self.num_params() - lookups
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.context_length
+
+
+def _zero_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` (V, d) with zero rows appended up to (rows, d)."""
+    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
 
 
 def _gpt2_init(module: nn.Module) -> None:
@@ -117,4 +132,5 @@ def _gpt2_init(module: nn.Module) -> None:
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss in float32, whatever precision produced the logits."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+    # reshape, not view: the logits of a padded vocabulary are a slice, not contiguous
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))

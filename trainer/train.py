@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer import checkpoint
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import ConfigError, TrainConfig, same_run
 from trainer.data import Split, TrainOrder, fixed_slice
 from trainer.distributed import Dist, StopRequest, distributed
 from trainer.evaluate import autocast, mean_loss
@@ -205,7 +205,7 @@ def resume(cfg: TrainConfig, run_dir: Path, d: Dist, model: GPT, opt: torch.opti
     if path is None:
         return
     ckpt = checkpoint.load(path)
-    if ckpt["config"] != cfg.model_dump(mode="json"):
+    if not same_run(ckpt["config"], cfg):
         raise ConfigError(f"{path} was written with a different config; use a new --run-dir")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
@@ -364,7 +364,7 @@ def _write_or_check_config(cfg: TrainConfig, run_dir: Path) -> None:
     path = run_dir / CONFIG
     if path.exists():
         try:
-            same = json.loads(path.read_text()) == cfg.model_dump(mode="json")
+            same = same_run(json.loads(path.read_text()), cfg)
         except json.JSONDecodeError:
             same = False
         if not same:
