@@ -196,48 +196,72 @@ class ExitWatcher(threading.Thread):
 
 
 def gap_benchmark(args, tmp: Path, data_dir: Path, tracked: bool, r: int) -> None:
-    """Between consecutive runs A → B: A's result.json mtime, A's process exit (pidfd), the worker's echo of
-    A's finish and of B's Popen, and B's first step start (its first metrics event minus one median step)."""
+    """The gap between consecutive tiny CPU runs on one worker slot, with and without MLflow tracking."""
     from orchestrator.tracking import Tracker
-    from orchestrator.worker import Worker, plan_slots
 
     label = "MLflow sqlite" if tracked else "no tracker"
     base = {"data.path": str(data_dir), "model.context_length": 16, "run.batch_size": 8, "run.steps": 6,
             "run.log_interval": 1, "run.checkpoint_interval": 0, "eval.val_sequences": 8, "eval.test_sequences": 32}
     exp = specs.Experiment(name="gap", preset="tiny", base=base, seeds=args.gap_runs)
     root = tmp / f"gap-{label.replace(' ', '-')}-{r}"
+    tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}") if tracked else None
+    gaps, _ = worker_gaps(root, exp, tracker)
+    for parts in gaps:
+        for k, v in parts.items():
+            if isinstance(v, float):
+                rec(k, label, "s", v)
+        EXTRA.setdefault("gap_records", []).append({"tracker": label, "repeat": r, **parts})
+    print(f"gap repeat {r + 1} ({label}): done", file=sys.stderr)
+
+
+def worker_gaps(root: Path, exp: specs.Experiment, tracker=None, gpus: list[int] | None = None
+                ) -> tuple[list[dict], list[dict]]:
+    """Run every run of `exp` one after another on one worker slot (a real Worker and real trainers) and
+    time, between consecutive runs A -> B: A's result.json mtime, A's process exit (pidfd), the worker's echo
+    of A's finish and of B's Popen, and B's first step start (its first metrics event minus one median step).
+    Returns those gaps, and per run the time from Popen to the end of its first step (start-up, compile)."""
+    from orchestrator.worker import Worker, plan_slots
+
     engine = connect(f"sqlite:///{root / 'results.db'}")
     queue.submit(engine, exp, specs.expand(exp))
-    tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}") if tracked else None
     log: list[tuple[float, str]] = []
-    w = Worker(engine, runs_dir=root / "runs", slots=plan_slots(None, 1, 1), tracker=tracker,
+    w = Worker(engine, runs_dir=root / "runs", slots=plan_slots(gpus, 1, 1), tracker=tracker,
                echo=lambda msg: log.append((time.time(), msg)))  # CLI defaults: poll 0.2 s, heartbeat 5 s
     watcher = ExitWatcher(w)
     watcher.start()
-    assert w.run(until_empty=True) == args.gap_runs
+    n_runs = len(specs.expand(exp))
+    done = w.run(until_empty=True)
+    assert done == n_runs, f"{done} of {n_runs} runs finished; the worker said:\n" + "\n".join(m for _, m in log)
     watcher.done = True
+    engine.dispose()
     started = [(t, m.split()[1]) for t, m in log if m.startswith("started ")]
     finished = {m.split()[0]: t for t, m in log if "(exit " in m}
-    for (_, prev), (popen, nxt) in zip(started, started[1:]):
-        metrics = [json.loads(line) for line in (root / "runs" / nxt / "metrics.jsonl").read_text().splitlines()]
+    first_steps, runs = {}, []
+    for popen, rid in started:
+        metrics = [json.loads(line) for line in (root / "runs" / rid / "metrics.jsonl").read_text().splitlines()]
         steps = [e["time"] for e in metrics if "loss" in e]
         per_step = statistics.median(b - a for a, b in zip(steps, steps[1:]))
-        first_step = steps[0] - per_step  # when step 1 began: its event is logged when it ends
+        first_steps[rid] = (steps[0] - per_step, per_step)  # when step 1 began: its event is logged when it ends
+        result = json.loads((root / "runs" / rid / "result.json").read_text())
+        runs.append({"run": rid, "popen -> first step done (start-up, compile)": steps[0] - popen,
+                     "one training step, median": per_step, "micro_batch_size": result["micro_batch_size"],
+                     "tokens_per_s": result["tokens_per_s"], "mfu": result["mfu"], "test_loss": result["test_loss"],
+                     "losses": [(e["step"], e["loss"]) for e in metrics if "loss" in e]})
+    gaps = []
+    for (_, prev), (popen, nxt) in zip(started, started[1:]):
+        first_step, per_step = first_steps[nxt]
         result_mtime = (root / "runs" / prev / "result.json").stat().st_mtime
         exit_t = watcher.exits[prev]
-        parts = {"GPU-idle gap: trainer exit -> next first step": first_step - exit_t,
-                 "  teardown: result.json written -> trainer exit": exit_t - result_mtime,
-                 "  reaction: trainer exit -> next Popen": popen - exit_t,
-                 "    exit -> finish recorded (poll, finish)": finished[prev] - exit_t,
-                 "    finish recorded -> next Popen (claim, start)": popen - finished[prev],
-                 "  start-up: Popen -> first training step": first_step - popen,
-                 "  (one training step, median)": per_step,
-                 "idle incl. teardown: result.json -> first step": first_step - result_mtime}
-        for k, v in parts.items():
-            rec(k, label, "s", v)
-        EXTRA.setdefault("gap_records", []).append({"tracker": label, "repeat": r, "prev": prev, "next": nxt, **parts})
-    engine.dispose()
-    print(f"gap repeat {r + 1} ({label}): done", file=sys.stderr)
+        gaps.append({"prev": prev, "next": nxt,
+                     "GPU-idle gap: trainer exit -> next first step": first_step - exit_t,
+                     "  teardown: result.json written -> trainer exit": exit_t - result_mtime,
+                     "  reaction: trainer exit -> next Popen": popen - exit_t,
+                     "    exit -> finish recorded (poll, finish)": finished[prev] - exit_t,
+                     "    finish recorded -> next Popen (claim, start)": popen - finished[prev],
+                     "  start-up: Popen -> first training step": first_step - popen,
+                     "  (one training step, median)": per_step,
+                     "idle incl. teardown: result.json -> first step": first_step - result_mtime})
+    return gaps, runs
 
 
 def startup_components(data_dir: Path) -> dict[str, float]:

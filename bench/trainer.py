@@ -3,12 +3,14 @@
     python bench/trainer.py --preset tiny --steps 20 --warmup 3 --repeats 5
     python bench/trainer.py --preset tiny --compare precision.compile=false,true
     python bench/trainer.py --preset gpt2-small --set precision.amp=bf16 --set precision.compile=true --device cuda
+    python bench/trainer.py --preset gpt2-small --variant fp16:precision.amp=fp16 \
+        --variant bf16+compile:precision.amp=bf16,precision.compile=true      # named variants, interleaved
 
 Model, optimizer, micro-batch choice and step body are the trainer's (trainer.model, trainer.optim,
-trainer.train), fed random tokens of the configured shape: no dataset is needed, and data loading is not
+trainer.train.train_step itself), fed random tokens of the configured shape: no dataset is needed, and data loading is not
 measured. Each variant runs --warmup steps (torch.compile happens there), then --repeats timed blocks of
 --steps optimizer steps, synchronising the device at the end of each block as the trainer does at its
-sync points. With --compare the variants' blocks are interleaved (A B A B ...) so the noise of a shared
+sync points. With --compare or --variant the variants' blocks are interleaved (A B A B ...) so the noise of a shared
 machine hits every variant alike: quote the ratio of medians, not one variant's absolute number.
 """
 
@@ -36,14 +38,15 @@ from trainer.__main__ import (
 )
 from trainer.config import ConfigError, TrainConfig
 from trainer.distributed import Dist
-from trainer.evaluate import autocast
-from trainer.model import GPT, cross_entropy
+from trainer.model import GPT
 from trainer.optim import build_optimizer
 from trainer.perf import (
     batch_layout,  # find_micro_batch on CUDA with 'auto', exactly as training does
     environment,
     peak_flops,
 )
+from trainer.state import TrainState
+from trainer.train import Data, Setup, train_step, training_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,17 +57,36 @@ class Variant:
     label: str
     cfg: TrainConfig  # as given; run_cfg has an 'auto' micro-batch resolved
     run_cfg: TrainConfig = None
-    model: GPT = None
-    train_model: torch.nn.Module = None  # the compiled wrapper when precision.compile is on
-    opt: torch.optim.Optimizer = None
-    scaler: torch.amp.GradScaler = None
-    micro: int = 0
-    accum: int = 0
-    batches: list = field(default_factory=list)
+    setup: Setup = None  # what the trainer's train_step reads: model, optimizer, scaler, layout, "data"
+    state: TrainState = None
     resident: int = 0  # bytes it keeps on the GPU between blocks (weights, Adam moments)
     warmup_s: float = 0.0
     mfu_basis: str = ""
     repeats: list = field(default_factory=list)
+
+    @property
+    def model(self) -> GPT:
+        return self.setup.model
+
+    @property
+    def micro(self) -> int:
+        return self.setup.micro
+
+    @property
+    def accum(self) -> int:
+        return self.setup.accum
+
+
+class RandomTokens:
+    """Stands in for the trainer's TrainOrder: four random micro-batches kept on the host and copied to the
+    device per micro-batch, as the trainer's batches are; no dataset, and no data loading measured."""
+
+    def __init__(self, cfg: TrainConfig, micro: int, accum: int):
+        rows = [torch.randint(0, cfg.model.vocab_size, (micro, cfg.model.context_length + 1)) for _ in range(4)]
+        self.batches, self.accum = [(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows], accum
+
+    def micro_batch(self, step: int, global_batch: int, rank: int, world: int, micro: int, index: int):
+        return self.batches[(step * self.accum + index) % len(self.batches)]
 
 
 def sync(device: torch.device) -> None:
@@ -107,42 +129,22 @@ def resolve_micro(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     return cfg
 
 
-def train_step(v: Variant, device: torch.device, step: int) -> torch.Tensor:
-    """The body of the trainer's loop (trainer/train.py), minus data loading, LR schedule and sync points."""
-    cfg, loss_sum = v.run_cfg, torch.zeros((), device=device)
-    for i in range(v.accum):
-        x, y = v.batches[(step * v.accum + i) % len(v.batches)]
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, cfg.precision.amp):
-            loss = cross_entropy(v.train_model(x), y)
-        v.scaler.scale(loss / v.accum).backward()
-        loss_sum += loss.detach()
-    v.scaler.unscale_(v.opt)
-    params = v.model.parameters()
-    if cfg.optim.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-    else:  # the trainer takes the norm every step for its logs; that costs time, so it is timed too
-        torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    v.scaler.step(v.opt)
-    v.scaler.update()
-    v.opt.zero_grad(set_to_none=True)
-    return loss_sum
-
-
 def prepare(v: Variant, device: torch.device, warmup: int) -> None:
     cfg = v.run_cfg
     set_globals(cfg)
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    v.model, v.opt = build(cfg, device)
-    v.micro, v.accum = batch_layout(cfg, Dist(device=device), v.model, v.opt)
-    v.train_model = torch.compile(v.model) if cfg.precision.compile else v.model
-    v.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
-    # A few random windows kept on the host and copied per micro-batch, as the trainer's batches are.
-    rows = [torch.randint(0, cfg.model.vocab_size, (v.micro, cfg.model.context_length + 1)) for _ in range(4)]
-    v.batches = [(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows]
+    d = Dist(device=device)
+    model, opt = build(cfg, device)
+    micro, accum = batch_layout(cfg, d, model, opt)
+    v.setup = Setup(cfg=cfg, run_dir=None, d=d, data=Data(RandomTokens(cfg, micro, accum), None, None), model=model,
+                    train_model=training_model(model, cfg, d), opt=opt,
+                    scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16"), micro=micro,
+                    accum=accum, metrics=None, stopper=None, flops_per_token=model.flops_per_token(),
+                    peak=None, total_steps=10**9, started=time.time())  # a constant LR: no schedule's end
+    v.state = TrainState(device)
     t0 = time.perf_counter()
-    for step in range(warmup):
-        train_step(v, device, step)
+    for _ in range(warmup):
+        train_step(v.setup, v.state)
     sync(device)
     v.warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
@@ -177,15 +179,15 @@ def mfu_peak(cfg: TrainConfig, device: torch.device) -> tuple[float, str]:
     return measured_matmul_peak(device, DTYPES[cfg.precision.amp]), f"vs measured {cfg.precision.amp} matmul peak"
 
 
-def timed_block(v: Variant, device: torch.device, steps: int, offset: int) -> dict:
+def timed_block(v: Variant, device: torch.device, steps: int) -> dict:
     set_globals(v.run_cfg)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         start_alloc = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
-    for step in range(steps):
-        loss_sum = train_step(v, device, offset + step)
+    for _ in range(steps):
+        loss_sum = train_step(v.setup, v.state).loss_sum
     sync(device)
     elapsed = time.perf_counter() - t0
     tokens = steps * v.micro * v.accum * v.run_cfg.model.context_length
@@ -222,6 +224,14 @@ def fmt_row(label: str, r: dict) -> list[str]:
             f"{r['peak_flops'] / 1e12:.3g}", mem, f"{r['loss']:.3f}", f"{r['load_avg_1m']:.1f}"]
 
 
+def parse_variant(p: argparse.ArgumentParser, text: str) -> tuple[str, list[str]]:
+    """'bf16+compile:precision.amp=bf16,precision.compile=true' -> ('bf16+compile', ['precision.amp=bf16', ...])."""
+    label, sep, changes = text.partition(":")
+    if not (label and sep):
+        p.error(f"--variant {text!r}: expected LABEL:KEY=V[,KEY=V...], e.g. bf16:precision.amp=bf16")
+    return label, [c for c in changes.split(",") if c]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(config.PRESETS))
@@ -231,30 +241,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per variant; the median is reported")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--compare", metavar="KEY=V1,V2", help="run each value of one config key, interleaved")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=V[,KEY=V...]",
+                   help="a named variant of several keys (repeatable), interleaved like --compare")
     p.add_argument("--json", type=Path, help="default: bench/results/trainer-<device>-<preset>[-<key>].json")
     args = p.parse_args(argv)
     key, sep, values = (args.compare or "").partition("=")
     if args.compare and not (sep and values):
         p.error("--compare expects KEY=V1,V2 (e.g. precision.compile=false,true)")
+    if args.compare and args.variant:
+        p.error("give either --compare or --variant, not both")
+    if args.variant:
+        key = "variants"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device here")
     if min(args.steps, args.repeats) < 1 or args.warmup < 0:
         p.error("--steps and --repeats must be at least 1, --warmup at least 0")
 
     sets = parse_sets(args.set)  # every variant goes through the trainer's own config validation
-    variants = ([Variant(f"{key}={text}", config.load(preset_name=args.preset,
-                                                      overrides={**sets, key: config.parse_value(text)}))
-                 for text in values.split(",")] if args.compare else
-                [Variant(args.preset, config.load(preset_name=args.preset, overrides=sets))])
+    if args.variant:
+        variants = [Variant(label, config.load(preset_name=args.preset, overrides={**sets, **parse_sets(changes)}))
+                    for label, changes in (parse_variant(p, text) for text in args.variant)]
+    elif args.compare:
+        variants = [Variant(f"{key}={text}", config.load(preset_name=args.preset,
+                                                         overrides={**sets, key: config.parse_value(text)}))
+                    for text in values.split(",")]
+    else:
+        variants = [Variant(args.preset, config.load(preset_name=args.preset, overrides=sets))]
     device, load_start = torch.device(args.device), os.getloadavg()[0]
     for v in variants:  # all micro-batch probes first, so no variant resident on the GPU shrinks another's
         v.run_cfg = resolve_micro(v.cfg, device)
     for v in variants:
         print(f"preparing {v.label}: build, {args.warmup} warmup steps ...", flush=True)
         prepare(v, device, args.warmup)
-    for r in range(args.repeats):  # interleaved A B A B ..., so drift and neighbours' load hit every variant
+    for _ in range(args.repeats):  # interleaved A B A B ..., so drift and neighbours' load hit every variant
         for v in variants:
-            v.repeats.append(timed_block(v, device, args.steps, args.warmup + r * args.steps))
+            v.repeats.append(timed_block(v, device, args.steps))
 
     # ---- report --------------------------------------------------------------------------------------------
     name, load, base = device_name(device), (load_start, os.getloadavg()[0]), variants[0]

@@ -65,7 +65,7 @@ class Setup:
     d: Dist
     data: Data
     model: GPT  # the weights; evaluation and checkpoints use it directly
-    train_model: torch.nn.Module  # the same weights as trained: compiled and/or wrapped in DDP
+    train_model: torch.nn.Module  # TrainingLoss over the same weights: compiled and/or wrapped in DDP
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     micro: int  # sequences per forward pass per rank
@@ -84,6 +84,34 @@ class Setup:
         if not (self.peak and tokens_per_s):
             return None
         return tokens_per_s * self.flops_per_token / (self.peak * self.d.world)
+
+
+class TrainingLoss(torch.nn.Module):
+    """(tokens, targets) -> the mean next-token loss under the run's autocast: what train_step differentiates.
+
+    The model and its loss are one module so that torch.compile sees both: the float32 cross-entropy over the
+    50,257 logits is then fused with the head instead of materialising a float32 copy of every logit (at 96 x
+    1,024 tokens that copy alone is 20 GB). The autocast dtype is an attribute read inside forward, so a
+    compiled graph is specialised to it (bench/trainer.py compiles several precisions in one process).
+    """
+
+    def __init__(self, model: GPT, amp: str):
+        super().__init__()
+        self.model, self.amp = model, amp
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, self.amp):
+            return cross_entropy(self.model(x), y)
+
+
+def training_model(model: GPT, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
+    """The module train_step calls: TrainingLoss, compiled if the config says so, in DDP over several ranks."""
+    train_model = TrainingLoss(model, cfg.precision.amp)
+    if cfg.precision.compile:
+        train_model = torch.compile(train_model)
+    if d.world > 1:
+        train_model = DDP(train_model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return train_model
 
 
 @dataclass
@@ -171,9 +199,7 @@ def set_up(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState]
         print(f"{model.num_params():,} parameters | {d.world} × {d.device.type} | micro-batch {micro} × {accum} "
               f"accumulation | steps {state.step}→{total_steps}", flush=True)
 
-    train_model = torch.compile(model) if cfg.precision.compile else model
-    if d.world > 1:
-        train_model = DDP(train_model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    train_model = training_model(model, cfg, d)
     setup = Setup(cfg=cfg, run_dir=run_dir, d=d, data=data, model=model, train_model=train_model, opt=opt,
                   scaler=scaler, micro=micro, accum=accum, metrics=metrics, stopper=StopRequest(run_dir, d.master),
                   flops_per_token=model.flops_per_token(),
@@ -220,8 +246,8 @@ def resume(cfg: TrainConfig, run_dir: Path, d: Dist, model: GPT, opt: torch.opti
 def train_step(s: Setup, state: TrainState) -> StepOut:
     """One optimizer step over the global batch: micro-batches with gradient accumulation, (clipping,) the
     update. Queues device work only: nothing here waits for the device."""
-    cfg, d, G = s.cfg, s.d, s.cfg.run.batch_size
-    lr = lr_at(state.step, s.total_steps, cfg.optim.lr, cfg.schedule)
+    d, G = s.d, s.cfg.run.batch_size
+    lr = lr_at(state.step, s.total_steps, s.cfg.optim.lr, s.cfg.schedule)
     for group in s.opt.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=d.device)
@@ -231,12 +257,11 @@ def train_step(s: Setup, state: TrainState) -> StepOut:
         # DDP all-reduces gradients only on the last micro-batch of a step.
         sync = contextlib.nullcontext() if d.world == 1 or i == s.accum - 1 else s.train_model.no_sync()
         with sync:
-            with autocast(d.device, cfg.precision.amp):
-                loss = cross_entropy(s.train_model(x), y)
+            loss = s.train_model(x, y)
             s.scaler.scale(loss / s.accum).backward()
         loss_sum += loss.detach()
     s.scaler.unscale_(s.opt)  # clipping and the logged norm see the true gradients, not the scaled ones
-    max_norm = cfg.optim.grad_clip
+    max_norm = s.cfg.optim.grad_clip
     if max_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), max_norm)
         state.clipped += (norm > max_norm).long()
