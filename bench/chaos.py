@@ -50,8 +50,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 PY = sys.executable
 
-MAIN_KINDS = ("worker_kill", "worker_term", "trainer_kill", "sweep_kill", "pg_restart", "pg_stop", "mlflow_down",
-              "disk_full", "claimers")
+MAIN_KINDS = (
+    "worker_kill",
+    "worker_term",
+    "trainer_kill",
+    "sweep_kill",
+    "pg_restart",
+    "pg_stop",
+    "mlflow_down",
+    "disk_full",
+    "claimers",
+)
 DDP_KINDS = ("agent_kill",)
 KINDS = MAIN_KINDS + DDP_KINDS
 PG_KINDS = ("pg_restart", "pg_stop")
@@ -61,10 +70,24 @@ LONG_KINDS = ("pg_stop", "mlflow_down", "disk_full")  # outages with a duration:
 CRASHES_PER_RUN = 1
 
 # Figures that must be zero (the exit status and tests/test_chaos.py check these).
-ZERO_FIGURES = ("runs_lost", "healthy_runs_failed", "metrics_steps_duplicated", "metrics_steps_missing",
-                "metrics_overlaps", "mlflow_steps_duplicated", "mlflow_steps_missing", "mlflow_runs_not_finished",
-                "final_metrics_missing", "metric_points_lost", "metric_points_wrong", "resume_mismatches",
-                "runs_without_reference", "double_claims", "claims_missing", "sweep_trials_not_complete")
+ZERO_FIGURES = (
+    "runs_lost",
+    "healthy_runs_failed",
+    "metrics_steps_duplicated",
+    "metrics_steps_missing",
+    "metrics_overlaps",
+    "mlflow_steps_duplicated",
+    "mlflow_steps_missing",
+    "mlflow_runs_not_finished",
+    "final_metrics_missing",
+    "metric_points_lost",
+    "metric_points_wrong",
+    "resume_mismatches",
+    "runs_without_reference",
+    "double_claims",
+    "claims_missing",
+    "sweep_trials_not_complete",
+)
 # Keys whose values are a function of the run's config alone (tokens_per_s, mfu and time are not).
 DETERMINISTIC_KEYS = ("loss", "lr", "grad_norm", "tokens", "clipped", "val_loss", "test_loss")
 CHECKPOINT_MB = 80  # one tiny-preset checkpoint (weights + Adam moments: ~78 MB), for sizing the tmpfs
@@ -77,14 +100,16 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The code under test, the machine, the data.
 
+
 def snapshot(dest: Path, rev: str | None = None) -> Path:
     """A private copy of the code the campaign runs: the checkout is shared and edited while a campaign
     takes minutes, and every process of one campaign (this one included) must run the same code. With
     `rev`, the packages as committed at that revision (`--rev HEAD`: the last commit, without local edits)."""
     if rev:
         dest.mkdir(parents=True)
-        archive = subprocess.run(["git", "archive", rev, "orchestrator", "trainer", "tests"], cwd=REPO,
-                                 capture_output=True, check=True).stdout
+        archive = subprocess.run(
+            ["git", "archive", rev, "orchestrator", "trainer", "tests"], cwd=REPO, capture_output=True, check=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     else:
         for pkg in ("orchestrator", "trainer", "tests"):
@@ -102,11 +127,17 @@ def git(*args: str) -> str:
 
 def machine_info() -> dict:
     modified = git("status", "--porcelain", "orchestrator", "trainer", "tests", "bench")
-    return {"nproc": os.cpu_count(), "load_avg": list(os.getloadavg()), "host": socket.gethostname(),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "git_commit": git("rev-parse", "HEAD"), "git_modified": modified.splitlines(),
-            "git_diff_sha256": hashlib.sha256(git("diff", "HEAD").encode()).hexdigest()[:16] if modified else None,
-            "root": os.geteuid() == 0}
+    return {
+        "nproc": os.cpu_count(),
+        "load_avg": list(os.getloadavg()),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_modified": modified.splitlines(),
+        "git_diff_sha256": hashlib.sha256(git("diff", "HEAD").encode()).hexdigest()[:16] if modified else None,
+        "root": os.geteuid() == 0,
+    }
 
 
 def make_dataset(out: Path) -> Path:
@@ -114,8 +145,16 @@ def make_dataset(out: Path) -> Path:
     from tests.conftest import TEST_FRACTION, VAL_FRACTION, synthetic_documents
     from trainer.prepare import prepare
 
-    prepare(synthetic_documents(), out, source="synthetic", command="bench/chaos.py", val_fraction=VAL_FRACTION,
-            test_fraction=TEST_FRACTION, shard_tokens=20_000, progress=False)
+    prepare(
+        synthetic_documents(),
+        out,
+        source="synthetic",
+        command="bench/chaos.py",
+        val_fraction=VAL_FRACTION,
+        test_fraction=TEST_FRACTION,
+        shard_tokens=20_000,
+        progress=False,
+    )
     return out
 
 
@@ -149,6 +188,7 @@ def tail(path: Path, n: int = 15) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # Processes, found through /proc (psutil is not a dependency).
+
 
 @dataclass
 class Proc:
@@ -191,8 +231,14 @@ def processes() -> list[Proc]:
         fields = stat.rsplit(")", 1)[-1].split()
         if not raw or not fields or fields[0] == "Z":
             continue
-        out.append(Proc(int(d), int(fields[1]), [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")],
-                        int(fields[19]) / CLK_TCK))
+        out.append(
+            Proc(
+                int(d),
+                int(fields[1]),
+                [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")],
+                int(fields[19]) / CLK_TCK,
+            )
+        )
     return out
 
 
@@ -241,6 +287,7 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # Reading a run back.
 
+
 def analyse_metrics(path: Path) -> dict:
     """metrics.jsonl with a relaunch's supersession applied: after {"event": "resume", "step": N}, events of
     steps > N written before it belong to a lost attempt. An overlap is a training step that does not move
@@ -270,9 +317,15 @@ def analyse_metrics(path: Path) -> dict:
             last = e["step"]
         events.append(e)
     train = [e for e in events if "event" not in e and "loss" in e]
-    return {"events": events, "losses": [(e["step"], e["loss"]) for e in train], "damaged_lines": damaged,
-            "overlaps": overlaps, "resumes": resumes, "lines": len(lines),
-            "test_loss": next((e["test_loss"] for e in reversed(events) if "test_loss" in e), None)}
+    return {
+        "events": events,
+        "losses": [(e["step"], e["loss"]) for e in train],
+        "damaged_lines": damaged,
+        "overlaps": overlaps,
+        "resumes": resumes,
+        "lines": len(lines),
+        "test_loss": next((e["test_loss"] for e in reversed(events) if "test_loss" in e), None),
+    }
 
 
 def step_errors(steps: list[int], total: int) -> tuple[int, int]:
@@ -298,10 +351,16 @@ def points_of(events: list[dict]) -> dict[tuple[str, int], float]:
 # ---------------------------------------------------------------------------------------------------------
 # Reference runs: each config trained once, uninterrupted, by `python -m trainer` (torchrun for 2 processes).
 
+
 def child_env(code: Path, commit: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "MLFLOW_"))}
-    env.update(PYTHONPATH=str(code), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               ORCH_GIT_COMMIT=commit or "chaos")
+    env.update(
+        PYTHONPATH=str(code),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        ORCH_GIT_COMMIT=commit or "chaos",
+    )
     return env
 
 
@@ -337,22 +396,36 @@ class References:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        head = [PY, "-m", "trainer"] if world == 1 else [
-            PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "trainer"]
-        cmd = [*(["nice", "-n", "19"] if nice and shutil.which("nice") else []), *head,
-               "--config", str(d / "config.json"), "--run-dir", str(d / "run")]
+        head = (
+            [PY, "-m", "trainer"]
+            if world == 1
+            else [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "trainer"]
+        )
+        cmd = [
+            *(["nice", "-n", "19"] if nice and shutil.which("nice") else []),
+            *head,
+            "--config",
+            str(d / "config.json"),
+            "--run-dir",
+            str(d / "run"),
+        ]
         with open(d / "train.log", "wb") as logf:
-            return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=self.env, cwd=d,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                cmd, stdout=logf, stderr=subprocess.STDOUT, env=self.env, cwd=d, start_new_session=True
+            )
 
     def _record(self, k: str, proc: subprocess.Popen) -> None:
         d = self.root / k
         result = read_json(d / "run" / "result.json")
         m = analyse_metrics(d / "run" / "metrics.jsonl")
         with self.lock:
-            self.done[k] = {"exit": proc.returncode, "status": (result or {}).get("status"),
-                            "test_loss": (result or {}).get("test_loss"), "losses": m["losses"],
-                            "log_tail": None if proc.returncode == 0 else tail(d / "train.log")}
+            self.done[k] = {
+                "exit": proc.returncode,
+                "status": (result or {}).get("status"),
+                "test_loss": (result or {}).get("test_loss"),
+                "losses": m["losses"],
+                "log_tail": None if proc.returncode == 0 else tail(d / "train.log"),
+            }
         shutil.rmtree(d / "run" / "checkpoints", ignore_errors=True)  # 78 MB each; not needed again
 
     def _wait(self, proc: subprocess.Popen, started: float) -> None:
@@ -386,7 +459,11 @@ class References:
         cur = self.current
         if cur is not None and os.geteuid() == 0:  # renice it (and a torchrun's ranks) back to 0
             for p in processes():
-                if p.pid == cur[1].pid or p.ppid == cur[1].pid or (p.opt("--run-dir") or "").startswith(str(self.root / cur[0])):
+                if (
+                    p.pid == cur[1].pid
+                    or p.ppid == cur[1].pid
+                    or (p.opt("--run-dir") or "").startswith(str(self.root / cur[0]))
+                ):
                     with contextlib.suppress(OSError):
                         os.setpriority(os.PRIO_PROCESS, p.pid, 0)
         self.thread.join()
@@ -418,6 +495,7 @@ class References:
 # ---------------------------------------------------------------------------------------------------------
 # One campaign: one database, its own folder, MLflow server, workers and faults.
 
+
 @dataclass
 class Child:
     role: str
@@ -446,8 +524,7 @@ class Event:
 
 
 class Campaign:
-    def __init__(self, kind: str, args, root: Path, code: Path, data: Path, env: dict, seed: int,
-                 refs: References):
+    def __init__(self, kind: str, args, root: Path, code: Path, data: Path, env: dict, seed: int, refs: References):
         self.kind, self.args, self.root, self.code, self.data, self.env = kind, args, root, code, data, env
         self.refs = refs
         self.fed: set[str] = set()
@@ -485,16 +562,20 @@ class Campaign:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0 and not a.no_tmpfs:
             size = a.tmpfs_mb or (expected_runs + 8) * CHECKPOINT_MB + 200
-            out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}m,mode=0755", "tmpfs", str(self.runs_dir)],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}m,mode=0755", "tmpfs", str(self.runs_dir)],
+                capture_output=True,
+                text=True,
+            )
             self.tmpfs = out.returncode == 0
             if self.tmpfs:
                 self.tmpfs_mb = size
             else:
                 self.notes.append(f"disk_full skipped: mount -t tmpfs failed: {out.stderr.strip()}")
         else:
-            self.notes.append("disk_full skipped: mounting a tmpfs needs root" if os.geteuid() else
-                              "disk_full skipped: --no-tmpfs")
+            self.notes.append(
+                "disk_full skipped: mounting a tmpfs needs root" if os.geteuid() else "disk_full skipped: --no-tmpfs"
+            )
         from tests.servers import MlflowServer, Postgres
 
         if self.kind == "postgres":
@@ -509,8 +590,10 @@ class Campaign:
         self.mlflow = MlflowServer(self.mlflow_store, self.root / "mlartifacts")
         with boosted():
             self.mlflow.start(timeout=120)
-        log(f"{self.kind}: database {self.db}, MLflow {self.mlflow.url}, runs in {self.runs_dir}"
-            + (f" (tmpfs {self.tmpfs_mb} MB)" if self.tmpfs else ""))
+        log(
+            f"{self.kind}: database {self.db}, MLflow {self.mlflow.url}, runs in {self.runs_dir}"
+            + (f" (tmpfs {self.tmpfs_mb} MB)" if self.tmpfs else "")
+        )
         self.write_files(expected_runs)
         self.submit(self.root / "chaos.py")
         from orchestrator.db import connect
@@ -532,29 +615,44 @@ class Campaign:
             "from orchestrator.specs import LogUniform, Sweep\n"
             f"sweep = Sweep(name={self.sweep_name!r}, preset='tiny', base={base!r},\n"
             "    space={'optim.lr': LogUniform(low=5e-4, high=3e-3)}, sampler='random', pruner='none',\n"
-            f"    trials={a.sweep_trials}, in_flight=2, seeds=1, sampler_seed={a.seed})\n")
+            f"    trials={a.sweep_trials}, in_flight=2, seeds=1, sampler_seed={a.seed})\n"
+        )
 
     def exp_file(self, path: Path, name: str, base: dict, seeds: int, first_seed: int) -> Path:
         base = {**base, "run.seed": 1000 + first_seed}
         path.write_text(
             "from orchestrator.specs import Experiment, Intervention\n"
             f"experiment = Experiment(name={name!r}, preset='tiny', base={base!r}, seeds={seeds},\n"
-            "    interventions=[Intervention(name='no-dropout', set={'model.dropout': 0.0})])\n")
+            "    interventions=[Intervention(name='no-dropout', set={'model.dropout': 0.0})])\n"
+        )
         return path
 
     def orch(self, *args: str) -> list[str]:
         return [PY, "-m", "orchestrator.cli", *args]
 
     def submit(self, file: Path, world: int = 1) -> bool:
-        out = subprocess.run(self.orch("submit", str(file), "--db", self.db, "--preset", "tiny"), capture_output=True,
-                             text=True, env=self.env, cwd=self.root, timeout=120)
+        out = subprocess.run(
+            self.orch("submit", str(file), "--db", self.db, "--preset", "tiny"),
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.root,
+            timeout=120,
+        )
         ids = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("queued ")]
         self.submitted.update(ids)
         if world > 1:
             self.ddp_ids.update(ids)
-        self.submits.append({"file": file.name, "exit": out.returncode, "queued": len(ids), "phase": self.phase,
-                             "t": round(time.monotonic() - self.phase_t0, 1),
-                             **({"stderr": out.stderr[-2000:]} if out.returncode else {})})
+        self.submits.append(
+            {
+                "file": file.name,
+                "exit": out.returncode,
+                "queued": len(ids),
+                "phase": self.phase,
+                "t": round(time.monotonic() - self.phase_t0, 1),
+                **({"stderr": out.stderr[-2000:]} if out.returncode else {}),
+            }
+        )
         if out.returncode:
             log(f"{self.kind}: orch submit {file.name} exited {out.returncode}: {out.stderr.strip()[-300:]}")
         return out.returncode == 0
@@ -597,14 +695,37 @@ class Campaign:
         n = sum(1 for _ in self.logs.glob(f"{slot.role}-*.log"))
         path = self.logs / f"{slot.role}-{n}.log"
         if slot.role == "worker":
-            cmd = self.orch("worker", "--db", self.db, "--mlflow", self.mlflow.url, "--runs-dir", str(self.runs_dir),
-                            "--heartbeat", str(self.args.heartbeat), "--grace", str(self.args.grace), *self.worker_args)
+            cmd = self.orch(
+                "worker",
+                "--db",
+                self.db,
+                "--mlflow",
+                self.mlflow.url,
+                "--runs-dir",
+                str(self.runs_dir),
+                "--heartbeat",
+                str(self.args.heartbeat),
+                "--grace",
+                str(self.args.grace),
+                *self.worker_args,
+            )
         else:
-            cmd = self.orch("sweep", str(self.root / "sweep.py"), "--db", self.db, "--mlflow", self.mlflow.url,
-                            "--grace", str(self.args.grace), "--poll", "1")
+            cmd = self.orch(
+                "sweep",
+                str(self.root / "sweep.py"),
+                "--db",
+                self.db,
+                "--mlflow",
+                self.mlflow.url,
+                "--grace",
+                str(self.args.grace),
+                "--poll",
+                "1",
+            )
         with open(path, "wb") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True
+            )
         slot.child, slot.restart_at = Child(slot.role, proc, path, time.monotonic()), None
 
     def supervise(self, now: float) -> None:
@@ -617,8 +738,16 @@ class Campaign:
                 elif slot.role == "sweep" and c.proc.returncode == 0:
                     slot.done = True
                 else:
-                    self.unexpected.append({"role": c.role, "pid": c.proc.pid, "exit": c.proc.returncode,
-                                            "phase": self.phase, "t": round(now - self.phase_t0, 1), "log_tail": tail(c.log)})
+                    self.unexpected.append(
+                        {
+                            "role": c.role,
+                            "pid": c.proc.pid,
+                            "exit": c.proc.returncode,
+                            "phase": self.phase,
+                            "t": round(now - self.phase_t0, 1),
+                            "log_tail": tail(c.log),
+                        }
+                    )
                     log(f"{self.kind}: {c.role} {c.proc.pid} exited by itself ({c.proc.returncode}); restarting it")
                     slot.restart_at = now + 1.0
             if slot.child is None and not slot.done and slot.restart_at is not None and now >= slot.restart_at:
@@ -707,8 +836,16 @@ class Campaign:
             if kind == "claimers":
                 n = 1
             for _ in range(n):
-                ev = Event(kind, 0.0, duration={"pg_stop": a.grace + 10 + 3, "pg_restart": 3,
-                                                "mlflow_down": a.mlflow_down + 10, "disk_full": a.disk_full}.get(kind, 0))
+                ev = Event(
+                    kind,
+                    0.0,
+                    duration={
+                        "pg_stop": a.grace + 10 + 3,
+                        "pg_restart": 3,
+                        "mlflow_down": a.mlflow_down + 10,
+                        "disk_full": a.disk_full,
+                    }.get(kind, 0),
+                )
                 resource = {"pg_restart": "pg", "pg_stop": "pg", "mlflow_down": "mlflow", "disk_full": "disk"}.get(kind)
                 if resource:
                     chains[resource].append(ev)
@@ -731,16 +868,28 @@ class Campaign:
         if a.window:
             return a.window
         n_long = 1 if a.short else a.faults
-        chains = {"mlflow": n_long * (a.mlflow_down + 12) if "mlflow_down" in a.kinds else 0,
-                  "disk": n_long * (a.disk_full + 2) if "disk_full" in a.kinds and self.tmpfs else 0,
-                  "pg": (n_long * (a.grace + 15) if "pg_stop" in a.kinds else 0)
-                  + (a.faults * 5 if "pg_restart" in a.kinds else 0) if self.kind == "postgres" else 0}
+        chains = {
+            "mlflow": n_long * (a.mlflow_down + 12) if "mlflow_down" in a.kinds else 0,
+            "disk": n_long * (a.disk_full + 2) if "disk_full" in a.kinds and self.tmpfs else 0,
+            "pg": (n_long * (a.grace + 15) if "pg_stop" in a.kinds else 0)
+            + (a.faults * 5 if "pg_restart" in a.kinds else 0)
+            if self.kind == "postgres"
+            else 0,
+        }
         return max(a.min_window, max(chains.values()) + 10)
 
     # -- the phases ---------------------------------------------------------------------------------------
 
-    def run_phase(self, name: str, kinds: tuple[str, ...], window: float, workers: int, worker_args: list[str],
-                  sweep: bool, topup: bool) -> dict:
+    def run_phase(
+        self,
+        name: str,
+        kinds: tuple[str, ...],
+        window: float,
+        workers: int,
+        worker_args: list[str],
+        sweep: bool,
+        topup: bool,
+    ) -> dict:
         a = self.args
         self.phase_t0 = t0 = time.monotonic()
         self.phase = name
@@ -748,8 +897,10 @@ class Campaign:
         self.slots = [Slot("worker") for _ in range(workers)] + ([Slot("sweep")] if sweep else [])
         events = self.plan(kinds, window)
         self.events += events
-        log(f"{self.kind}/{name}: {workers} workers {' '.join(worker_args)}, window {window:.0f} s, faults: "
-            + ", ".join(f"{e.kind}@{e.at:.0f}s" for e in events))
+        log(
+            f"{self.kind}/{name}: {workers} workers {' '.join(worker_args)}, window {window:.0f} s, faults: "
+            + ", ".join(f"{e.kind}@{e.at:.0f}s" for e in events)
+        )
         threads: list[threading.Thread] = []
         next_count = 0.0
         while True:
@@ -765,12 +916,21 @@ class Campaign:
                 if counts is not None:
                     self.feed_refs()
                     self.timeline.append({"phase": name, "t": round(t, 1), **counts})
-                    if (topup and t < window - 20 and not counts.get("queued") and self.topups < a.max_topups
-                            and self.room_for_runs(4)):
+                    if (
+                        topup
+                        and t < window - 20
+                        and not counts.get("queued")
+                        and self.topups < a.max_topups
+                        and self.room_for_runs(4)
+                    ):
                         self.topups += 1
-                        f = self.exp_file(self.root / f"chaos-{self.topups}.py", f"chaos-{self.topups}",
-                                          base_config(self.data, a.steps), seeds=1,
-                                          first_seed=self.initial_seeds + self.topups - 1)
+                        f = self.exp_file(
+                            self.root / f"chaos-{self.topups}.py",
+                            f"chaos-{self.topups}",
+                            base_config(self.data, a.steps),
+                            seeds=1,
+                            first_seed=self.initial_seeds + self.topups - 1,
+                        )
                         self.submit(f)
             if t >= window and all(e.state in ("done", "skipped") for e in events):
                 break
@@ -805,8 +965,12 @@ class Campaign:
         self.stop_children("sweep", timeout=30)
         self.stop_children("worker")
         strays = self.kill_strays(f"after the {name} phase")
-        return {"window_s": round(window, 1), "drain_s": drained, "wall_s": round(time.monotonic() - t0, 1),
-                "strays": strays}
+        return {
+            "window_s": round(window, 1),
+            "drain_s": drained,
+            "wall_s": round(time.monotonic() - t0, 1),
+            "strays": strays,
+        }
 
     # -- faults -------------------------------------------------------------------------------------------
 
@@ -847,8 +1011,9 @@ class Campaign:
             log(f"{self.kind}: {ev.kind} skipped: no target")
 
     def live(self, role: str) -> list[Slot]:
-        return [s for s in self.slots if s.role == role and s.child and s.child.proc.poll() is None
-                and not s.child.expected]
+        return [
+            s for s in self.slots if s.role == role and s.child and s.child.proc.poll() is None and not s.child.expected
+        ]
 
     def held_by(self, pid: int) -> list[str]:
         trainers, agents = trainer_procs(self.runs_dir)
@@ -892,8 +1057,9 @@ class Campaign:
         self.crashes[run] += 1
         self.touched[run].append(rec["kind"])
         steps = analyse_metrics(self.runs_dir / run / "metrics.jsonl")["losses"]
-        rec.update(target=f"{'agent' if agent else 'trainer'} {p.pid}", runs=[run],
-                   at_step=steps[-1][0] if steps else 0)
+        rec.update(
+            target=f"{'agent' if agent else 'trainer'} {p.pid}", runs=[run], at_step=steps[-1][0] if steps else 0
+        )
         return True
 
     def _training_since(self, run: str, since: float) -> bool:
@@ -932,8 +1098,10 @@ class Campaign:
             raise RuntimeError(f"{' '.join(cmd)} exited {out.returncode} (see {self.logs / 'pg_ctl.log'})")
 
     def _pg_start(self) -> None:
-        opts = (f"-c listen_addresses=127.0.0.1 -c port={self.pg.port} -c unix_socket_directories={self.pg.root} "
-                "-c fsync=off")
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.pg.port} -c unix_socket_directories={self.pg.root} "
+            "-c fsync=off"
+        )
         self._pg_ctl("-o", opts, "-l", str(self.pg.root / "log"), "-w", "start")
 
     def f_pg_restart(self, rec: dict) -> None:
@@ -1015,12 +1183,20 @@ class Campaign:
             "    if not batch:\n"
             "        break\n"
             "    got += [r.id for r in batch]\n"
-            "print(json.dumps({'name': name, 'claimed': got, 'errors': errors}))\n")
+            "print(json.dumps({'name': name, 'claimed': got, 'errors': errors}))\n"
+        )
         # cwd: `python -c` puts it first on sys.path, and the checkout there is not the snapshot under test.
-        procs = [subprocess.Popen([PY, "-c", script, self.claims_db, f"claimer-{i}", str(start_at)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
-                                  cwd=self.root)
-                 for i in range(n)]
+        procs = [
+            subprocess.Popen(
+                [PY, "-c", script, self.claims_db, f"claimer-{i}", str(start_at)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=self.env,
+                cwd=self.root,
+            )
+            for i in range(n)
+        ]
         outs = []
         for p in procs:
             try:
@@ -1042,24 +1218,40 @@ class Campaign:
         states = collections.Counter(r.state for r in rows)
         disagree = sum(1 for r in rows if r.id in by and r.worker not in by[r.id])
         unreported = sum(1 for r in rows if r.state == "running" and r.id not in by)
-        rec.update(target=f"{n} claimers × {m} runs", claimers=n, runs=m,
-                   double_claims=sum(c - 1 for c in claimed.values() if c > 1), claimed=len(claimed),
-                   unclaimed=m - len(claimed),
-                   owner_disagrees=disagree, claimed_not_reported=unreported, states=dict(states),
-                   errors=collections.Counter(e for o in outs for e in o.get("errors", [])),
-                   failed_claimers=[o.get("error") for o in outs if "error" in o])
+        rec.update(
+            target=f"{n} claimers × {m} runs",
+            claimers=n,
+            runs=m,
+            double_claims=sum(c - 1 for c in claimed.values() if c > 1),
+            claimed=len(claimed),
+            unclaimed=m - len(claimed),
+            owner_disagrees=disagree,
+            claimed_not_reported=unreported,
+            states=dict(states),
+            errors=collections.Counter(e for o in outs for e in o.get("errors", [])),
+            failed_claimers=[o.get("error") for o in outs if "error" in o],
+        )
         log(f"{self.kind}: claimers: {len(claimed)} runs claimed, {rec['double_claims']} double")
 
     # -- after the faults ---------------------------------------------------------------------------------
 
     def sync(self) -> dict:
-        out = subprocess.run(self.orch("sync", "--db", self.db, "--mlflow", self.mlflow.url), capture_output=True,
-                             text=True, env=self.env, cwd=self.root, timeout=300)
+        out = subprocess.run(
+            self.orch("sync", "--db", self.db, "--mlflow", self.mlflow.url),
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.root,
+            timeout=300,
+        )
         rec = {"exit": out.returncode, "output": (out.stdout + out.stderr)[-1500:]}
         if out.returncode:
             missing = "No such command" in out.stderr
-            self.notes.append("orch sync is not available (no such command)" if missing else
-                              f"orch sync exited {out.returncode}: {out.stderr.strip()[-300:]}")
+            self.notes.append(
+                "orch sync is not available (no such command)"
+                if missing
+                else f"orch sync exited {out.returncode}: {out.stderr.strip()[-300:]}"
+            )
         return rec
 
     def collect(self) -> dict:
@@ -1090,9 +1282,13 @@ class Campaign:
         runs = {}
         for run_id in sorted(set(rows) | self.submitted):
             row = rows.get(run_id)
-            rec: dict = {"id": run_id, "in_db": row is not None, "faults": self.touched.get(run_id, []),
-                         "crash_faults": self.crashes.get(run_id, 0),
-                         "max_trainer_launches_alive": self.concurrent_seen.get(run_id, 0)}
+            rec: dict = {
+                "id": run_id,
+                "in_db": row is not None,
+                "faults": self.touched.get(run_id, []),
+                "crash_faults": self.crashes.get(run_id, 0),
+                "max_trainer_launches_alive": self.concurrent_seen.get(run_id, 0),
+            }
             runs[run_id] = rec
             if row is None:
                 continue
@@ -1101,17 +1297,34 @@ class Campaign:
             result = read_json(d / "result.json")
             m = analyse_metrics(d / "metrics.jsonl")
             world = ((result or {}).get("environment") or {}).get("world_size") or 1
-            rec.update(state=row.state, attempts=row.attempts, max_attempts=row.max_attempts,
-                       experiments=members.get(run_id, []), total_steps=cfg.total_steps(), world=world,
-                       config=row.config, db_test_loss=row.test_loss, error=(row.error or "")[-600:] or None,
-                       result={k: (result or {}).get(k) for k in ("status", "test_loss", "step", "launches",
-                                                                  "launch_id", "exit_code")} if result else None,
-                       losses=m["losses"], metrics_test_loss=m["test_loss"], damaged_lines=m["damaged_lines"],
-                       overlaps=m["overlaps"], resumes=m["resumes"],
-                       launches_in_log=sum(1 for line in (tail(d / "train.log", 100000) or "").splitlines()
-                                           if line.startswith("=== attempt")))
-            expected_total = cfg.total_steps() if row.state == "succeeded" else max(
-                [s for s, _ in m["losses"]], default=0)
+            rec.update(
+                state=row.state,
+                attempts=row.attempts,
+                max_attempts=row.max_attempts,
+                experiments=members.get(run_id, []),
+                total_steps=cfg.total_steps(),
+                world=world,
+                config=row.config,
+                db_test_loss=row.test_loss,
+                error=(row.error or "")[-600:] or None,
+                result={
+                    k: (result or {}).get(k)
+                    for k in ("status", "test_loss", "step", "launches", "launch_id", "exit_code")
+                }
+                if result
+                else None,
+                losses=m["losses"],
+                metrics_test_loss=m["test_loss"],
+                damaged_lines=m["damaged_lines"],
+                overlaps=m["overlaps"],
+                resumes=m["resumes"],
+                launches_in_log=sum(
+                    1 for line in (tail(d / "train.log", 100000) or "").splitlines() if line.startswith("=== attempt")
+                ),
+            )
+            expected_total = (
+                cfg.total_steps() if row.state == "succeeded" else max([s for s, _ in m["losses"]], default=0)
+            )
             rec["metrics_dup"], rec["metrics_missing"] = step_errors([s for s, _ in m["losses"]], expected_total)
             # MLflow: the run the database names, else the one tagged with this run's id.
             tagged = by_tag.get(run_id, [])
@@ -1137,8 +1350,11 @@ class Campaign:
             rec["mlflow_dup"], rec["mlflow_missing"] = step_errors(loss_steps, expected_total)
             have = {(k, s): v for k, pts in history.items() for s, v in pts}
             rec["points_lost"] = sum(1 for p in expected if p not in have)
-            wrong = [(k, s) for (k, s), v in expected.items()
-                     if k in DETERMINISTIC_KEYS and any(hs == s and hv != v for hs, hv in history.get(k, []))]
+            wrong = [
+                (k, s)
+                for (k, s), v in expected.items()
+                if k in DETERMINISTIC_KEYS and any(hs == s and hv != v for hs, hv in history.get(k, []))
+            ]
             rec["points_wrong"] = len(wrong)
             if wrong:
                 rec["points_wrong_examples"] = wrong[:5]
@@ -1148,8 +1364,10 @@ class Campaign:
                 from orchestrator import sweep_views
 
                 sweep = sweep_views.status(self.engine, self.sweep_name)
-                sweep = {"counts": sweep.counts, "trials": [{"number": t.number, "state": t.state, "runs": t.runs}
-                                                            for t in sweep.trials]}
+                sweep = {
+                    "counts": sweep.counts,
+                    "trials": [{"number": t.number, "state": t.state, "runs": t.runs} for t in sweep.trials],
+                }
             except Exception as exc:  # noqa: BLE001
                 sweep = {"error": f"{type(exc).__name__}: {exc}"}
         return {"runs": runs, "sweep": sweep}
@@ -1158,14 +1376,18 @@ class Campaign:
 # ---------------------------------------------------------------------------------------------------------
 # Figures.
 
+
 def figures(c: Campaign, data: dict, refs: References, wall_s: float) -> dict:
     runs = data["runs"]
     db_runs = [r for r in runs.values() if r.get("in_db")]
     f: dict = {"runs_submitted": len(runs), "runs_succeeded": sum(r.get("state") == "succeeded" for r in db_runs)}
     failed = [r for r in db_runs if r.get("state") in ("failed", "diverged")]
     legit = [r for r in failed if r["crash_faults"] >= r["max_attempts"]]
-    f["runs_lost"] = sum(1 for r in runs.values() if not r.get("in_db")
-                         or r.get("state") not in ("succeeded", "pruned", "failed", "diverged"))
+    f["runs_lost"] = sum(
+        1
+        for r in runs.values()
+        if not r.get("in_db") or r.get("state") not in ("succeeded", "pruned", "failed", "diverged")
+    )
     f["healthy_runs_failed"] = len(failed) - len(legit)
     f["legitimately_failed"] = len(legit)
     ok = [r for r in db_runs if r.get("state") in ("succeeded", "pruned")]
@@ -1175,11 +1397,13 @@ def figures(c: Campaign, data: dict, refs: References, wall_s: float) -> dict:
     f["metrics_damaged_lines"] = sum(r["damaged_lines"] for r in db_runs)
     f["mlflow_steps_duplicated"] = sum(r.get("mlflow_dup", 0) for r in ok)
     f["mlflow_steps_missing"] = sum(r.get("mlflow_missing", r.get("total_steps", 0)) for r in ok)
-    f["mlflow_runs_not_finished"] = sum(1 for r in ok if r.get("state") == "succeeded"
-                                        and r.get("mlflow_status") != "FINISHED")
+    f["mlflow_runs_not_finished"] = sum(
+        1 for r in ok if r.get("state") == "succeeded" and r.get("mlflow_status") != "FINISHED"
+    )
     f["mlflow_runs_duplicated"] = sum(max(0, r.get("mlflow_runs", 0) - 1) for r in db_runs)
-    f["final_metrics_missing"] = sum(1 for r in ok if r.get("state") == "succeeded"
-                                     and "final.test_loss" not in r.get("mlflow_final_metrics", []))
+    f["final_metrics_missing"] = sum(
+        1 for r in ok if r.get("state") == "succeeded" and "final.test_loss" not in r.get("mlflow_final_metrics", [])
+    )
     f["metric_points_lost"] = sum(r.get("points_lost", r.get("points_expected", 0)) for r in ok)
     f["metric_points_wrong"] = sum(r.get("points_wrong", 0) for r in ok)
     mismatches, compared, missing_ref = 0, 0, 0
@@ -1199,9 +1423,14 @@ def figures(c: Campaign, data: dict, refs: References, wall_s: float) -> dict:
         r["reference"] = "equal" if diff is None and same_test else "different"
         if r["reference"] == "different":
             mismatches += 1
-            r["reference_diff"] = {"first_step": diff[0] if diff else None, "loss": diff[1] if diff else None,
-                                   "reference_loss": ref_at.get(diff[0]) if diff else None, "test_loss": test,
-                                   "db_test_loss": r.get("db_test_loss"), "reference_test_loss": ref["test_loss"]}
+            r["reference_diff"] = {
+                "first_step": diff[0] if diff else None,
+                "loss": diff[1] if diff else None,
+                "reference_loss": ref_at.get(diff[0]) if diff else None,
+                "test_loss": test,
+                "db_test_loss": r.get("db_test_loss"),
+                "reference_test_loss": ref["test_loss"],
+            }
     f["resume_compared"] = compared
     f["resume_mismatches"] = mismatches
     f["runs_without_reference"] = missing_ref
@@ -1226,10 +1455,15 @@ def fault_counts(c: Campaign) -> dict:
         evs = [e for e in c.events if e.kind == kind]
         if not evs:
             continue
-        out[kind] = {"scheduled": len(evs), "done": sum(e.state == "done" and "harness_error" not in e.record
-                                                        and "skipped" not in e.record.get("note", "") for e in evs),
-                     "skipped": sum(e.state == "skipped" or "skipped" in e.record.get("note", "") for e in evs),
-                     "harness_errors": sum("harness_error" in e.record for e in evs)}
+        out[kind] = {
+            "scheduled": len(evs),
+            "done": sum(
+                e.state == "done" and "harness_error" not in e.record and "skipped" not in e.record.get("note", "")
+                for e in evs
+            ),
+            "skipped": sum(e.state == "skipped" or "skipped" in e.record.get("note", "") for e in evs),
+            "harness_errors": sum("harness_error" in e.record for e in evs),
+        }
     return out
 
 
@@ -1263,9 +1497,13 @@ def render(results: dict) -> str:
             cells = []
             for db in dbs:
                 fc = results["databases"][db].get("faults", {}).get(kind)
-                cells.append("n/a" if fc is None else f"{fc['done']} / {fc['scheduled']}"
-                             + (f" ({fc['skipped']})" if fc["skipped"] else "")
-                             + (f" [{fc['harness_errors']} harness err]" if fc["harness_errors"] else ""))
+                cells.append(
+                    "n/a"
+                    if fc is None
+                    else f"{fc['done']} / {fc['scheduled']}"
+                    + (f" ({fc['skipped']})" if fc["skipped"] else "")
+                    + (f" [{fc['harness_errors']} harness err]" if fc["harness_errors"] else "")
+                )
             u.add_row(kind, *cells)
         console = Console(width=110, record=True)
         console.print(t)
@@ -1274,8 +1512,10 @@ def render(results: dict) -> str:
     except ImportError:  # pragma: no cover - rich is a dependency
         lines = ["figure".ljust(40) + "".join(db.rjust(12) for db in dbs)]
         for k in names:
-            lines.append(k.ljust(40) + "".join(str(results["databases"][db].get("figures", {}).get(k, "—")).rjust(12)
-                                               for db in dbs))
+            lines.append(
+                k.ljust(40)
+                + "".join(str(results["databases"][db].get("figures", {}).get(k, "—")).rjust(12) for db in dbs)
+            )
         text = "\n".join(lines)
         print(text)
         return text
@@ -1283,12 +1523,19 @@ def render(results: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--faults", type=int, default=None, help="faults per kind (default 3; --short: 2, and one "
-                   "of each outage: PostgreSQL stop, MLflow down, disk full)")
+    p.add_argument(
+        "--faults",
+        type=int,
+        default=None,
+        help="faults per kind (default 3; --short: 2, and one of each outage: PostgreSQL stop, MLflow down, disk full)",
+    )
     p.add_argument("--short", action="store_true", help="a CI-size campaign (< 8 minutes for --db both on 2 cores)")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated fault kinds (default: all)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "chaos.json"))
@@ -1298,20 +1545,32 @@ def parse_args(argv=None):
     p.add_argument("--heartbeat", type=float, default=1.0)
     p.add_argument("--grace", type=float, default=6.0)
     p.add_argument("--mlflow-down", type=float, default=60.0, help="seconds the MLflow server stays down")
-    p.add_argument("--disk-full", type=float, default=None, help="seconds the runs directory stays full (10; --short 8)")
+    p.add_argument(
+        "--disk-full", type=float, default=None, help="seconds the runs directory stays full (10; --short 8)"
+    )
     p.add_argument("--claimers", type=int, default=None, help="concurrent claimers (8; --short 4)")
     p.add_argument("--claim-runs", type=int, default=None, help="dummy runs they claim (200; --short 100)")
     p.add_argument("--sweep-trials", type=int, default=None, help="trials of the sweep (5; --short 3)")
-    p.add_argument("--ddp-runs", type=int, default=None, help="runs of the torchrun phase, rounded up to even (default: one per agent kill, at least 2)")
-    p.add_argument("--window", type=float, default=None, help="main-phase fault window in s (default: what the outages need)")
+    p.add_argument(
+        "--ddp-runs",
+        type=int,
+        default=None,
+        help="runs of the torchrun phase, rounded up to even (default: one per agent kill, at least 2)",
+    )
+    p.add_argument(
+        "--window", type=float, default=None, help="main-phase fault window in s (default: what the outages need)"
+    )
     p.add_argument("--min-window", type=float, default=None)
     p.add_argument("--drain-s", type=float, default=240.0, help="how long the queue may take to drain")
     p.add_argument("--target-wait", type=float, default=25.0, help="how long a kill waits for something to kill")
     p.add_argument("--max-topups", type=int, default=12)
     p.add_argument("--tmpfs-mb", type=int, default=None)
     p.add_argument("--no-tmpfs", action="store_true", help="runs directory on disk (no disk-full faults)")
-    p.add_argument("--rev", default=None, help="test the packages as committed at this git revision (default: "
-                   "the working tree as it is at the start)")
+    p.add_argument(
+        "--rev",
+        default=None,
+        help="test the packages as committed at this git revision (default: the working tree as it is at the start)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the campaign folders (printed) for inspection")
     a = p.parse_args(argv)
     a.kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
@@ -1335,9 +1594,14 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     started = time.time()
     info_start = machine_info()
-    results: dict = {"command": [sys.executable, *sys.argv] if argv is None else ["bench/chaos.py", *argv],
-                     "seed": a.seed, "args": {k: v for k, v in vars(a).items()}, "machine": info_start,
-                     "zero_figures": list(ZERO_FIGURES), "databases": {}}
+    results: dict = {
+        "command": [sys.executable, *sys.argv] if argv is None else ["bench/chaos.py", *argv],
+        "seed": a.seed,
+        "args": {k: v for k, v in vars(a).items()},
+        "machine": info_start,
+        "zero_figures": list(ZERO_FIGURES),
+        "databases": {},
+    }
     root = Path(tempfile.mkdtemp(prefix="orch-chaos-"))
     os.chmod(root, 0o755)
     log(f"campaign folder {root}; seed {a.seed}; faults per kind {a.faults}; kinds {','.join(a.kinds)}")
@@ -1356,8 +1620,13 @@ def main(argv=None) -> int:
         data = make_dataset(root / "data")
         refs_root.mkdir()
         if os.geteuid() == 0 and not a.no_tmpfs:
-            refs_tmpfs = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={6 * CHECKPOINT_MB}m", "tmpfs",
-                                         str(refs_root)], capture_output=True).returncode == 0
+            refs_tmpfs = (
+                subprocess.run(
+                    ["mount", "-t", "tmpfs", "-o", f"size={6 * CHECKPOINT_MB}m", "tmpfs", str(refs_root)],
+                    capture_output=True,
+                ).returncode
+                == 0
+            )
         refs = References(refs_root, env)
         dbs = ["sqlite", "postgres"] if a.db == "both" else [a.db]
         campaigns: list[tuple[Campaign, dict, float]] = []
@@ -1375,16 +1644,36 @@ def main(argv=None) -> int:
                 c.setup()
                 entry["phases"] = {}
                 main_kinds = tuple(k for k in MAIN_KINDS if k in a.kinds)
-                entry["phases"]["main"] = c.run_phase("main", main_kinds, c.window_for(main_kinds), a.workers,
-                                                      ["--parallel", str(a.parallel)], sweep=a.sweep_trials > 0,
-                                                      topup=True)
+                entry["phases"]["main"] = c.run_phase(
+                    "main",
+                    main_kinds,
+                    c.window_for(main_kinds),
+                    a.workers,
+                    ["--parallel", str(a.parallel)],
+                    sweep=a.sweep_trials > 0,
+                    topup=True,
+                )
                 if a.ddp_runs:
-                    c.submit(c.exp_file(c.root / "chaos-ddp.py", "chaos-ddp", base_config(data, a.steps),
-                                        seeds=math.ceil(a.ddp_runs / 2), first_seed=500), world=2)
+                    c.submit(
+                        c.exp_file(
+                            c.root / "chaos-ddp.py",
+                            "chaos-ddp",
+                            base_config(data, a.steps),
+                            seeds=math.ceil(a.ddp_runs / 2),
+                            first_seed=500,
+                        ),
+                        world=2,
+                    )
                     window = a.window or max(20.0, 8.0 * a.faults)
                     entry["phases"]["torchrun"] = c.run_phase(
-                        "torchrun", DDP_KINDS, window, a.workers, ["--parallel", "1", "--nproc-per-node", "2"],
-                        sweep=False, topup=False)
+                        "torchrun",
+                        DDP_KINDS,
+                        window,
+                        a.workers,
+                        ["--parallel", "1", "--nproc-per-node", "2"],
+                        sweep=False,
+                        topup=False,
+                    )
                 entry["sync"] = c.sync()
                 c.mlflow.stop()
                 entry["collected"] = c.collect()
@@ -1399,7 +1688,7 @@ def main(argv=None) -> int:
         # References for every config any campaign trained (shared across databases: the same config is the
         # same run), then the figures.
         wanted = {}
-        for c, entry, _ in campaigns:
+        for _campaign, entry, _ in campaigns:
             for r in (entry.get("collected") or {}).get("runs", {}).values():
                 if r.get("state") in ("succeeded", "pruned"):
                     wanted[References.key(r["config"], r["world"])] = (r["config"], r["world"])

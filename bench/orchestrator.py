@@ -37,10 +37,10 @@ sys.path.insert(0, str(REPO))
 
 import sqlalchemy as sa  # noqa: E402
 
-from orchestrator.states import RunState  # noqa: E402
 from orchestrator import queries, queue, specs  # noqa: E402
 from orchestrator import table as tbl  # noqa: E402
 from orchestrator.db import Run, connect  # noqa: E402
+from orchestrator.states import RunState  # noqa: E402
 from tests.servers import MlflowServer, Postgres, pg_bin  # noqa: E402
 
 SAMPLES: dict[tuple[str, str, str], list[float]] = {}  # (measure, backend, unit) -> one value per repeat
@@ -60,12 +60,19 @@ def clock(fn, *args, **kw):
 # ---------------------------------------------------------------------------------------------------------
 # 1–3. Submit, claim, table: one fresh database per backend per repeat, the phases chained in it.
 
+
 def big_experiment(n: int) -> specs.Experiment:
     """1 baseline + 99 interventions × 100 seeds for n=10,000 (arms × seeds = n for any n divisible by 100)."""
     seeds = 100 if n >= 100 else n
     arms = max(1, n // seeds)
-    return specs.Experiment(name="bench", preset="tiny", seeds=seeds, interventions=[
-        specs.Intervention(name=f"lr-{i}", set={"optim.lr": 1e-3 * (1 + i / 1000)}) for i in range(1, arms)])
+    return specs.Experiment(
+        name="bench",
+        preset="tiny",
+        seeds=seeds,
+        interventions=[
+            specs.Intervention(name=f"lr-{i}", set={"optim.lr": 1e-3 * (1 + i / 1000)}) for i in range(1, arms)
+        ],
+    )
 
 
 def _claimer(url: str, name: str, ready, go, out) -> None:
@@ -111,18 +118,40 @@ def claim_all(engine, url: str, n_procs: int, expected: set[str]) -> tuple[float
 def finish_all_bulk(engine, rng: random.Random) -> None:
     """Set-up only: every run succeeded with a synthetic loss and a result.json-sized result."""
     t = Run.__table__
-    stmt = (sa.update(t).where(t.c.id == sa.bindparam("rid"))
-            .values(state=RunState.SUCCEEDED, worker=None, test_loss=sa.bindparam("loss"), finished_at=time.time(),
-                    result=sa.bindparam("res", type_=t.c.result.type)))
+    stmt = (
+        sa.update(t)
+        .where(t.c.id == sa.bindparam("rid"))
+        .values(
+            state=RunState.SUCCEEDED,
+            worker=None,
+            test_loss=sa.bindparam("loss"),
+            finished_at=time.time(),
+            result=sa.bindparam("res", type_=t.c.result.type),
+        )
+    )
     with engine.begin() as conn:
         ids = conn.execute(sa.select(t.c.id)).scalars().all()
         rows = []
         for rid in ids:
             loss = 3.3 + rng.gauss(0, 0.02)
-            rows.append(dict(rid=rid, loss=loss, res={
-                "status": "succeeded", "step": 6, "total_steps": 6, "tokens": 768, "test_loss": loss,
-                "val_loss": loss + 0.01, "train_loss": loss - 0.05, "tokens_per_s": 1500.0, "params": 6_600_000,
-                "environment": {"torch": "2.x", "device": "cpu", "world": 1, "hostname": "bench"}}))
+            rows.append(
+                dict(
+                    rid=rid,
+                    loss=loss,
+                    res={
+                        "status": "succeeded",
+                        "step": 6,
+                        "total_steps": 6,
+                        "tokens": 768,
+                        "test_loss": loss,
+                        "val_loss": loss + 0.01,
+                        "train_loss": loss - 0.05,
+                        "tokens_per_s": 1500.0,
+                        "params": 6_600_000,
+                        "environment": {"torch": "2.x", "device": "cpu", "world": 1, "hostname": "bench"},
+                    },
+                )
+            )
         conn.execute(stmt, rows)
 
 
@@ -139,41 +168,51 @@ def queue_benchmarks(args, backends: dict[str, callable]) -> None:
             rec(f"resubmit {n:,} runs, all reused", backend, "s", clock(queue.submit, engine, exp, runs)[0])
             elapsed, lat = claim_all(engine, url, args.claimers, {x.id for x in runs})
             rec(f"claim {n:,} runs, {args.claimers} processes", backend, "s", elapsed)
-            rec(f"  claims per second", backend, "claims/s", n / elapsed)
-            rec(f"  one claim() call, median", backend, "ms", 1000 * statistics.median(lat))
-            rec(f"  one claim() call, p99", backend, "ms", 1000 * statistics.quantiles(lat, n=100)[98])
+            rec("  claims per second", backend, "claims/s", n / elapsed)
+            rec("  one claim() call, median", backend, "ms", 1000 * statistics.median(lat))
+            rec("  one claim() call, p99", backend, "ms", 1000 * statistics.quantiles(lat, n=100)[98])
             finish_all_bulk(engine, random.Random(r))
             t_rows, rows = clock(queries.runs_of, engine)
             t_build, boards = clock(tbl.build, rows)
             t_render, md = clock(tbl.render, boards, fmt="markdown")
             assert all(f"| {i.name}" in md for i in exp.interventions[-1:]) and "| baseline" in md, "table lacks rows"
             rec(f"table over {n:,} runs: runs_of", backend, "s", t_rows)
-            rec(f"  table.build", backend, "s", t_build)
-            rec(f"  table.render(markdown)", backend, "s", t_render)
-            rec(f"  runs_of+build+render", backend, "s", t_rows + t_build + t_render)
+            rec("  table.build", backend, "s", t_build)
+            rec("  table.render(markdown)", backend, "s", t_render)
+            rec("  runs_of+build+render", backend, "s", t_rows + t_build + t_render)
             cli = [sys.executable, "-m", "orchestrator.cli", "table", "--format", "markdown", "--db", url]
             dt, out = clock(subprocess.run, cli, cwd=REPO, capture_output=True, text=True)
             assert out.returncode == 0, out.stderr
-            rec(f"  `orch table --format markdown` (process)", backend, "s", dt)
+            rec("  `orch table --format markdown` (process)", backend, "s", dt)
             engine.dispose()
             print(f"repeat {r + 1}/{args.repeats} {backend}: done", file=sys.stderr)
     # The import floor of any `orch` command, to read the CLI number against.
-    rec("`orch --help` (process: imports only)", "-", "s",
-        clock(subprocess.run, [sys.executable, "-m", "orchestrator.cli", "--help"], capture_output=True)[0])
+    rec(
+        "`orch --help` (process: imports only)",
+        "-",
+        "s",
+        clock(subprocess.run, [sys.executable, "-m", "orchestrator.cli", "--help"], capture_output=True)[0],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 4. The GPU-idle gap: a real Worker, real trainers (started directly: one process each), a tiny dataset.
 
+
 def synthetic_documents(n_docs: int = 420, seed: int = 1234) -> list[str]:
     """tests/conftest.py's generator, shortened: deterministic English-ish documents (~150 tokens each)."""
     rng = random.Random(seed)
-    words = [["the farmer", "a small dog", "the old sailor", "my sister", "the teacher", "the baker"],
-             ["sees", "finds", "carries", "paints", "follows", "builds"],
-             ["a red apple", "the long river", "a wooden boat", "the quiet town", "an old letter"],
-             ["in the morning", "after the rain", "near the market", "before dinner", "every summer"]]
-    return [f"Story {d}. " + " ".join(" ".join(rng.choice(w) for w in words).capitalize() + "."
-                                      for _ in range(rng.randint(8, 16))) for d in range(n_docs)]
+    words = [
+        ["the farmer", "a small dog", "the old sailor", "my sister", "the teacher", "the baker"],
+        ["sees", "finds", "carries", "paints", "follows", "builds"],
+        ["a red apple", "the long river", "a wooden boat", "the quiet town", "an old letter"],
+        ["in the morning", "after the rain", "near the market", "before dinner", "every summer"],
+    ]
+    return [
+        f"Story {d}. "
+        + " ".join(" ".join(rng.choice(w) for w in words).capitalize() + "." for _ in range(rng.randint(8, 16)))
+        for d in range(n_docs)
+    ]
 
 
 class ExitWatcher(threading.Thread):
@@ -200,8 +239,16 @@ def gap_benchmark(args, tmp: Path, data_dir: Path, tracked: bool, r: int) -> Non
     from orchestrator.tracking import Tracker
 
     label = "MLflow sqlite" if tracked else "no tracker"
-    base = {"data.path": str(data_dir), "model.context_length": 16, "run.batch_size": 8, "run.steps": 6,
-            "run.log_interval": 1, "run.checkpoint_interval": 0, "eval.val_sequences": 8, "eval.test_sequences": 32}
+    base = {
+        "data.path": str(data_dir),
+        "model.context_length": 16,
+        "run.batch_size": 8,
+        "run.steps": 6,
+        "run.log_interval": 1,
+        "run.checkpoint_interval": 0,
+        "eval.val_sequences": 8,
+        "eval.test_sequences": 32,
+    }
     exp = specs.Experiment(name="gap", preset="tiny", base=base, seeds=args.gap_runs)
     root = tmp / f"gap-{label.replace(' ', '-')}-{r}"
     tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}") if tracked else None
@@ -214,8 +261,9 @@ def gap_benchmark(args, tmp: Path, data_dir: Path, tracked: bool, r: int) -> Non
     print(f"gap repeat {r + 1} ({label}): done", file=sys.stderr)
 
 
-def worker_gaps(root: Path, exp: specs.Experiment, tracker=None, gpus: list[int] | None = None
-                ) -> tuple[list[dict], list[dict]]:
+def worker_gaps(
+    root: Path, exp: specs.Experiment, tracker=None, gpus: list[int] | None = None
+) -> tuple[list[dict], list[dict]]:
     """Run every run of `exp` one after another on one worker slot (a real Worker and real trainers) and
     time, between consecutive runs A -> B: A's result.json mtime, A's process exit (pidfd), the worker's echo
     of A's finish and of B's Popen, and B's first step start (its first metrics event minus one median step).
@@ -225,8 +273,13 @@ def worker_gaps(root: Path, exp: specs.Experiment, tracker=None, gpus: list[int]
     engine = connect(f"sqlite:///{root / 'results.db'}")
     queue.submit(engine, exp, specs.expand(exp))
     log: list[tuple[float, str]] = []
-    w = Worker(engine, runs_dir=root / "runs", slots=plan_slots(gpus, 1, 1), tracker=tracker,
-               echo=lambda msg: log.append((time.time(), msg)))  # CLI defaults: poll 0.2 s, heartbeat 5 s
+    w = Worker(
+        engine,
+        runs_dir=root / "runs",
+        slots=plan_slots(gpus, 1, 1),
+        tracker=tracker,
+        echo=lambda msg: log.append((time.time(), msg)),
+    )  # CLI defaults: poll 0.2 s, heartbeat 5 s
     watcher = ExitWatcher(w)
     watcher.start()
     n_runs = len(specs.expand(exp))
@@ -243,35 +296,52 @@ def worker_gaps(root: Path, exp: specs.Experiment, tracker=None, gpus: list[int]
         per_step = statistics.median(b - a for a, b in zip(steps, steps[1:]))
         first_steps[rid] = (steps[0] - per_step, per_step)  # when step 1 began: its event is logged when it ends
         result = json.loads((root / "runs" / rid / "result.json").read_text())
-        runs.append({"run": rid, "popen -> first step done (start-up, compile)": steps[0] - popen,
-                     "one training step, median": per_step, "micro_batch_size": result["micro_batch_size"],
-                     "tokens_per_s": result["tokens_per_s"], "mfu": result["mfu"], "test_loss": result["test_loss"],
-                     "losses": [(e["step"], e["loss"]) for e in metrics if "loss" in e]})
+        runs.append(
+            {
+                "run": rid,
+                "popen -> first step done (start-up, compile)": steps[0] - popen,
+                "one training step, median": per_step,
+                "micro_batch_size": result["micro_batch_size"],
+                "tokens_per_s": result["tokens_per_s"],
+                "mfu": result["mfu"],
+                "test_loss": result["test_loss"],
+                "losses": [(e["step"], e["loss"]) for e in metrics if "loss" in e],
+            }
+        )
     gaps = []
     for (_, prev), (popen, nxt) in zip(started, started[1:]):
         first_step, per_step = first_steps[nxt]
         result_mtime = (root / "runs" / prev / "result.json").stat().st_mtime
         exit_t = watcher.exits[prev]
-        gaps.append({"prev": prev, "next": nxt,
-                     "GPU-idle gap: trainer exit -> next first step": first_step - exit_t,
-                     "  teardown: result.json written -> trainer exit": exit_t - result_mtime,
-                     "  reaction: trainer exit -> next Popen": popen - exit_t,
-                     "    exit -> finish recorded (poll, finish)": finished[prev] - exit_t,
-                     "    finish recorded -> next Popen (claim, start)": popen - finished[prev],
-                     "  start-up: Popen -> first training step": first_step - popen,
-                     "  (one training step, median)": per_step,
-                     "idle incl. teardown: result.json -> first step": first_step - result_mtime})
+        gaps.append(
+            {
+                "prev": prev,
+                "next": nxt,
+                "GPU-idle gap: trainer exit -> next first step": first_step - exit_t,
+                "  teardown: result.json written -> trainer exit": exit_t - result_mtime,
+                "  reaction: trainer exit -> next Popen": popen - exit_t,
+                "    exit -> finish recorded (poll, finish)": finished[prev] - exit_t,
+                "    finish recorded -> next Popen (claim, start)": popen - finished[prev],
+                "  start-up: Popen -> first training step": first_step - popen,
+                "  (one training step, median)": per_step,
+                "idle incl. teardown: result.json -> first step": first_step - result_mtime,
+            }
+        )
     return gaps, runs
 
 
 def startup_components(data_dir: Path) -> dict[str, float]:
     """Where a trainer's start-up goes, each measured once: fresh interpreters, then in-process steps."""
     py = sys.executable
-    out = {name: clock(subprocess.run, cmd, capture_output=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))[0]
-           for name, cmd in {"python -c pass": [py, "-c", "pass"],
-                             "python -c 'import torch'": [py, "-c", "import torch"],
-                             "python -m torch.distributed.run --help": [py, "-m", "torch.distributed.run", "--help"],
-                             "python -c 'import trainer.train'": [py, "-c", "import trainer.train"]}.items()}
+    out = {
+        name: clock(subprocess.run, cmd, capture_output=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))[0]
+        for name, cmd in {
+            "python -c pass": [py, "-c", "pass"],
+            "python -c 'import torch'": [py, "-c", "import torch"],
+            "python -m torch.distributed.run --help": [py, "-m", "torch.distributed.run", "--help"],
+            "python -c 'import trainer.train'": [py, "-c", "import trainer.train"],
+        }.items()
+    }
     import torch
 
     from trainer import config
@@ -279,7 +349,9 @@ def startup_components(data_dir: Path) -> dict[str, float]:
     from trainer.model import GPT
 
     cfg = config.load(preset_name="tiny", overrides={"data.path": str(data_dir), "model.context_length": 16})
-    out["dataset open (3 splits, in-process)"] = clock(lambda: [Split(cfg.data.path, s) for s in ("train", "val", "test")])[0]
+    out["dataset open (3 splits, in-process)"] = clock(
+        lambda: [Split(cfg.data.path, s) for s in ("train", "val", "test")]
+    )[0]
     torch.manual_seed(0)
     out["GPT(tiny) build (in-process)"] = clock(GPT, cfg.model)[0]
     return out
@@ -287,6 +359,7 @@ def startup_components(data_dir: Path) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------------------
 # 5. Metric forwarding: Tracker.log_events (batched) against one log_metric call per point.
+
 
 def mlflow_benchmark(args, label: str, uri: str) -> None:
     from orchestrator.tracking import Tracker
@@ -296,15 +369,31 @@ def mlflow_benchmark(args, label: str, uri: str) -> None:
     cfg = config.preset("tiny")
     keys = ["tokens", "loss", "lr", "grad_norm", "clipped", "tokens_per_s", "mfu", "loss_scale"]
     for r in range(args.repeats):
-        ids = [tracker.start_run(experiment="forward", all_experiments=["forward"], arm="baseline", run_id=f"{label}{r}{i}",
-                                 config=cfg, seed=42, data_seed=0, repeat=0, git_commit=None) for i in range(2)]
+        ids = [
+            tracker.start_run(
+                experiment="forward",
+                all_experiments=["forward"],
+                arm="baseline",
+                run_id=f"{label}{r}{i}",
+                config=cfg,
+                seed=42,
+                data_seed=0,
+                repeat=0,
+                git_commit=None,
+            )
+            for i in range(2)
+        ]
         t0 = time.time()
         events = [{"step": s, "time": t0 + s, **{k: random.random() for k in keys}} for s in range(1, 126)]
         batch, n = clock(tracker.log_events, ids[0], events, {})
         assert n == 1000
         points = [(k, e[k], int(1000 * e["time"]), e["step"]) for e in events for k in keys][:100]
-        one_by_one = 10 * clock(lambda: [tracker.client.log_metric(ids[1], k, v, timestamp=ts, step=s)
-                                         for k, v, ts, s in points])[0]
+
+        def log_one_by_one(run_id: str, points: list) -> None:
+            for k, v, ts, s in points:
+                tracker.client.log_metric(run_id, k, v, timestamp=ts, step=s)
+
+        one_by_one = 10 * clock(log_one_by_one, ids[1], points)[0]
         rec("log_events: 1,000 points (125 events x 8 keys)", label, "ms", 1000 * batch)
         rec("log_metric one by one: 100 points, x10", label, "ms", 1000 * one_by_one)
         rec("  batching speed-up (one-by-one / log_events)", label, "x", one_by_one / batch)
@@ -312,28 +401,48 @@ def mlflow_benchmark(args, label: str, uri: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 
+
 def code_state() -> dict:
     """orchestrator/ and trainer/ change under a shared checkout: say which code was measured."""
     git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return {"commit": git("rev-parse", "HEAD"), "modified": git("status", "--porcelain", "orchestrator", "trainer").splitlines()}
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "modified": git("status", "--porcelain", "orchestrator", "trainer").splitlines(),
+    }
 
 
 def machine() -> dict:
     import mlflow
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
     pg = pg_bin()  # not Postgres().bin: its constructor makes a temporary folder
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "sqlalchemy": sa.__version__, "mlflow": mlflow.__version__,
-            "sqlite": __import__("sqlite3").sqlite_version,
-            "postgresql": subprocess.run([str(pg / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
-            if pg else None}
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "sqlalchemy": sa.__version__,
+        "mlflow": mlflow.__version__,
+        "sqlite": __import__("sqlite3").sqlite_version,
+        "postgresql": subprocess.run([str(pg / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
+        if pg
+        else None,
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--runs", type=int, default=10_000, help="runs to submit, claim and tabulate")
     p.add_argument("--repeats", type=int, default=3, help="repeats per measurement (medians are reported)")
     p.add_argument("--claimers", type=int, default=8, help="concurrent claiming processes")
@@ -356,8 +465,16 @@ def main() -> None:
             from trainer.prepare import prepare
 
             data_dir = tmp / "data"
-            prepare(synthetic_documents(), data_dir, source="synthetic", command="bench", val_fraction=0.12,
-                    test_fraction=0.22, shard_tokens=20_000, progress=False)
+            prepare(
+                synthetic_documents(),
+                data_dir,
+                source="synthetic",
+                command="bench",
+                val_fraction=0.12,
+                test_fraction=0.22,
+                shard_tokens=20_000,
+                progress=False,
+            )
             for r in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
                 for tracked in (False, True):
                     gap_benchmark(args, tmp, data_dir, tracked, r)
@@ -383,13 +500,27 @@ def main() -> None:
     for k, v in EXTRA.get("startup_components_s", {}).items():
         print(f"start-up component, measured once: {k:<44} {v:.3f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "command": shlex.join([sys.executable, *sys.argv]), "date": datetime.now(timezone.utc).isoformat(),
-        "duration_s": time.time() - started, "args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(),
-        "code_at_start": code, "code_at_end": code_state(),
-        "loadavg_1_5_15min": {"start": load_before, "end": os.getloadavg()},
-        "results": [{"measure": m.strip(), "backend": b, "unit": u, "median": med, "values": v} for m, b, med, u, v in rows],
-        **EXTRA}, indent=2) + "\n")
+    args.json.write_text(
+        json.dumps(
+            {
+                "command": shlex.join([sys.executable, *sys.argv]),
+                "date": datetime.now(timezone.utc).isoformat(),
+                "duration_s": time.time() - started,
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "machine": machine(),
+                "code_at_start": code,
+                "code_at_end": code_state(),
+                "loadavg_1_5_15min": {"start": load_before, "end": os.getloadavg()},
+                "results": [
+                    {"measure": m.strip(), "backend": b, "unit": u, "median": med, "values": v}
+                    for m, b, med, u, v in rows
+                ],
+                **EXTRA,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.json}")
 
 

@@ -54,8 +54,16 @@ def make_dataset(out: Path) -> Path:
     from tests.conftest import TEST_FRACTION, VAL_FRACTION, synthetic_documents
     from trainer.prepare import prepare
 
-    prepare(synthetic_documents(), out, source="synthetic", command="bench/sweep.py", val_fraction=VAL_FRACTION,
-            test_fraction=TEST_FRACTION, shard_tokens=20_000, progress=False)
+    prepare(
+        synthetic_documents(),
+        out,
+        source="synthetic",
+        command="bench/sweep.py",
+        val_fraction=VAL_FRACTION,
+        test_fraction=TEST_FRACTION,
+        shard_tokens=20_000,
+        progress=False,
+    )
     return out
 
 
@@ -63,16 +71,26 @@ def sweep_file(path: Path, name: str, data: Path, args, sampler: str, pruner: st
     # log_interval 1: the trainer polls its STOP file at every sync point, so a pruned run stops at the next
     # step rather than the next eval. Cosine schedule as in experiments/sweep_lr_wd.py. Checkpoints only at
     # the end (nothing here is preempted).
-    base = {"data.path": str(data), "model.context_length": CONTEXT, "run.batch_size": BATCH,
-            "run.steps": args.steps, "eval.interval": args.eval_interval, "run.log_interval": 1,
-            "run.checkpoint_interval": 0, "schedule.kind": "cosine", "schedule.warmup": 0.05,
-            "schedule.min_lr_ratio": 0.1}
+    base = {
+        "data.path": str(data),
+        "model.context_length": CONTEXT,
+        "run.batch_size": BATCH,
+        "run.steps": args.steps,
+        "eval.interval": args.eval_interval,
+        "run.log_interval": 1,
+        "run.checkpoint_interval": 0,
+        "schedule.kind": "cosine",
+        "schedule.warmup": 0.05,
+        "schedule.min_lr_ratio": 0.1,
+    }
     # grid_points**2 == trials for the default 9 (3 × 3); the driver caps a grid sweep at the grid's size.
-    grid_points = max(2, round(args.trials ** 0.5))
-    path.write_text("from orchestrator.specs import LogUniform, Sweep\n"
-                    f"sweep = Sweep(name={name!r}, preset='tiny', base={base!r}, space={SPACE},\n"
-                    f"    sampler={sampler!r}, pruner={pruner!r}, trials={args.trials}, in_flight={args.in_flight},\n"
-                    f"    grid_points={grid_points}, sampler_seed=0)\n")
+    grid_points = max(2, round(args.trials**0.5))
+    path.write_text(
+        "from orchestrator.specs import LogUniform, Sweep\n"
+        f"sweep = Sweep(name={name!r}, preset='tiny', base={base!r}, space={SPACE},\n"
+        f"    sampler={sampler!r}, pruner={pruner!r}, trials={args.trials}, in_flight={args.in_flight},\n"
+        f"    grid_points={grid_points}, sampler_seed=0)\n"
+    )
     return path
 
 
@@ -87,9 +105,27 @@ def run_strategy(label: str, work: Path, data: Path, args, env: dict) -> dict:
     spec = sweep_file(work / f"{label}.py", label, data, args, **STRATEGIES[label])
     # One worker with one CPU slot per trial in flight (the worker gives each slot cores / slots threads).
     # Short heartbeats: the driver sees a run's val curve, and the worker sees a prune request, only at a beat.
-    worker = subprocess.Popen([*ORCH, "worker", "--db", db, "--runs-dir", str(work / "runs"), "--no-mlflow",
-                               "--gpus", "", "--parallel", str(args.in_flight), "--heartbeat", "0.5"],
-                              cwd=work, env=env, stdout=open(work / "worker.log", "w"), stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [
+            *ORCH,
+            "worker",
+            "--db",
+            db,
+            "--runs-dir",
+            str(work / "runs"),
+            "--no-mlflow",
+            "--gpus",
+            "",
+            "--parallel",
+            str(args.in_flight),
+            "--heartbeat",
+            "0.5",
+        ],
+        cwd=work,
+        env=env,
+        stdout=open(work / "worker.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     loads, attempts, out = [os.getloadavg()[0]], [], ""
     t0 = time.time()
     try:
@@ -97,8 +133,13 @@ def run_strategy(label: str, work: Path, data: Path, args, env: dict) -> dict:
         for attempt in range(3):
             log = work / f"driver-{attempt}.log"  # a file, not a pipe: a long sweep must not fill a pipe buffer
             with open(log, "w") as f:
-                drv = subprocess.Popen([*ORCH, "sweep", str(spec), "--db", db, "--poll", "0.3", "--no-mlflow"],
-                                       cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT)
+                drv = subprocess.Popen(
+                    [*ORCH, "sweep", str(spec), "--db", db, "--poll", "0.3", "--no-mlflow"],
+                    cwd=work,
+                    env=env,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                )
                 while drv.poll() is None:
                     time.sleep(2)
                     loads.append(os.getloadavg()[0])
@@ -122,18 +163,36 @@ def run_strategy(label: str, work: Path, data: Path, args, env: dict) -> dict:
         steps = sum((r.result or {}).get("step", 0) for r in rs)
         tests = [r.test_loss for r in rs if r.test_loss is not None]
         # Optuna gives a pruned trial its last reported value: an early, not a final, val loss.
-        trials.append({"number": t.number, "state": t.state.name.lower(), "params": t.params, "val_loss": t.value,
-                       "test_loss": statistics.mean(tests) if tests and t.value is not None else None,
-                       "steps": steps, "tokens": steps * BATCH * CONTEXT, "pruned_decided_at": decided.get(t.number),
-                       "run_states": [r.state for r in rs], "tokens_per_s": rs[0].tokens_per_s if rs else None,
-                       "stop_latency_s": stop_latency(work / "runs", rs, decided.get(t.number)),
-                       "finished_at": max((r.finished_at or 0 for r in rs), default=0)})
+        trials.append(
+            {
+                "number": t.number,
+                "state": t.state.name.lower(),
+                "params": t.params,
+                "val_loss": t.value,
+                "test_loss": statistics.mean(tests) if tests and t.value is not None else None,
+                "steps": steps,
+                "tokens": steps * BATCH * CONTEXT,
+                "pruned_decided_at": decided.get(t.number),
+                "run_states": [r.state for r in rs],
+                "tokens_per_s": rs[0].tokens_per_s if rs else None,
+                "stop_latency_s": stop_latency(work / "runs", rs, decided.get(t.number)),
+                "finished_at": max((r.finished_at or 0 for r in rs), default=0),
+            }
+        )
     trials.sort(key=lambda t: t["finished_at"])  # completion order: the order a user sees results arrive
     for t in trials:
         t["finished_at"] = round(t["finished_at"] - t0, 1)  # seconds since the strategy started
-    return {"wall_s": round(wall, 1), "driver_attempts": attempts, "trials": trials,
-            "load_avg_1m": {"start": loads[0], "median": statistics.median(loads), "max": max(loads),
-                            "end": os.getloadavg()[0]}}
+    return {
+        "wall_s": round(wall, 1),
+        "driver_attempts": attempts,
+        "trials": trials,
+        "load_avg_1m": {
+            "start": loads[0],
+            "median": statistics.median(loads),
+            "max": max(loads),
+            "end": os.getloadavg()[0],
+        },
+    }
 
 
 def stop_latency(runs_dir: Path, runs: list, decided: int | None) -> float | None:
@@ -158,20 +217,35 @@ def summarise(res: dict, target: float, full_tokens: int) -> dict:
         spent += t["tokens"]
         if t["state"] == "complete" and (best is None or t["val_loss"] < best["val_loss"]):
             best = t
-        curve.append({"tokens": spent, "trial": t["number"], "best_val": best and best["val_loss"],
-                      "best_test": best and best["test_loss"]})
+        curve.append(
+            {
+                "tokens": spent,
+                "trial": t["number"],
+                "best_val": best and best["val_loss"],
+                "best_test": best and best["test_loss"],
+            }
+        )
         if reached is None and best is not None and best["val_loss"] <= target:
             reached = spent
     pruned = [t for t in res["trials"] if t["state"] == "pruned"]
-    return {"tokens_total": spent, "best_trial": best and best["number"], "best_params": best and best["params"],
-            "best_val": best and best["val_loss"], "best_test": best and best["test_loss"],
-            "tokens_to_target": reached, "trials_to_target": next(
-                (i + 1 for i, c in enumerate(curve) if c["best_val"] is not None and c["best_val"] <= target), None),
-            "pruned": len(pruned), "complete": sum(t["state"] == "complete" for t in res["trials"]),
-            "tokens_saved_by_pruning": sum(full_tokens - t["tokens"] for t in pruned),
-            "median_stop_latency_s": statistics.median(lat) if (lat := [t["stop_latency_s"] for t in pruned
-                                                                        if t["stop_latency_s"] is not None]) else None,
-            "curve": curve}
+    return {
+        "tokens_total": spent,
+        "best_trial": best and best["number"],
+        "best_params": best and best["params"],
+        "best_val": best and best["val_loss"],
+        "best_test": best and best["test_loss"],
+        "tokens_to_target": reached,
+        "trials_to_target": next(
+            (i + 1 for i, c in enumerate(curve) if c["best_val"] is not None and c["best_val"] <= target), None
+        ),
+        "pruned": len(pruned),
+        "complete": sum(t["state"] == "complete" for t in res["trials"]),
+        "tokens_saved_by_pruning": sum(full_tokens - t["tokens"] for t in pruned),
+        "median_stop_latency_s": statistics.median(lat)
+        if (lat := [t["stop_latency_s"] for t in pruned if t["stop_latency_s"] is not None])
+        else None,
+        "curve": curve,
+    }
 
 
 def fmt(v, spec=",.0f"):
@@ -196,8 +270,11 @@ def main() -> None:
         code = snapshot(Path(tmp) / "code")
         import optuna
 
-        env = dict(os.environ, PYTHONPATH=str(code) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   ORCH_GIT_COMMIT=commit + ("+modified" if modified else ""))
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(code) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            ORCH_GIT_COMMIT=commit + ("+modified" if modified else ""),
+        )
         env.pop("OMP_NUM_THREADS", None)  # let the worker split the cores between its slots
         data = make_dataset(Path(tmp) / "data")
         for label in args.strategies.split(","):
@@ -205,48 +282,81 @@ def main() -> None:
             print(f"--- {label}: {args.trials} trials × {args.steps} steps", flush=True)
             results[label] = run_strategy(label, Path(tmp) / label, data, args, env)
             r = results[label]
-            print(f"    {r['wall_s']:.0f} s, driver exits {[a['exit'] for a in r['driver_attempts']]}, "
-                  f"load {r['load_avg_1m']['median']:.1f}", flush=True)
+            print(
+                f"    {r['wall_s']:.0f} s, driver exits {[a['exit'] for a in r['driver_attempts']]}, "
+                f"load {r['load_avg_1m']['median']:.1f}",
+                flush=True,
+            )
 
     bests = [t["val_loss"] for r in results.values() for t in r["trials"] if t["state"] == "complete"]
     target = min(bests) + WITHIN
     for r in results.values():
         r["summary"] = summarise(r, target, full_tokens)
 
-    print(f"\nper trial: {args.steps} steps × {BATCH} × {CONTEXT} = {full_tokens:,} tokens unless pruned; "
-          f"target = best val of both + {WITHIN} = {target:.4f}\n")
-    print("| strategy | tokens spent | best val | its test | best η / λ | tokens to target (trials) "
-          "| complete / pruned | tokens saved by pruning | wall s | load (median) | driver exits |")
+    print(
+        f"\nper trial: {args.steps} steps × {BATCH} × {CONTEXT} = {full_tokens:,} tokens unless pruned; "
+        f"target = best val of both + {WITHIN} = {target:.4f}\n"
+    )
+    print(
+        "| strategy | tokens spent | best val | its test | best η / λ | tokens to target (trials) "
+        "| complete / pruned | tokens saved by pruning | wall s | load (median) | driver exits |"
+    )
     print("|---|---:|---:|---:|---|---:|---|---:|---:|---:|---|")
     for label, r in results.items():
         s = r["summary"]
         p = s["best_params"] or {}
-        print(f"| {label} | {s['tokens_total']:,} | {fmt(s['best_val'], '.4f')} | {fmt(s['best_test'], '.4f')} | "
-              f"{fmt(p.get('optim.lr'), '.2e')} / {fmt(p.get('optim.weight_decay'), '.2e')} | "
-              f"{fmt(s['tokens_to_target'])} ({fmt(s['trials_to_target'], 'd')}) | {s['complete']} / {s['pruned']} | "
-              f"{s['tokens_saved_by_pruning']:,} | {r['wall_s']:.0f} | {r['load_avg_1m']['median']:.1f} | "
-              f"{[a['exit'] for a in r['driver_attempts']]} |")
+        print(
+            f"| {label} | {s['tokens_total']:,} | {fmt(s['best_val'], '.4f')} | {fmt(s['best_test'], '.4f')} | "
+            f"{fmt(p.get('optim.lr'), '.2e')} / {fmt(p.get('optim.weight_decay'), '.2e')} | "
+            f"{fmt(s['tokens_to_target'])} ({fmt(s['trials_to_target'], 'd')}) | {s['complete']} / {s['pruned']} | "
+            f"{s['tokens_saved_by_pruning']:,} | {r['wall_s']:.0f} | {r['load_avg_1m']['median']:.1f} | "
+            f"{[a['exit'] for a in r['driver_attempts']]} |"
+        )
     for label, r in results.items():
-        print(f"\n{label}, in completion order:\n| trial | state | η | λ | steps | cum. tokens "
-              "| val (pruned: last eval) | test | best val so far | prune decided at step | stop latency s |\n"
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(
+            f"\n{label}, in completion order:\n| trial | state | η | λ | steps | cum. tokens "
+            "| val (pruned: last eval) | test | best val so far | prune decided at step | stop latency s |\n"
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        )
         for t, c in zip(r["trials"], r["summary"]["curve"]):
-            print(f"| {t['number']} | {t['state']} | {t['params'].get('optim.lr', 0):.2e} | "
-                  f"{t['params'].get('optim.weight_decay', 0):.2e} | {t['steps']} | {c['tokens']:,} | "
-                  f"{fmt(t['val_loss'], '.4f')} | {fmt(t['test_loss'], '.4f')} | {fmt(c['best_val'], '.4f')} | "
-                  f"{fmt(t['pruned_decided_at'], 'd')} | {fmt(t['stop_latency_s'], '.1f')} |")
+            print(
+                f"| {t['number']} | {t['state']} | {t['params'].get('optim.lr', 0):.2e} | "
+                f"{t['params'].get('optim.weight_decay', 0):.2e} | {t['steps']} | {c['tokens']:,} | "
+                f"{fmt(t['val_loss'], '.4f')} | {fmt(t['test_loss'], '.4f')} | {fmt(c['best_val'], '.4f')} | "
+                f"{fmt(t['pruned_decided_at'], 'd')} | {fmt(t['stop_latency_s'], '.1f')} |"
+            )
 
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "timestamp": started,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "optuna": optuna.__version__,
-                    "platform": platform.platform()},
-        "git_commit": commit, "modified_at_start": modified.split()[1::2],
-        "settings": {**vars(args), "context": CONTEXT, "batch": BATCH, "tokens_per_full_trial": full_tokens,
-                     "space": SPACE, "sampler_seed": 0, "within": WITHIN, "target_val": target,
-                     "strategies": STRATEGIES},
-        "strategies": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "timestamp": started,
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "optuna": optuna.__version__,
+                    "platform": platform.platform(),
+                },
+                "git_commit": commit,
+                "modified_at_start": modified.split()[1::2],
+                "settings": {
+                    **vars(args),
+                    "context": CONTEXT,
+                    "batch": BATCH,
+                    "tokens_per_full_trial": full_tokens,
+                    "space": SPACE,
+                    "sampler_seed": 0,
+                    "within": WITHIN,
+                    "target_val": target,
+                    "strategies": STRATEGIES,
+                },
+                "strategies": results,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {out}")
 
 

@@ -7,8 +7,8 @@
         --variant bf16+compile:precision.amp=bf16,precision.compile=true      # named variants, interleaved
 
 Model, optimizer, micro-batch choice and step body are the trainer's (trainer.model, trainer.optim,
-trainer.train.train_step itself), fed random tokens of the configured shape: no dataset is needed, and data loading is not
-measured. Each variant runs --warmup steps (torch.compile happens there), then --repeats timed blocks of
+trainer.train.train_step itself), fed random tokens of the configured shape: no dataset is needed, and data
+loading is not measured. Each variant runs --warmup steps (torch.compile happens there), then --repeats timed blocks of
 --steps optimizer steps, synchronising the device at the end of each block as the trainer does at its
 sync points. With --compare or --variant the variants' blocks are interleaved (A B A B ...) so the noise of a shared
 machine hits every variant alike: quote the ratio of medians, not one variant's absolute number.
@@ -99,8 +99,10 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     # platform.processor() says only "x86_64" on Linux; the CPU model is in /proc/cpuinfo.
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor() or "cpu")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+        platform.processor() or "cpu",
+    )
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
@@ -136,11 +138,24 @@ def prepare(v: Variant, device: torch.device, warmup: int) -> None:
     d = Dist(device=device)
     model, opt = build(cfg, device)
     micro, accum = batch_layout(cfg, d, model, opt)
-    v.setup = Setup(cfg=cfg, run_dir=None, d=d, data=Data(RandomTokens(cfg, micro, accum), None, None), model=model,
-                    train_model=training_model(model, cfg, d), opt=opt,
-                    scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16"), micro=micro,
-                    accum=accum, metrics=None, stopper=None, flops_per_token=model.flops_per_token(),
-                    peak=None, total_steps=10**9, started=time.time())  # a constant LR: no schedule's end
+    v.setup = Setup(
+        cfg=cfg,
+        run_dir=None,
+        d=d,
+        data=Data(RandomTokens(cfg, micro, accum), None, None),
+        model=model,
+        train_model=training_model(model, cfg, d),
+        opt=opt,
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16"),
+        micro=micro,
+        accum=accum,
+        metrics=None,
+        stopper=None,
+        flops_per_token=model.flops_per_token(),
+        peak=None,
+        total_steps=10**9,
+        started=time.time(),
+    )  # a constant LR: no schedule's end
     v.state = TrainState(device)
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -191,8 +206,11 @@ def timed_block(v: Variant, device: torch.device, steps: int) -> dict:
     sync(device)
     elapsed = time.perf_counter() - t0
     tokens = steps * v.micro * v.accum * v.run_cfg.model.context_length
-    row = {"tokens_per_s": tokens / elapsed, "step_ms": 1000 * elapsed / steps,
-           "loss": loss_sum.item() / v.accum}  # falls as the few random batches are memorised; NaN = broken step
+    row = {
+        "tokens_per_s": tokens / elapsed,
+        "step_ms": 1000 * elapsed / steps,
+        "loss": loss_sum.item() / v.accum,
+    }  # falls as the few random batches are memorised; NaN = broken step
     row["load_avg_1m"] = os.getloadavg()[0]  # on a shared machine, how busy it was is part of the result
     row["peak_flops"], v.mfu_basis = mfu_peak(v.run_cfg, device)
     row["mfu"] = row["tokens_per_s"] * v.model.flops_per_token() / row["peak_flops"]
@@ -214,14 +232,24 @@ def best_of(rows: list[dict]) -> dict:
 def table(header: list[str], rows: list[list[str]]) -> str:
     """Plain-text columns: first left-aligned, the numbers right-aligned."""
     widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
-                     for line in [header, ["-" * w for w in widths], *rows])
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        for line in [header, ["-" * w for w in widths], *rows]
+    )
 
 
 def fmt_row(label: str, r: dict) -> list[str]:
     mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
-    return [label, f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}", f"{100 * r['mfu']:.1f}%",
-            f"{r['peak_flops'] / 1e12:.3g}", mem, f"{r['loss']:.3f}", f"{r['load_avg_1m']:.1f}"]
+    return [
+        label,
+        f"{r['tokens_per_s']:,.0f}",
+        f"{r['step_ms']:.1f}",
+        f"{100 * r['mfu']:.1f}%",
+        f"{r['peak_flops'] / 1e12:.3g}",
+        mem,
+        f"{r['loss']:.3f}",
+        f"{r['load_avg_1m']:.1f}",
+    ]
 
 
 def parse_variant(p: argparse.ArgumentParser, text: str) -> tuple[str, list[str]]:
@@ -241,8 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per variant; the median is reported")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--compare", metavar="KEY=V1,V2", help="run each value of one config key, interleaved")
-    p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=V[,KEY=V...]",
-                   help="a named variant of several keys (repeatable), interleaved like --compare")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=V[,KEY=V...]",
+        help="a named variant of several keys (repeatable), interleaved like --compare",
+    )
     p.add_argument("--json", type=Path, help="default: bench/results/trainer-<device>-<preset>[-<key>].json")
     args = p.parse_args(argv)
     key, sep, values = (args.compare or "").partition("=")
@@ -259,12 +292,17 @@ def main(argv: list[str] | None = None) -> int:
 
     sets = parse_sets(args.set)  # every variant goes through the trainer's own config validation
     if args.variant:
-        variants = [Variant(label, config.load(preset_name=args.preset, overrides={**sets, **parse_sets(changes)}))
-                    for label, changes in (parse_variant(p, text) for text in args.variant)]
+        variants = [
+            Variant(label, config.load(preset_name=args.preset, overrides={**sets, **parse_sets(changes)}))
+            for label, changes in (parse_variant(p, text) for text in args.variant)
+        ]
     elif args.compare:
-        variants = [Variant(f"{key}={text}", config.load(preset_name=args.preset,
-                                                         overrides={**sets, key: config.parse_value(text)}))
-                    for text in values.split(",")]
+        variants = [
+            Variant(
+                f"{key}={text}", config.load(preset_name=args.preset, overrides={**sets, key: config.parse_value(text)})
+            )
+            for text in values.split(",")
+        ]
     else:
         variants = [Variant(args.preset, config.load(preset_name=args.preset, overrides=sets))]
     device, load_start = torch.device(args.device), os.getloadavg()[0]
@@ -279,17 +317,26 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- report --------------------------------------------------------------------------------------------
     name, load, base = device_name(device), (load_start, os.getloadavg()[0]), variants[0]
-    print(f"\ndevice {name} | torch {torch.__version__} | preset {args.preset} | {args.steps} steps x "
-          f"{args.repeats} repeats after {args.warmup} warmup | load avg {load[0]:.1f} -> {load[1]:.1f}")
+    print(
+        f"\ndevice {name} | torch {torch.__version__} | preset {args.preset} | {args.steps} steps x "
+        f"{args.repeats} repeats after {args.warmup} warmup | load avg {load[0]:.1f} -> {load[1]:.1f}"
+    )
     for v in variants:
-        print(f"{v.label}: {v.model.num_params():,} params | {v.model.flops_per_token() / 1e6:,.1f} MFLOP/token | "
-              f"micro-batch {v.micro} x {v.accum} accumulation x {v.run_cfg.model.context_length} tokens | "
-              f"warmup {v.warmup_s:.1f} s | MFU {v.mfu_basis}")
+        print(
+            f"{v.label}: {v.model.num_params():,} params | {v.model.flops_per_token() / 1e6:,.1f} MFLOP/token | "
+            f"micro-batch {v.micro} x {v.accum} accumulation x {v.run_cfg.model.context_length} tokens | "
+            f"warmup {v.warmup_s:.1f} s | MFU {v.mfu_basis}"
+        )
     rows = [fmt_row(f"{v.label} #{i + 1}", v.repeats[i]) for i in range(args.repeats) for v in variants]
-    rows += [fmt_row(f"{v.label} {what}", f(v.repeats)) for what, f in [("median", median_of), ("best", best_of)]
-             for v in variants]
-    print("\n" + table(["variant / repeat", "tokens/s", "step ms", "MFU", "peak TFLOP/s", "mem GiB", "loss", "load"],
-                       rows))
+    rows += [
+        fmt_row(f"{v.label} {what}", f(v.repeats))
+        for what, f in [("median", median_of), ("best", best_of)]
+        for v in variants
+    ]
+    print(
+        "\n"
+        + table(["variant / repeat", "tokens/s", "step ms", "MFU", "peak TFLOP/s", "mem GiB", "loss", "load"], rows)
+    )
     if any(v.mfu_basis != "vs datasheet peak" for v in variants):
         print("MFU here is against a matmul peak measured on this machine, NOT a datasheet peak.")
     ratios = {}
@@ -297,24 +344,49 @@ def main(argv: list[str] | None = None) -> int:
         ratio = median_of(v.repeats)["tokens_per_s"] / median_of(base.repeats)["tokens_per_s"]
         best = best_of(v.repeats)["tokens_per_s"] / best_of(base.repeats)["tokens_per_s"]
         paired = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(v.repeats, base.repeats)]
-        ratios[f"{v.label} / {base.label}"] = {"tokens_per_s_ratio_of_medians": ratio, "ratio_of_best": best,
-                                                "paired_ratio_min": min(paired), "paired_ratio_max": max(paired)}
-        print(f"\n{v.label} vs {base.label}: tokens/s ratio of medians {ratio:.3f}x, of best blocks {best:.3f}x "
-              f"(per-repeat paired ratios {min(paired):.3f} to {max(paired):.3f})")
+        ratios[f"{v.label} / {base.label}"] = {
+            "tokens_per_s_ratio_of_medians": ratio,
+            "ratio_of_best": best,
+            "paired_ratio_min": min(paired),
+            "paired_ratio_max": max(paired),
+        }
+        print(
+            f"\n{v.label} vs {base.label}: tokens/s ratio of medians {ratio:.3f}x, of best blocks {best:.3f}x "
+            f"(per-repeat paired ratios {min(paired):.3f} to {max(paired):.3f})"
+        )
 
     out = args.json or RESULTS / f"trainer-{args.device}-{args.preset}{f'-{key}' if key else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": name, "torch": torch.__version__, "environment": environment(device, 1),
-        "preset": args.preset, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-        "load_avg_1m": {"start": load[0], "end": load[1]}, "compare": key or None, "ratios": ratios,
-        "variants": [{"label": v.label, "config": v.cfg.model_dump(mode="json"), "params": v.model.num_params(),
-                      "flops_per_token": v.model.flops_per_token(), "micro_batch_size": v.micro,
-                      "grad_accum_steps": v.accum, "tokens_per_step": v.micro * v.accum * v.cfg.model.context_length,
-                      "warmup_s": v.warmup_s, "mfu_basis": v.mfu_basis, "repeats": v.repeats,
-                      "median": median_of(v.repeats), "best": best_of(v.repeats)} for v in variants],
+        "device": name,
+        "torch": torch.__version__,
+        "environment": environment(device, 1),
+        "preset": args.preset,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "load_avg_1m": {"start": load[0], "end": load[1]},
+        "compare": key or None,
+        "ratios": ratios,
+        "variants": [
+            {
+                "label": v.label,
+                "config": v.cfg.model_dump(mode="json"),
+                "params": v.model.num_params(),
+                "flops_per_token": v.model.flops_per_token(),
+                "micro_batch_size": v.micro,
+                "grad_accum_steps": v.accum,
+                "tokens_per_step": v.micro * v.accum * v.cfg.model.context_length,
+                "warmup_s": v.warmup_s,
+                "mfu_basis": v.mfu_basis,
+                "repeats": v.repeats,
+                "median": median_of(v.repeats),
+                "best": best_of(v.repeats),
+            }
+            for v in variants
+        ],
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")

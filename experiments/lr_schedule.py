@@ -9,7 +9,9 @@ experiment = Experiment(
     name="lr-schedule",
     preset="gpt2-small",
     interventions=[
-        Intervention(name="cosine-1.4e-3", set={"optim.lr": 1.4e-3, "schedule.kind": "cosine",
-                                                "schedule.warmup": 0.05, "schedule.min_lr_ratio": 0.1}),
+        Intervention(
+            name="cosine-1.4e-3",
+            set={"optim.lr": 1.4e-3, "schedule.kind": "cosine", "schedule.warmup": 0.05, "schedule.min_lr_ratio": 0.1},
+        ),
     ],
 )

@@ -11,8 +11,15 @@ from orchestrator.specs import LogUniform, Sweep
 sweep = Sweep(
     name="lr-wd",
     preset="tiny",
-    base={"run.steps": 40, "run.log_interval": 5, "run.checkpoint_interval": 20, "eval.interval": 5,
-          "schedule.kind": "cosine", "schedule.warmup": 0.05, "schedule.min_lr_ratio": 0.1},
+    base={
+        "run.steps": 40,
+        "run.log_interval": 5,
+        "run.checkpoint_interval": 20,
+        "eval.interval": 5,
+        "schedule.kind": "cosine",
+        "schedule.warmup": 0.05,
+        "schedule.min_lr_ratio": 0.1,
+    },
     space={"optim.lr": LogUniform(low=3e-4, high=1e-2), "optim.weight_decay": LogUniform(low=1e-3, high=1.0)},
     sampler="tpe",
     pruner="median",

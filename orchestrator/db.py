@@ -65,6 +65,9 @@ class Run(Base):
     launches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     open_launch: Mapped[int | None] = mapped_column(Integer)  # started, its ending not yet accounted for
     tracked: Mapped[str | None] = mapped_column(String(16))  # the final state MLflow was closed with
+    # Where the latest launch's trainer started (migration 0006): its node, and its Slurm job if a pilot's.
+    node: Mapped[str | None] = mapped_column(String(200))
+    slurm_job: Mapped[str | None] = mapped_column(String(64))
 
     def launch_id(self, n: int | None = None) -> str:
         return f"{self.id}.{self.launches if n is None else n}"
@@ -104,6 +107,7 @@ class Lease(Base):
 # ---------------------------------------------------------------------------------------------------------
 # The database clock.
 
+
 class db_now(FunctionElement):
     """Seconds since the epoch, fractional, according to the database server."""
 
@@ -124,6 +128,7 @@ def _now_postgresql(element, compiler, **kw):
 # ---------------------------------------------------------------------------------------------------------
 # Engines.
 
+
 class SchemaError(RuntimeError):
     """A database whose schema this orch cannot use as it is."""
 
@@ -143,22 +148,30 @@ def connect(url: str | None = None, *, create: bool = True, check_schema: bool =
     try:
         sa_url = sa.engine.make_url(url)
     except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
-        raise SchemaError(f"{dberrors.redact(url)!r} is not a database URL; use e.g. sqlite:///results.db or "
-                          "postgresql+psycopg://user@host/dbname") from None
+        raise SchemaError(
+            f"{dberrors.redact(url)!r} is not a database URL; use e.g. sqlite:///results.db or "
+            "postgresql+psycopg://user@host/dbname"
+        ) from None
     shown = sa_url.render_as_string(hide_password=True)
     try:
         if sa_url.get_backend_name() == "sqlite":
             if sa_url.database and sa_url.database != ":memory:":
                 if not create and not Path(sa_url.database).exists():
-                    raise SchemaError(f"no database at {sa_url.database}: queue runs first with "
-                                      "`orch submit experiments/quickstart.py`, or point --db at an existing one")
+                    raise SchemaError(
+                        f"no database at {sa_url.database}: queue runs first with "
+                        "`orch submit experiments/quickstart.py`, or point --db at an existing one"
+                    )
                 if not create and Path(sa_url.database).is_file() and Path(sa_url.database).stat().st_size == 0:
                     # Opening it would write SQLite's header (WAL mode) into a file only meant to be read.
-                    raise SchemaError(f"{sa_url.database} is empty, no orch database yet: queue runs first with "
-                                      "`orch submit experiments/quickstart.py`, or point --db at an existing one")
+                    raise SchemaError(
+                        f"{sa_url.database} is empty, no orch database yet: queue runs first with "
+                        "`orch submit experiments/quickstart.py`, or point --db at an existing one"
+                    )
                 if Path(sa_url.database).is_dir():
-                    raise SchemaError(f"{sa_url.database} is a directory; point --db at a database file, e.g. "
-                                      f"sqlite:///{Path(sa_url.database) / 'results.db'}")
+                    raise SchemaError(
+                        f"{sa_url.database} is a directory; point --db at a database file, e.g. "
+                        f"sqlite:///{Path(sa_url.database) / 'results.db'}"
+                    )
                 Path(sa_url.database).parent.mkdir(parents=True, exist_ok=True)
             engine = sa.create_engine(sa_url, connect_args={"timeout": 60, "isolation_level": None})
             event.listen(engine, "connect", _sqlite_on_connect)
@@ -168,11 +181,15 @@ def connect(url: str | None = None, *, create: bool = True, check_schema: bool =
                 sa_url = sa_url.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we install
             engine = sa.create_engine(sa_url, pool_pre_ping=True)
         else:
-            raise SchemaError(f"unsupported database {sa_url.get_backend_name()!r} in {shown}: use SQLite "
-                              "(sqlite:///results.db) or PostgreSQL (postgresql+psycopg://user@host/dbname)")
+            raise SchemaError(
+                f"unsupported database {sa_url.get_backend_name()!r} in {shown}: use SQLite "
+                "(sqlite:///results.db) or PostgreSQL (postgresql+psycopg://user@host/dbname)"
+            )
     except (sa.exc.NoSuchModuleError, ImportError) as exc:
-        raise SchemaError(f"no driver for {sa_url.drivername!r} ({dberrors.redact(str(exc))}); use sqlite:/// or "
-                          "postgresql+psycopg://") from None
+        raise SchemaError(
+            f"no driver for {sa_url.drivername!r} ({dberrors.redact(str(exc))}); use sqlite:/// or "
+            "postgresql+psycopg://"
+        ) from None
     try:
         with engine.connect():
             pass
@@ -190,8 +207,10 @@ def connect(url: str | None = None, *, create: bool = True, check_schema: bool =
         with init_lock(engine):  # workers started together must not create the schema twice
             migrations.ensure_current(engine, create=create)
         if not create and migrations.current(engine) is None:
-            raise SchemaError(f"{shown} holds no orch database yet: queue runs first with "
-                              "`orch submit experiments/quickstart.py`, or point --db at an existing one")
+            raise SchemaError(
+                f"{shown} holds no orch database yet: queue runs first with "
+                "`orch submit experiments/quickstart.py`, or point --db at an existing one"
+            )
     except sa.exc.DBAPIError as exc:
         message = dberrors.describe(exc, sa_url)
         if message is None:

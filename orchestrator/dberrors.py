@@ -33,8 +33,11 @@ def corrupt(url: sa.engine.URL, exc: BaseException) -> bool:
     import sqlite3
 
     orig = getattr(exc, "orig", None)
-    return (url.get_backend_name() == "sqlite" and isinstance(orig, sqlite3.DatabaseError)
-            and any(c in str(orig).lower() for c in CORRUPT))
+    return (
+        url.get_backend_name() == "sqlite"
+        and isinstance(orig, sqlite3.DatabaseError)
+        and any(c in str(orig).lower() for c in CORRUPT)
+    )
 
 
 def describe(exc: BaseException, url: sa.engine.URL | None) -> str | None:
@@ -44,6 +47,8 @@ def describe(exc: BaseException, url: sa.engine.URL | None) -> str | None:
     if corrupt(url, exc):
         return f"{url.database} is not a valid SQLite database ({reason(exc)}): move it aside or restore a backup"
     if isinstance(exc, sa.exc.OperationalError):
-        return (f"database {url.render_as_string(hide_password=True)} failed: {reason(exc)}; check that it is "
-                "reachable and has space, then run the command again")
+        return (
+            f"database {url.render_as_string(hide_password=True)} failed: {reason(exc)}; check that it is "
+            "reachable and has space, then run the command again"
+        )
     return None

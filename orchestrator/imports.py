@@ -31,7 +31,7 @@ def read_results(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise SpecError(f"{path} is not valid JSON: {exc}") from None
             if not isinstance(items, list) or not all(isinstance(r, dict) for r in items):
-                raise SpecError(f"{path} must hold a list of objects like {{\"name\": \"baseline\", \"test_loss\": 3.69}}")
+                raise SpecError(f'{path} must hold a list of objects like {{"name": "baseline", "test_loss": 3.69}}')
             rows = [(f"{path} item {i}", r) for i, r in enumerate(items, 1)]
         elif path.suffix == ".csv":
             with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
@@ -58,8 +58,9 @@ def read_results(path: str | Path) -> list[dict]:
         except (TypeError, ValueError):
             loss = math.nan
         if not (math.isfinite(loss) and loss > 0):
-            raise SpecError(f"{where}: test_loss must be a finite positive number (a cross-entropy in nats), "
-                            f"got {value!r}")
+            raise SpecError(
+                f"{where}: test_loss must be a finite positive number (a cross-entropy in nats), got {value!r}"
+            )
         raw_seed = row.get("seed")
         try:
             seed = None if raw_seed in (None, "") else int(str(raw_seed).strip())
@@ -87,14 +88,18 @@ def plan_import(path: str | Path, experiment: str, baseline: str = BASELINE) -> 
     rows = read_results(path)
     if baseline not in {r["name"] for r in rows}:
         names = sorted({r["name"] for r in rows})
-        raise SpecError(f"{path} has no row named {baseline!r} to compare against (rows: {', '.join(names[:8])}"
-                        f"{', …' if len(names) > 8 else ''}); name the baseline row with --baseline")
+        raise SpecError(
+            f"{path} has no row named {baseline!r} to compare against (rows: {', '.join(names[:8])}"
+            f"{', …' if len(names) > 8 else ''}); name the baseline row with --baseline"
+        )
     interventions = {}
     for r in rows:
         if r["name"] != baseline:
             interventions[r["name"]] = Intervention(name=arm_name(r["name"]), stack=[arm_name(p) for p in r["stack"]])
     try:
-        spec = Experiment(name=experiment, description=f"imported from {path}", interventions=list(interventions.values()))
+        spec = Experiment(
+            name=experiment, description=f"imported from {path}", interventions=list(interventions.values())
+        )
     except ValueError as exc:
         raise SpecError(f"{path}: {exc}") from None
     return rows, spec
@@ -110,8 +115,21 @@ def import_results(engine: Engine, path: str | Path, experiment: str, baseline: 
         seed = r["seed"] if r["seed"] is not None else seen.get(arm, 0)
         seen[arm] = seed + 1
         rid = "imp" + hashlib.sha256(json.dumps([experiment, arm, seed, r["test_loss"]]).encode()).hexdigest()[:13]
-        runs.append(queue.Imported(id=rid, arm=arm, seed=seed, test_loss=r["test_loss"], result={
-            "imported": True, "source": str(path), "name": r["name"], "test_loss": r["test_loss"], "status": Status.SUCCEEDED.value}))
+        runs.append(
+            queue.Imported(
+                id=rid,
+                arm=arm,
+                seed=seed,
+                test_loss=r["test_loss"],
+                result={
+                    "imported": True,
+                    "source": str(path),
+                    "name": r["name"],
+                    "test_loss": r["test_loss"],
+                    "status": Status.SUCCEEDED.value,
+                },
+            )
+        )
     queue.add_imported(engine, spec, str(path), runs)
     return len(rows)
 

@@ -18,8 +18,9 @@ def take(engine: Engine, name: str, holder: str, grace_s: float) -> str | None:
         try:
             with engine.begin() as conn:
                 now = conn.execute(sa.select(db_now())).scalar_one()
-                row = conn.execute(sa.select(Lease.holder, Lease.heartbeat_at).where(Lease.name == name)
-                                   .with_for_update()).first()
+                row = conn.execute(
+                    sa.select(Lease.holder, Lease.heartbeat_at).where(Lease.name == name).with_for_update()
+                ).first()
                 if row is None:
                     conn.execute(sa.insert(Lease).values(name=name, holder=holder, heartbeat_at=now))
                     return None

@@ -35,9 +35,11 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
         raise SpecError("--max-seeds must be at least 2 (a verdict needs two runs per side)")
     spec = queries.spec(engine, experiment)
     if parent(experiment) is not None:
-        raise SpecError(f"{experiment!r} is a noise study (baseline repeats, no interventions to decide); "
-                        f"add repeats with `orch noise {parent(experiment)} --repeats N`, or seeds to "
-                        f"{parent(experiment)!r} itself")
+        raise SpecError(
+            f"{experiment!r} is a noise study (baseline repeats, no interventions to decide); "
+            f"add repeats with `orch noise {parent(experiment)} --repeats N`, or seeds to "
+            f"{parent(experiment)!r} itself"
+        )
     runs = queries.runs_of(engine, [experiment])
     if not runs:
         raise SpecError(f"experiment {experiment!r} has no runs yet")
@@ -56,8 +58,18 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
         if row.arm == BASELINE or row.imported:
             continue
         have = row.n + row.pending
-        c = stats.Comparison(row.n, row.mean, row.std, row.improvement, row.ci_low, row.ci_high, row.p_value,
-                             row.test, row.verdict or stats.UNVERIFIED, row.level or alpha)
+        c = stats.Comparison(
+            row.n,
+            row.mean,
+            row.std,
+            row.improvement,
+            row.ci_low,
+            row.ci_high,
+            row.p_value,
+            row.test,
+            row.verdict or stats.UNVERIFIED,
+            row.level or alpha,
+        )
         if row.pending:
             reasons[row.arm] = f"{row.pending} run(s) still pending"
         elif row.verdict in (stats.BETTER, stats.WORSE):
@@ -87,8 +99,15 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
     return Round(report, reasons, queries.active(engine, [experiment]))
 
 
-def grow(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0.05, until_decided: bool = False,
-         poll_s: float = 10.0, on_round: Callable[[Round], None] | None = None) -> list[Round]:
+def grow(
+    engine: Engine,
+    experiment: str,
+    max_seeds: int,
+    alpha: float = 0.05,
+    until_decided: bool = False,
+    poll_s: float = 10.0,
+    on_round: Callable[[Round], None] | None = None,
+) -> list[Round]:
     """One look, or with `until_decided` a look after each batch of added runs has finished, until no verdict
     is open or every open arm is at `max_seeds`. `on_round` hears each look before the wait that follows it
     (the workers must be running meanwhile). Returns every look."""

@@ -39,7 +39,11 @@ def seed0_configs(engine: Engine, experiment: str) -> dict[str, dict]:
     for _, arm, r in queries.runs_of(engine, [experiment]):
         if (r.result or {}).get("imported"):
             continue
-        if arm not in first or (r.seed, r.data_seed, r.repeat) < (first[arm].seed, first[arm].data_seed, first[arm].repeat):
+        if arm not in first or (r.seed, r.data_seed, r.repeat) < (
+            first[arm].seed,
+            first[arm].data_seed,
+            first[arm].repeat,
+        ):
             first[arm] = r
     return {arm: r.config for arm, r in first.items()}
 
@@ -55,8 +59,14 @@ def noise(engine: Engine, experiment: str, repeats: int, vary: str) -> queue.Sub
     if base is None:
         raise SpecError(f"experiment {experiment!r} has no baseline runs to repeat")
     name = study_name(experiment, vary)
-    study = Experiment(name=name, description=f"noise study of {experiment}: vary {vary}", preset=spec.preset,
-                       base=spec.base, seeds=repeats, vary=vary)
+    study = Experiment(
+        name=name,
+        description=f"noise study of {experiment}: vary {vary}",
+        preset=spec.preset,
+        base=spec.base,
+        seeds=repeats,
+        vary=vary,
+    )
     runs = []
     for s in range(repeats):
         cfg, repeat = seeded(base, vary, s, 0, 1, source=name)

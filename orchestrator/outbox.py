@@ -30,8 +30,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from orchestrator import states
-from orchestrator import leases, queries, queue
+from orchestrator import leases, queries, queue, states
 from orchestrator.db import Run
 from trainer.rundir import METRICS, read_events
 
@@ -60,11 +59,19 @@ class Pass:
 
 
 class Outbox:
-    def __init__(self, engine: Engine, tracker, holder: str, runs_dir: str | Path = "runs",
-                 git_commit: str | None = None, lease_grace_s: float = LEASE_GRACE_S):
+    def __init__(
+        self,
+        engine: Engine,
+        tracker,
+        holder: str,
+        runs_dir: str | Path = "runs",
+        git_commit: str | None = None,
+        lease_grace_s: float = LEASE_GRACE_S,
+    ):
         self.engine, self.tracker, self.holder = engine, tracker, holder
         self.runs_dir, self.commit, self.lease_grace_s = Path(runs_dir), git_commit, lease_grace_s
         self.cursors: dict[str, Cursor] = {}
+        self.placed: dict[str, tuple] = {}  # run id -> the (node, slurm job) last tagged in MLflow
 
     def sync(self, run_id: str, close: bool = True) -> Pass:
         """Bring MLflow up to date for one run; raises what the tracking server raised (nothing is lost:
@@ -89,12 +96,19 @@ class Outbox:
                 return self._let_go(run_id, Pass(True))
             run_dir = Path(run.run_dir) if run.run_dir else self.runs_dir / run.id
             if final and not run_dir.is_dir():
-                return self._let_go(run_id, Pass(False, note=f"no run directory {run_dir} here: its points "
-                                                             "and artifacts wait for a process that has it"))
+                return self._let_go(
+                    run_id,
+                    Pass(
+                        False,
+                        note=f"no run directory {run_dir} here: its points "
+                        "and artifacts wait for a process that has it",
+                    ),
+                )
             if cur.mlflow_id is None:
                 cur.mlflow_id = self._mlflow_run(run)
                 if not final:
                     self.tracker.reopen(cur.mlflow_id)  # a retried run trains again in its old MLflow run
+            self._tag_placement(run, cur.mlflow_id)
             if cur.last_steps is None:
                 cur.last_steps = self.tracker.last_steps(cur.mlflow_id)
             points = self._send_points(cur, run_dir / METRICS)
@@ -123,9 +137,25 @@ class Outbox:
         first_exp, arm = memberships[0] if memberships else ("orch", "run")
         found = self.tracker.find_run(first_exp, run.id)
         mlflow_id = found or self.tracker.start_run(
-            experiment=first_exp, all_experiments=sorted({e for e, _ in memberships}), arm=arm, run_id=run.id,
-            config=run.config, seed=run.seed, data_seed=run.data_seed, repeat=run.repeat, git_commit=self.commit)
+            experiment=first_exp,
+            all_experiments=sorted({e for e, _ in memberships}),
+            arm=arm,
+            run_id=run.id,
+            config=run.config,
+            seed=run.seed,
+            data_seed=run.data_seed,
+            repeat=run.repeat,
+            git_commit=self.commit,
+        )
         return queue.set_mlflow_run(self.engine, run.id, mlflow_id)
+
+    def _tag_placement(self, run: Run, mlflow_id: str) -> None:
+        """Where the run trains now, as MLflow tags, once per new placement (a requeue may move it)."""
+        where = (run.node, run.slurm_job)
+        if run.node and self.placed.get(run.id) != where:
+            tags = {"orch.node": run.node, **({"orch.slurm_job": run.slurm_job} if run.slurm_job else {})}
+            self.tracker.set_tags(mlflow_id, tags)
+            self.placed[run.id] = where
 
     def _send_points(self, cur: Cursor, metrics: Path) -> int:
         events, end = read_events(metrics, cur.offset)
@@ -248,8 +278,10 @@ class OutboxThread:
             d.at = time.monotonic() + d.backoff
             if self._down_since is None:
                 self._down_since = time.monotonic()
-                self.echo(f"warning: tracking paused ({type(exc).__name__}: {_first_line(exc)}); metrics are "
-                          "kept in the run directories and sent when MLflow is back (or by `orch sync`)")
+                self.echo(
+                    f"warning: tracking paused ({type(exc).__name__}: {_first_line(exc)}); metrics are "
+                    "kept in the run directories and sent when MLflow is back (or by `orch sync`)"
+                )
             return
         if self._down_since is not None:
             self.echo(f"tracking resumed after {time.monotonic() - self._down_since:.0f} s: sending what was kept")

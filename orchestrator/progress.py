@@ -31,5 +31,4 @@ class Progress:
     def line(self) -> str:
         if self.step is None:
             return "starting"
-        return (f"step {self.step}/{self.total_steps} loss {self.train_loss:.3f} "
-                f"{self.tokens_per_s or 0:,.0f} tok/s")
+        return f"step {self.step}/{self.total_steps} loss {self.train_loss:.3f} {self.tokens_per_s or 0:,.0f} tok/s"

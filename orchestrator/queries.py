@@ -30,6 +30,13 @@ def counts(engine: Engine) -> dict[str, int]:
         return dict(conn.execute(sa.select(Run.state, sa.func.count()).group_by(Run.state)).all())
 
 
+def claimable(engine: Engine, skip: Sequence[str] = ()) -> int:
+    """How many queued runs there are, not counting `skip` (runs a worker cannot train where it is)."""
+    with engine.connect() as conn:
+        q = sa.select(sa.func.count()).select_from(Run).where(Run.state == RunState.QUEUED)
+        return conn.execute(q.where(Run.id.not_in(list(skip))) if skip else q).scalar_one()
+
+
 def runs_of(engine: Engine, experiments: Sequence[str] | None = None) -> list[Member]:
     """(experiment, arm, run) for the named experiments, or all of them."""
     with Session(engine, expire_on_commit=False) as conn:
@@ -52,9 +59,11 @@ def running(engine: Engine) -> list[Member]:
 def active(engine: Engine, experiments: Sequence[str]) -> int:
     """How many of these experiments' runs are still queued or running."""
     with engine.connect() as conn:
-        return conn.execute(sa.select(sa.func.count(sa.distinct(Run.id))).join(Membership, Membership.run_id == Run.id)
-                            .where(Membership.experiment.in_(experiments),
-                                   Run.state.in_([str(s) for s in ACTIVE]))).scalar_one()
+        return conn.execute(
+            sa.select(sa.func.count(sa.distinct(Run.id)))
+            .join(Membership, Membership.run_id == Run.id)
+            .where(Membership.experiment.in_(experiments), Run.state.in_([str(s) for s in ACTIVE]))
+        ).scalar_one()
 
 
 def has_table(engine: Engine, name: str) -> bool:
@@ -85,18 +94,29 @@ def specs(engine: Engine) -> dict[str, Experiment]:
             except ValidationError:
                 looks = Looks(first=2, last=100)  # unreadable looks: assume many, the strict side
             out[name] = Experiment.model_construct(
-                name=name, interventions=[Intervention.model_construct(name=i["name"], stack=list(i.get("stack") or []))
-                                          for i in raw.get("interventions") or [] if isinstance(i, dict) and "name" in i],
-                looks=looks)
+                name=name,
+                interventions=[
+                    Intervention.model_construct(name=i["name"], stack=list(i.get("stack") or []))
+                    for i in raw.get("interventions") or []
+                    if isinstance(i, dict) and "name" in i
+                ],
+                looks=looks,
+            )
     return out
 
 
 def memberships(engine: Engine, run_id: str) -> list[tuple[str, str]]:
     """(experiment, arm) pairs that include this run, oldest experiment first."""
     with engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(
-            sa.select(Membership.experiment, Membership.arm).join(ExperimentRow, ExperimentRow.name == Membership.experiment)
-            .where(Membership.run_id == run_id).order_by(ExperimentRow.created_at, Membership.experiment)).all()]
+        return [
+            tuple(r)
+            for r in conn.execute(
+                sa.select(Membership.experiment, Membership.arm)
+                .join(ExperimentRow, ExperimentRow.name == Membership.experiment)
+                .where(Membership.run_id == run_id)
+                .order_by(ExperimentRow.created_at, Membership.experiment)
+            ).all()
+        ]
 
 
 def find(engine: Engine, prefix: str) -> list[Run]:
@@ -110,8 +130,9 @@ def untracked(engine: Engine, finished_before_s: float | None = None, limit: int
     """Finished runs that MLflow does not hold whole yet (some of them), optionally only those finished at
     least `finished_before_s` seconds ago (their owner had its chance). Imported results have no MLflow run."""
     with engine.connect() as conn:
-        q = sa.select(Run.id, Run.result).where(Run.state.in_([str(s) for s in FINAL]),
-                                                sa.or_(Run.tracked.is_(None), Run.tracked != Run.state))
+        q = sa.select(Run.id, Run.result).where(
+            Run.state.in_([str(s) for s in FINAL]), sa.or_(Run.tracked.is_(None), Run.tracked != Run.state)
+        )
         if finished_before_s is not None:
             q = q.where(Run.finished_at < db_now() - finished_before_s)
         # In random order: runs that this process cannot send (their directory is on another machine) must
@@ -130,8 +151,11 @@ def shared(engine: Engine, run_ids: Iterable[str], experiment: str, arm: str | N
         other = sa.or_(other, Membership.arm != arm)
     with engine.connect() as conn:
         for chunk in _chunks(list(run_ids)):
-            for run_id, name in conn.execute(sa.select(Membership.run_id, Membership.experiment)
-                                             .where(Membership.run_id.in_(chunk), other).distinct()):
+            for run_id, name in conn.execute(
+                sa.select(Membership.run_id, Membership.experiment)
+                .where(Membership.run_id.in_(chunk), other)
+                .distinct()
+            ):
                 out.setdefault(run_id, set()).add(name)
     return {k: sorted(v) for k, v in out.items()}
 
@@ -149,7 +173,11 @@ def spec(engine: Engine, experiment: str) -> Experiment:
 def runs(engine: Engine, ids: Sequence[str]) -> list[Run]:
     """These runs, in the order of `ids` (those that exist)."""
     with Session(engine, expire_on_commit=False) as s:
-        found = {r.id: r for chunk in _chunks(list(ids)) for r in s.execute(sa.select(Run).where(Run.id.in_(chunk))).scalars()}
+        found = {
+            r.id: r
+            for chunk in _chunks(list(ids))
+            for r in s.execute(sa.select(Run).where(Run.id.in_(chunk))).scalars()
+        }
     return [found[i] for i in ids if i in found]
 
 

@@ -20,7 +20,7 @@ open (`open_launch`); the next launcher reads that launch's own result.json and 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -42,8 +42,17 @@ def _in(event: Event):
 def _move(conn: Connection | Session, event: Event, where, **values) -> list[str]:
     """The one UPDATE that changes runs' state: those matching `where` and in one of `event`'s source states
     take its target state. Returns the ids moved."""
-    return list(conn.execute(sa.update(Run).where(where, _in(event)).values(state=str(target(event)), **values)
-                             .returning(Run.id).execution_options(synchronize_session=False)).scalars().all())
+    return list(
+        conn.execute(
+            sa.update(Run)
+            .where(where, _in(event))
+            .values(state=str(target(event)), **values)
+            .returning(Run.id)
+            .execution_options(synchronize_session=False)
+        )
+        .scalars()
+        .all()
+    )
 
 
 @dataclass
@@ -71,8 +80,14 @@ class Imported:
     result: dict
 
 
-def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str | None = None,
-           max_attempts: int = 3, priority: int = 0) -> SubmitReport:
+def submit(
+    engine: Engine,
+    exp: Experiment,
+    runs: Sequence[RunSpec],
+    source: str | None = None,
+    max_attempts: int = 3,
+    priority: int = 0,
+) -> SubmitReport:
     """Queue the runs that do not exist yet and record the experiment's membership of all of them."""
     report = SubmitReport()
     queued = str(move(None, Event.SUBMIT))
@@ -81,17 +96,29 @@ def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str
         ids = [r.id for r in runs]
         for chunk in _chunks(ids, 500):
             existing.update(conn.execute(sa.select(Run.id, Run.state).where(Run.id.in_(chunk))).all())
-        members = set(conn.execute(sa.select(Membership.arm, Membership.run_id)
-                                   .where(Membership.experiment == exp.name)).all())
+        members = set(
+            conn.execute(sa.select(Membership.arm, Membership.run_id).where(Membership.experiment == exp.name)).all()
+        )
         now = conn.execute(sa.select(db_now())).scalar_one()
         new_runs, new_members = [], []
         for r in runs:
             if r.id in existing:
                 report.reused.append((r, existing[r.id]))
             else:
-                new_runs.append(dict(id=r.id, state=queued, config=r.config.model_dump(mode="json"), seed=r.seed,
-                                     data_seed=r.data_seed, repeat=r.repeat, priority=priority, attempts=0,
-                                     max_attempts=max_attempts, created_at=now + len(new_runs) * 1e-6))
+                new_runs.append(
+                    dict(
+                        id=r.id,
+                        state=queued,
+                        config=r.config.model_dump(mode="json"),
+                        seed=r.seed,
+                        data_seed=r.data_seed,
+                        repeat=r.repeat,
+                        priority=priority,
+                        attempts=0,
+                        max_attempts=max_attempts,
+                        created_at=now + len(new_runs) * 1e-6,
+                    )
+                )
                 report.queued.append(r)
                 existing[r.id] = queued
             if (r.arm, r.id) not in members:
@@ -103,8 +130,9 @@ def submit(engine: Engine, exp: Experiment, runs: Sequence[RunSpec], source: str
             conn.execute(sa.insert(Membership), chunk)
         # FOR UPDATE (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises): a concurrent more-seeds
         # must not have its looks overwritten by this submit's spec.
-        exists = conn.execute(sa.select(ExperimentRow.spec, ExperimentRow.source)
-                              .where(ExperimentRow.name == exp.name).with_for_update()).first()
+        exists = conn.execute(
+            sa.select(ExperimentRow.spec, ExperimentRow.source).where(ExperimentRow.name == exp.name).with_for_update()
+        ).first()
         if exists and (stored := (exists.spec or {}).get("looks")):
             # Looks already taken stay on record: a resubmitted file must not turn sequential verdicts
             # back into fixed-sample ones.
@@ -133,35 +161,73 @@ def add_imported(engine: Engine, spec: Experiment, source: str, runs: Sequence[I
         now = conn.execute(sa.select(db_now())).scalar_one()
         for r in runs:
             if conn.execute(sa.select(Run.id).where(Run.id == r.id)).first() is None:
-                conn.execute(sa.insert(Run).values(
-                    id=r.id, state=state, config={"imported": True}, seed=r.seed, data_seed=0, repeat=0, priority=0,
-                    attempts=0, max_attempts=0, created_at=now, finished_at=now, test_loss=r.test_loss,
-                    result=finite(r.result)))
+                conn.execute(
+                    sa.insert(Run).values(
+                        id=r.id,
+                        state=state,
+                        config={"imported": True},
+                        seed=r.seed,
+                        data_seed=0,
+                        repeat=0,
+                        priority=0,
+                        attempts=0,
+                        max_attempts=0,
+                        created_at=now,
+                        finished_at=now,
+                        test_loss=r.test_loss,
+                        result=finite(r.result),
+                    )
+                )
                 added += 1
             member = (Membership.experiment == spec.name) & (Membership.arm == r.arm) & (Membership.run_id == r.id)
             if conn.execute(sa.select(Membership.run_id).where(member)).first() is None:
                 conn.execute(sa.insert(Membership).values(experiment=spec.name, arm=r.arm, run_id=r.id))
         if conn.execute(sa.select(ExperimentRow.name).where(ExperimentRow.name == spec.name)).first() is None:
-            conn.execute(sa.insert(ExperimentRow).values(name=spec.name, created_at=now, description=spec.description,
-                                                         spec=spec.model_dump(mode="json"), source=source))
+            conn.execute(
+                sa.insert(ExperimentRow).values(
+                    name=spec.name,
+                    created_at=now,
+                    description=spec.description,
+                    spec=spec.model_dump(mode="json"),
+                    source=source,
+                )
+            )
     return added
 
 
-def claim(engine: Engine, worker: str, limit: int = 1) -> list[Run]:
-    """Atomically move up to `limit` queued runs to running for this worker and return them."""
+def claim(engine: Engine, worker: str, limit: int = 1, skip: Collection[str] = ()) -> list[Run]:
+    """Atomically move up to `limit` queued runs to running for this worker and return them; never one of
+    `skip` (runs this worker has found it cannot train: their checkpoints are on another host)."""
     with Session(engine, expire_on_commit=False) as conn, conn.begin():
         # Two statements: the SELECT locks (and skips locked) candidate rows; the UPDATE takes them. (One
         # UPDATE … WHERE id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED) can take more than n rows on
         # PostgreSQL, which may re-run the subquery.)
-        candidates = conn.execute(
-            sa.select(Run.id).where(_in(Event.CLAIM)).order_by(Run.priority.desc(), Run.created_at, Run.id)
-            .limit(limit).with_for_update(skip_locked=True)  # SQLite ignores this; BEGIN IMMEDIATE serialises
-        ).scalars().all()
+        candidates = (
+            conn.execute(
+                sa.select(Run.id)
+                .where(_in(Event.CLAIM), Run.id.not_in(list(skip)) if skip else sa.true())
+                .order_by(Run.priority.desc(), Run.created_at, Run.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)  # SQLite ignores this; BEGIN IMMEDIATE serialises
+            )
+            .scalars()
+            .all()
+        )
         if not candidates:
             return []
         now = db_now()
-        ids = _move(conn, Event.CLAIM, Run.id.in_(candidates), worker=worker, started_at=now, heartbeat_at=now,
-                    finished_at=None, exit_code=None, stop=None, launches=Run.launches + 1)
+        ids = _move(
+            conn,
+            Event.CLAIM,
+            Run.id.in_(candidates),
+            worker=worker,
+            started_at=now,
+            heartbeat_at=now,
+            finished_at=None,
+            exit_code=None,
+            stop=None,
+            launches=Run.launches + 1,
+        )
         if not ids:
             return []
         rows = conn.execute(sa.select(Run).where(Run.id.in_(ids))).scalars().all()
@@ -201,8 +267,12 @@ def heartbeat(engine: Engine, worker: str, progress: dict[str, dict]) -> Beat:
     beat = Beat()
     with engine.begin() as conn:
         for run_id, fields in progress.items():
-            stop = conn.execute(sa.update(Run).where(_ours(run_id, worker))
-                                .values(heartbeat_at=db_now(), **finite(fields)).returning(Run.stop)).first()
+            stop = conn.execute(
+                sa.update(Run)
+                .where(_ours(run_id, worker))
+                .values(heartbeat_at=db_now(), **finite(fields))
+                .returning(Run.stop)
+            ).first()
             if stop is not None:
                 beat.owned[run_id] = stop[0]
             else:
@@ -219,8 +289,11 @@ def request_stop(engine: Engine, run_ids: Iterable[str], reason: str = Status.PR
     the run directories."""
     event = Event.PRUNE if reason == Status.PRUNED else Event.PREEMPT
     with engine.begin() as conn:
-        return list(conn.execute(sa.update(Run).where(Run.id.in_(list(run_ids)), _in(event))
-                                 .values(stop=reason).returning(Run.id)).scalars())
+        return list(
+            conn.execute(
+                sa.update(Run).where(Run.id.in_(list(run_ids)), _in(event)).values(stop=reason).returning(Run.id)
+            ).scalars()
+        )
 
 
 def requeue_stale(engine: Engine, grace_s: float, except_worker: str | None = None) -> list[str]:
@@ -237,16 +310,20 @@ def requeue_stale(engine: Engine, grace_s: float, except_worker: str | None = No
         return _move(conn, Event.LOSE, stale, worker=None)
 
 
-def start(engine: Engine, run: Run, worker: str) -> bool:
-    """This claim's trainer is about to start: count the attempt and open the launch. False if the run is
-    no longer ours, or an earlier launch is still open (judge_lost it first). Not a state change."""
+def start(engine: Engine, run: Run, worker: str, node: str | None = None, slurm_job: str | None = None) -> bool:
+    """This claim's trainer is about to start on `node` (in `slurm_job`): count the attempt and open the
+    launch. False if the run is no longer ours, or an earlier launch is still open (judge_lost it first).
+    Not a state change."""
     with engine.begin() as conn:
-        ok = conn.execute(sa.update(Run).where(_ours(run.id, worker), Run.open_launch.is_(None))
-                          .values(attempts=Run.attempts + 1, open_launch=Run.launches)
-                          .returning(Run.attempts)).scalar()
+        ok = conn.execute(
+            sa.update(Run)
+            .where(_ours(run.id, worker), Run.open_launch.is_(None))
+            .values(attempts=Run.attempts + 1, open_launch=Run.launches, node=node, slurm_job=slurm_job)
+            .returning(Run.attempts)
+        ).scalar()
     if ok is None:
         return False
-    run.attempts, run.open_launch = ok, run.launches
+    run.attempts, run.open_launch, run.node, run.slurm_job = ok, run.launches, node, slurm_job
     return True
 
 
@@ -262,23 +339,44 @@ def judge_lost(engine: Engine, run: Run, worker: str, ending: dict | None) -> st
         return "launch"
     status = (ending or {}).get("status")
     if status in (Status.SUCCEEDED, Status.DIVERGED, Status.PRUNED, Status.FAILED):  # it ended after its worker died
-        return finish(engine, run.id, worker, status, result=ending, exit_code=ending.get("exit_code"),
-                      error=ending.get("error"))
+        return finish(
+            engine, run.id, worker, status, result=ending, exit_code=ending.get("exit_code"), error=ending.get("error")
+        )
     if status != Status.PREEMPTED and run.attempts >= run.max_attempts:  # a crash, and it was the last attempt
-        return finish(engine, run.id, worker, Status.FAILED, error=f"launch {n} ended without a result after its "
-                      f"worker stopped heartbeating; no attempts left (of {run.max_attempts})", count=False)
+        return finish(
+            engine,
+            run.id,
+            worker,
+            Status.FAILED,
+            error=f"launch {n} ended without a result after its "
+            f"worker stopped heartbeating; no attempts left (of {run.max_attempts})",
+            count=False,
+        )
     refund = 1 if status == Status.PREEMPTED else 0  # checkpointed: the attempt it used is given back
     with engine.begin() as conn:
-        done = conn.execute(sa.update(Run).where(_ours(run.id, worker), Run.open_launch == n)
-                            .values(attempts=Run.attempts - refund, open_launch=None).returning(Run.attempts)).scalar()
+        done = conn.execute(
+            sa.update(Run)
+            .where(_ours(run.id, worker), Run.open_launch == n)
+            .values(attempts=Run.attempts - refund, open_launch=None)
+            .returning(Run.attempts)
+        ).scalar()
         if done is None:  # judged already (a retry after a database error), or no longer ours
             return "launch" if conn.execute(sa.select(Run.id).where(_ours(run.id, worker))).first() else None
     run.attempts, run.open_launch = done, None
     return "launch"
 
 
-def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dict | None = None,
-           exit_code: int | None = None, error: str | None = None, count: bool = True) -> str | None:
+def finish(
+    engine: Engine,
+    run_id: str,
+    worker: str,
+    status: str,
+    *,
+    result: dict | None = None,
+    exit_code: int | None = None,
+    error: str | None = None,
+    count: bool = True,
+) -> str | None:
     """Record how an attempt ended; return the run's new state (None if the run was no longer ours).
 
     status is the trainer's (succeeded, diverged, pruned, preempted, or failed for a bad config or missing
@@ -286,8 +384,11 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
     without using up an attempt; a crash is retried while attempts remain (`count=False`: fail now).
     """
     with engine.begin() as conn:
-        run = conn.execute(sa.select(Run.attempts, Run.max_attempts, Run.stop, Run.open_launch)
-                           .where(_ours(run_id, worker)).with_for_update()).first()
+        run = conn.execute(
+            sa.select(Run.attempts, Run.max_attempts, Run.stop, Run.open_launch)
+            .where(_ours(run_id, worker))
+            .with_for_update()
+        ).first()
         if run is None:
             return None
         try:
@@ -295,13 +396,19 @@ def finish(engine: Engine, run_id: str, worker: str, status: str, *, result: dic
         except ValueError:  # a result.json this trainer version would not write: not an ending to trust
             ending = Status.FAILED
         event = _ending(ending, run, count, result)
-        values: dict = dict(exit_code=exit_code, open_launch=None,
-                            worker=None if event in (Event.PREEMPT, Event.CRASH) else worker)
+        values: dict = dict(
+            exit_code=exit_code, open_launch=None, worker=None if event in (Event.PREEMPT, Event.CRASH) else worker
+        )
         started = run.open_launch is not None  # its attempt was counted by start()
         if result is not None:
             result = finite(result)
-            values.update(result=result, test_loss=result.get("test_loss"), step=result.get("step"),
-                          train_loss=result.get("train_loss"), tokens_per_s=result.get("tokens_per_s"))
+            values.update(
+                result=result,
+                test_loss=result.get("test_loss"),
+                step=result.get("step"),
+                train_loss=result.get("train_loss"),
+                tokens_per_s=result.get("tokens_per_s"),
+            )
         if error is not None:
             values["error"] = error
         if event == Event.PREEMPT:
@@ -334,8 +441,9 @@ def set_mlflow_run(engine: Engine, run_id: str, mlflow_run_id: str) -> str:
     """Record the run's MLflow id unless one is recorded already; return the one on record (stable for
     the run's life, whichever worker or outage comes between)."""
     with engine.begin() as conn:
-        conn.execute(sa.update(Run).where(Run.id == run_id, Run.mlflow_run_id.is_(None))
-                     .values(mlflow_run_id=mlflow_run_id))
+        conn.execute(
+            sa.update(Run).where(Run.id == run_id, Run.mlflow_run_id.is_(None)).values(mlflow_run_id=mlflow_run_id)
+        )
         return conn.execute(sa.select(Run.mlflow_run_id).where(Run.id == run_id)).scalar_one()
 
 
@@ -352,8 +460,9 @@ def cancel(engine: Engine, run_ids: Iterable[str]) -> Moves:
 
 def retry(engine: Engine, run_ids: Iterable[str]) -> Moves:
     """A finished run that did not succeed goes back to the queue with its attempts reset."""
-    return _user_move(engine, Event.RETRY, list(run_ids), attempts=0, worker=None, finished_at=None,
-                      open_launch=None, tracked=None)
+    return _user_move(
+        engine, Event.RETRY, list(run_ids), attempts=0, worker=None, finished_at=None, open_launch=None, tracked=None
+    )
 
 
 def _user_move(engine: Engine, event: Event, run_ids: list[str], **values) -> Moves:
@@ -372,4 +481,3 @@ def _user_move(engine: Engine, event: Event, run_ids: list[str], **values) -> Mo
 def _chunks(items: list, n: int):
     for i in range(0, len(items), n):
         yield items[i : i + n]
-

@@ -4,7 +4,8 @@
                                 works when mailed or moved alone
     out_dir/train_loss.png      training loss vs tokens: per arm the mean over seeds, a band from min to max
     out_dir/val_loss.png        validation loss vs tokens, the same way
-    out_dir/improvement.png     each intervention's improvement vs the baseline with its CI (1 − α, or sequential), by verdict
+    out_dir/improvement.png     each intervention's improvement vs the baseline with its CI (1 − α, or
+                                sequential), by verdict
 
 The numbers are orchestrator/table.py's, so the page and `orch table` never disagree. Curves come from each
 run's metrics.jsonl (trainer/rundir.py); imported runs have only a result, and are left out of the plots.
@@ -20,20 +21,23 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.states import RunState
 from orchestrator import noise, queries, stats
 from orchestrator import table as tbl
 from orchestrator.specs import BASELINE
+from orchestrator.states import RunState
 from trainer.rundir import read_metrics
 
-VERDICT_COLOURS = {stats.BETTER: "#2e7d32", stats.WORSE: "#c62828", stats.NOISE: "#9e9e9e",
-                   stats.UNVERIFIED: "#cfcfcf"}
-PLOTS = {"train_loss.png": "Training loss", "val_loss.png": "Validation loss",
-         "improvement.png": "Improvement vs baseline"}
+VERDICT_COLOURS = {stats.BETTER: "#2e7d32", stats.WORSE: "#c62828", stats.NOISE: "#9e9e9e", stats.UNVERIFIED: "#cfcfcf"}
+PLOTS = {
+    "train_loss.png": "Training loss",
+    "val_loss.png": "Validation loss",
+    "improvement.png": "Improvement vs baseline",
+}
 
 
-def write_report(engine, experiment: str, out_dir: Path, alpha: float = 0.05, tracker=None,
-                 runs_dir: Path | None = None) -> Path:
+def write_report(
+    engine, experiment: str, out_dir: Path, alpha: float = 0.05, tracker=None, runs_dir: Path | None = None
+) -> Path:
     """Write index.html and its PNGs for `experiment` into out_dir; return the path of index.html."""
     import matplotlib
 
@@ -64,6 +68,7 @@ def write_report(engine, experiment: str, out_dir: Path, alpha: float = 0.05, tr
 
 # ---------------------------------------------------------------------------------------------------------
 # Curves.
+
 
 def _events(runs: list[tuple[str, object]], runs_dir: Path | None) -> dict[str, list[list[dict]]]:
     """arm → the metrics.jsonl events of each of its finished runs that has a run directory."""
@@ -97,8 +102,9 @@ def _series(events: list[dict], key: str, smooth: bool) -> tuple[np.ndarray, np.
     return x, y
 
 
-def _curve_plot(path: Path, events: dict[str, list[list[dict]]], key: str, colours: dict[str, str],
-                smooth: bool, title: str) -> None:
+def _curve_plot(
+    path: Path, events: dict[str, list[list[dict]]], key: str, colours: dict[str, str], smooth: bool, title: str
+) -> None:
     from matplotlib.figure import Figure  # a bare Figure: no pyplot state to leak between reports
 
     fig = Figure(figsize=(9, 5), layout="constrained")
@@ -115,8 +121,15 @@ def _curve_plot(path: Path, events: dict[str, list[list[dict]]], key: str, colou
         grid = grid[(grid >= lo) & (grid <= hi)]
         ys = np.array([np.interp(grid, x, y) for x, y in series])
         mean = ys.mean(axis=0)
-        ax.plot(grid, mean, color=colours[arm], lw=1.8, label=f"{arm} ({len(series)} run{'s' * (len(series) > 1)})",
-                marker="o" if len(grid) < 20 else None, ms=3)
+        ax.plot(
+            grid,
+            mean,
+            color=colours[arm],
+            lw=1.8,
+            label=f"{arm} ({len(series)} run{'s' * (len(series) > 1)})",
+            marker="o" if len(grid) < 20 else None,
+            ms=3,
+        )
         if len(series) > 1:
             ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=colours[arm], alpha=0.2, lw=0)
         tops.append(mean[min(len(mean) - 1, len(mean) // 10)])
@@ -124,11 +137,22 @@ def _curve_plot(path: Path, events: dict[str, list[list[dict]]], key: str, colou
         # The first steps sit near ln(50257) ≈ 10.8 and would squash the part where the arms differ.
         ymin, ymax = ax.get_ylim()
         ax.set_ylim(ymin, min(ymax, max(tops) + 0.1 * (max(tops) - ymin)))
-        ax.legend(loc="upper right", fontsize=9, title_fontsize=8,
-                  title="each seed EMA-smoothed over ~1/10 of its points" if smooth else None)
+        ax.legend(
+            loc="upper right",
+            fontsize=9,
+            title_fontsize=8,
+            title="each seed EMA-smoothed over ~1/10 of its points" if smooth else None,
+        )
     else:
-        ax.text(0.5, 0.5, f"no {key} curves: no finished run with a run directory (imported runs have none)",
-                ha="center", va="center", transform=ax.transAxes, wrap=True)
+        ax.text(
+            0.5,
+            0.5,
+            f"no {key} curves: no finished run with a run directory (imported runs have none)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            wrap=True,
+        )
         ax.set(xticks=[], yticks=[])
     ax.set(title=f"{title}: mean over seeds, band from min to max", xlabel="tokens", ylabel=key.replace("_", " "))
     ax.grid(alpha=0.3)
@@ -147,25 +171,42 @@ def _improvement_plot(path: Path, board: tbl.Board) -> None:
         y = np.arange(len(rows))
         imp = np.array([r.improvement for r in rows])
         # Unverified arms (one run a side) have no interval: a bar without whiskers.
-        err = np.array([[r.improvement - r.ci_low, r.ci_high - r.improvement] if r.ci_low is not None else [0, 0]
-                        for r in rows]).T
-        ax.barh(y, imp, xerr=err, capsize=4, color=[VERDICT_COLOURS.get(r.verdict, "#cfcfcf") for r in rows],
-                edgecolor="#444", lw=0.6)
+        err = np.array(
+            [[r.improvement - r.ci_low, r.ci_high - r.improvement] if r.ci_low is not None else [0, 0] for r in rows]
+        ).T
+        ax.barh(
+            y,
+            imp,
+            xerr=err,
+            capsize=4,
+            color=[VERDICT_COLOURS.get(r.verdict, "#cfcfcf") for r in rows],
+            edgecolor="#444",
+            lw=0.6,
+        )
         ax.set_yticks(y, [r.arm for r in rows])
         # Keep 0 inside the axes with a margin, so the line at 0 shows which side of it each interval falls.
         lo, hi = min(0.0, *(imp - err[0])), max(0.0, *(imp + err[1]))
         ax.set_xlim(lo - 0.08 * (hi - lo or 1), hi + 0.08 * (hi - lo or 1))
         seen = list(dict.fromkeys(r.verdict for r in rows[::-1]))
-        ax.legend(handles=[Patch(color=VERDICT_COLOURS.get(v, "#cfcfcf"), label=v) for v in seen],
-                  loc="best", fontsize=9)
+        ax.legend(
+            handles=[Patch(color=VERDICT_COLOURS.get(v, "#cfcfcf"), label=v) for v in seen], loc="best", fontsize=9
+        )
     else:
         ax.set_yticks([])
-        ax.text(0.5, 0.5, "no intervention has a finished run beside a finished baseline yet",
-                ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no intervention has a finished run beside a finished baseline yet",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.axvline(0, color="black", lw=1)
     ci = "sequential CI" if board.looks else f"{100 * (1 - board.alpha):.4g}% CI"
-    ax.set(title=f"Improvement vs baseline (test loss; > 0 = better) with {ci}",
-           xlabel="baseline mean − arm mean test loss")
+    ax.set(
+        title=f"Improvement vs baseline (test loss; > 0 = better) with {ci}",
+        xlabel="baseline mean − arm mean test loss",
+    )
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=110)
 
@@ -196,11 +237,14 @@ def _page(board: tbl.Board, runs: list[tuple[str, object]], out_dir: Path) -> st
     for _, run in runs:
         states[run.state] = states.get(run.state, 0) + 1
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>orch report: {e(board.experiment)}"
-             f"</title><style>{STYLE}</style><script>{SCRIPT}</script></head><body>",
-             f"<h1>{e(board.experiment)}</h1>",
-             f"<p class=meta>generated {e(when)} · {len(runs)} run{'s' * (len(runs) != 1)} ("
-             + ", ".join(f"{n} {e(s)}" for s, n in sorted(states.items())) + f") · α = {board.alpha:g}</p>"]
+    parts = [
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>orch report: {e(board.experiment)}"
+        f"</title><style>{STYLE}</style><script>{SCRIPT}</script></head><body>",
+        f"<h1>{e(board.experiment)}</h1>",
+        f"<p class=meta>generated {e(when)} · {len(runs)} run{'s' * (len(runs) != 1)} ("
+        + ", ".join(f"{n} {e(s)}" for s, n in sorted(states.items()))
+        + f") · α = {board.alpha:g}</p>",
+    ]
     for name, title in PLOTS.items():
         data = base64.b64encode((out_dir / name).read_bytes()).decode()
         parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{data}'>")
@@ -209,8 +253,9 @@ def _page(board: tbl.Board, runs: list[tuple[str, object]], out_dir: Path) -> st
     parts += [f"<p>{e(line)}</p>" for line in tbl.summary(board)]
     if board.rows:
         header, cells = tbl.columns(board)  # the same cells as `orch table --format markdown`
-        parts.append("<table id=leaderboard><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header)
-                     + "</tr></thead><tbody>")
+        parts.append(
+            "<table id=leaderboard><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>"
+        )
         for row, cs in zip(board.rows, cells):
             cls = {stats.BETTER: "better", stats.WORSE: "worse", stats.NOISE: "noise"}.get(row.verdict, "")
             cls += " baseline" if row.arm == BASELINE else ""
@@ -218,8 +263,11 @@ def _page(board: tbl.Board, runs: list[tuple[str, object]], out_dir: Path) -> st
         parts.append("</tbody></table>")
     if board.failed:
         parts.append("<h3>Not ranked</h3><ul id=failed>")
-        parts += [f"<li>{e(f['arm'])} (seed {f['seed']}, run <code>{e(f['run'])}</code>): {e(f['state'])} "
-                  f"{e(f['detail'] or '')}</li>" for f in board.failed]
+        parts += [
+            f"<li>{e(f['arm'])} (seed {f['seed']}, run <code>{e(f['run'])}</code>): {e(f['state'])} "
+            f"{e(f['detail'] or '')}</li>"
+            for f in board.failed
+        ]
         parts.append("</ul>")
     parts.append("</body></html>\n")
     return "\n".join(parts)

@@ -51,6 +51,7 @@ class Suggestion:
 # ---------------------------------------------------------------------------------------------------------
 # The formulas.
 
+
 def chinchilla_tokens(params: float) -> int:
     """Hoffmann et al. 2022: the compute-optimal budget is about 20 tokens per parameter, D ≈ 20 · N."""
     return round(20 * params)
@@ -113,17 +114,34 @@ def _q(value: float, unit: str) -> dict[str, Any]:
     return {"value": value, "unit": unit}
 
 
-def suggest(params: int, tokens: int | None = None, batch_sequences: int | None = None, lr: float | None = None,
-            context: int = 1024, n_layer: int | None = None, d_model: int | None = None,
-            non_embedding_params: int | None = None, flops: float | None = None) -> list[Suggestion]:
+def suggest(
+    params: int,
+    tokens: int | None = None,
+    batch_sequences: int | None = None,
+    lr: float | None = None,
+    context: int = 1024,
+    n_layer: int | None = None,
+    d_model: int | None = None,
+    non_embedding_params: int | None = None,
+    flops: float | None = None,
+) -> list[Suggestion]:
     """Every suggestion for a model of `params` parameters trained on `tokens` tokens (default: Chinchilla's).
 
     DeepSeek's C is `flops` if given, else M · D with M from the shape (n_layer, d_model, context), else with
     M ≈ 6 · non_embedding_params. λ uses `batch_sequences` and `lr` if given, else Cerebras' B_opt (rounded)
     and DeepSeek's η_opt. Each path taken is written in the suggestion's note.
     """
-    given = dict(params=params, tokens=tokens, batch_sequences=batch_sequences, lr=lr, context=context,
-                 n_layer=n_layer, d_model=d_model, non_embedding_params=non_embedding_params, flops=flops)
+    given = dict(
+        params=params,
+        tokens=tokens,
+        batch_sequences=batch_sequences,
+        lr=lr,
+        context=context,
+        n_layer=n_layer,
+        d_model=d_model,
+        non_embedding_params=non_embedding_params,
+        flops=flops,
+    )
     for name, value in given.items():
         if value is None and name not in ("params", "context"):
             continue
@@ -132,19 +150,35 @@ def suggest(params: int, tokens: int | None = None, batch_sequences: int | None 
     if (n_layer is None) != (d_model is None):
         raise ValueError("give both n_layer and d_model (the model shape), or neither")
     if flops is None and n_layer is None and non_embedding_params is None:
-        raise ValueError("DeepSeek's formulas need the non-embedding training compute C: give n_layer and d_model "
-                         "(the model shape), or non_embedding_params, or flops (C in FLOPs)")
+        raise ValueError(
+            "DeepSeek's formulas need the non-embedding training compute C: give n_layer and d_model "
+            "(the model shape), or non_embedding_params, or flops (C in FLOPs)"
+        )
     seqs = f"sequences of {context} tokens"
 
     budget = chinchilla_tokens(params)
     D = budget if tokens is None else tokens
     tpp = D / params
     out = [
-        Suggestion("chinchilla_tokens", "compute-optimal training budget D (tokens)", budget, "tokens", "D = 20 · N",
-                   {"N": _q(params, "parameters")}, CHINCHILLA,
-                   f"D below is the given {tokens:,} tokens" if tokens else "used as D below (no tokens given)"),
-        Suggestion("tpp", "tokens per parameter TPP", tpp, "tokens per parameter", "TPP = D / N",
-                   {"D": _q(D, "tokens"), "N": _q(params, "parameters")}, CHINCHILLA),
+        Suggestion(
+            "chinchilla_tokens",
+            "compute-optimal training budget D (tokens)",
+            budget,
+            "tokens",
+            "D = 20 · N",
+            {"N": _q(params, "parameters")},
+            CHINCHILLA,
+            f"D below is the given {tokens:,} tokens" if tokens else "used as D below (no tokens given)",
+        ),
+        Suggestion(
+            "tpp",
+            "tokens per parameter TPP",
+            tpp,
+            "tokens per parameter",
+            "TPP = D / N",
+            {"D": _q(D, "tokens"), "N": _q(params, "parameters")},
+            CHINCHILLA,
+        ),
     ]
 
     if flops is not None:
@@ -153,45 +187,102 @@ def suggest(params: int, tokens: int | None = None, batch_sequences: int | None 
         if n_layer is not None:
             M = deepseek_flops_per_token(n_layer, d_model, context)
             m_formula, m_source = "M = 72 · n_layer · d_model² + 6 · n_layer · d_model · l_seq", DEEPSEEK_M
-            m_inputs = {"n_layer": _q(n_layer, "blocks"), "d_model": _q(d_model, "width"),
-                        "l_seq": _q(context, "tokens")}
+            m_inputs = {
+                "n_layer": _q(n_layer, "blocks"),
+                "d_model": _q(d_model, "width"),
+                "l_seq": _q(context, "tokens"),
+            }
             how = f"from the model shape, {m_formula}"
         else:  # Kaplan's 6 FLOPs per parameter per token leaves out attention's 6 · n_layer · d_model · l_seq
             M, m_formula, m_source = 6 * non_embedding_params, "M ≈ 6 · N_non-embedding", KAPLAN
             m_inputs = {"N_non-embedding": _q(non_embedding_params, "parameters")}
             how = f"approximate, {m_formula} (give n_layer and d_model for DeepSeek's M)"
-        out.append(Suggestion("flops_per_token", "non-embedding training FLOPs per token M", M, "FLOPs per token",
-                              m_formula, m_inputs, m_source))
+        out.append(
+            Suggestion(
+                "flops_per_token",
+                "non-embedding training FLOPs per token M",
+                M,
+                "FLOPs per token",
+                m_formula,
+                m_inputs,
+                m_source,
+            )
+        )
         C, formula, inputs = float(M * D), "C = M · D", {"M": _q(M, "FLOPs per token"), "D": _q(D, "tokens")}
-    out.append(Suggestion("flops", "non-embedding training compute C (FLOPs)", C, "FLOPs", formula, inputs, DEEPSEEK_M,
-                          how))
+    out.append(
+        Suggestion("flops", "non-embedding training compute C (FLOPs)", C, "FLOPs", formula, inputs, DEEPSEEK_M, how)
+    )
 
     b_tokens, eta = deepseek_batch_tokens(C), deepseek_lr(C)
     out += [
-        Suggestion("deepseek_batch_tokens", "DeepSeek optimal batch B_opt (tokens per step)", b_tokens,
-                   "tokens per step", "B_opt = 0.2920 · C^0.3271", {"C": _q(C, "FLOPs")}, DEEPSEEK),
-        Suggestion("deepseek_batch_sequences", "DeepSeek optimal batch B_opt (sequences per step)",
-                   b_tokens / context, f"{seqs} per step", "B_opt / l_seq",
-                   {"B_opt": _q(b_tokens, "tokens"), "l_seq": _q(context, "tokens")}, DEEPSEEK),
-        Suggestion("lr", "DeepSeek optimal learning rate η_opt", eta, "AdamW peak learning rate",
-                   "η_opt = 0.3118 · C^−0.1250", {"C": _q(C, "FLOPs")}, DEEPSEEK),
+        Suggestion(
+            "deepseek_batch_tokens",
+            "DeepSeek optimal batch B_opt (tokens per step)",
+            b_tokens,
+            "tokens per step",
+            "B_opt = 0.2920 · C^0.3271",
+            {"C": _q(C, "FLOPs")},
+            DEEPSEEK,
+        ),
+        Suggestion(
+            "deepseek_batch_sequences",
+            "DeepSeek optimal batch B_opt (sequences per step)",
+            b_tokens / context,
+            f"{seqs} per step",
+            "B_opt / l_seq",
+            {"B_opt": _q(b_tokens, "tokens"), "l_seq": _q(context, "tokens")},
+            DEEPSEEK,
+        ),
+        Suggestion(
+            "lr",
+            "DeepSeek optimal learning rate η_opt",
+            eta,
+            "AdamW peak learning rate",
+            "η_opt = 0.3118 · C^−0.1250",
+            {"C": _q(C, "FLOPs")},
+            DEEPSEEK,
+        ),
     ]
 
     b_cerebras, tau = cerebras_batch_sequences(D), cerebras_tau(tpp)
     B = batch_sequences if batch_sequences is not None else round(b_cerebras)
     eta_used = lr if lr is not None else eta
     out += [
-        Suggestion("cerebras_batch_sequences", "Cerebras optimal batch B_opt (sequences per step)", b_cerebras,
-                   f"{seqs} per step", "B_opt = 0.0306 · D^0.383", {"D": _q(D, "tokens")}, CEREBRAS,
-                   "D in tokens, B in sequences"),
-        Suggestion("tau", "Cerebras optimal AdamW timescale τ_opt", tau, "fraction of training (dimensionless)",
-                   "τ_opt = 1.084 · TPP^−0.527", {"TPP": _q(tpp, "tokens per parameter")}, CEREBRAS),
-        Suggestion("weight_decay", "weight decay λ for τ_opt", weight_decay(B, eta_used, tau, D / context),
-                   "AdamW weight decay", "λ = B / (η · τ_opt · D)",
-                   {"B": _q(B, f"{seqs} per step"), "η": _q(eta_used, "learning rate"),
-                    "τ_opt": _q(tau, "fraction of training"), "D": _q(D / context, seqs)}, CEREBRAS,
-                   ("B given" if batch_sequences is not None else "B = Cerebras B_opt rounded (no batch given)")
-                   + ("; η given" if lr is not None else "; η = DeepSeek η_opt (no lr given)")),
+        Suggestion(
+            "cerebras_batch_sequences",
+            "Cerebras optimal batch B_opt (sequences per step)",
+            b_cerebras,
+            f"{seqs} per step",
+            "B_opt = 0.0306 · D^0.383",
+            {"D": _q(D, "tokens")},
+            CEREBRAS,
+            "D in tokens, B in sequences",
+        ),
+        Suggestion(
+            "tau",
+            "Cerebras optimal AdamW timescale τ_opt",
+            tau,
+            "fraction of training (dimensionless)",
+            "τ_opt = 1.084 · TPP^−0.527",
+            {"TPP": _q(tpp, "tokens per parameter")},
+            CEREBRAS,
+        ),
+        Suggestion(
+            "weight_decay",
+            "weight decay λ for τ_opt",
+            weight_decay(B, eta_used, tau, D / context),
+            "AdamW weight decay",
+            "λ = B / (η · τ_opt · D)",
+            {
+                "B": _q(B, f"{seqs} per step"),
+                "η": _q(eta_used, "learning rate"),
+                "τ_opt": _q(tau, "fraction of training"),
+                "D": _q(D / context, seqs),
+            },
+            CEREBRAS,
+            ("B given" if batch_sequences is not None else "B = Cerebras B_opt rounded (no batch given)")
+            + ("; η given" if lr is not None else "; η = DeepSeek η_opt (no lr given)"),
+        ),
     ]
     return out
 
@@ -202,13 +293,20 @@ def config_inputs(cfg: TrainConfig) -> dict[str, Any]:
     # Per block (trainer/model.py): QKV 3d², out-proj d², MLP 8d² weights; 6d biases (+3d QKV bias); 2 LayerNorms 4d.
     block = 12 * d * d + (13 if m.qkv_bias else 10) * d
     params = m.vocab_size * d * (1 if m.tie_weights else 2) + m.context_length * d + m.n_layer * block + 2 * d
-    return {"params": params, "tokens": cfg.total_steps() * cfg.run.batch_size * m.context_length,
-            "batch_sequences": cfg.run.batch_size, "lr": cfg.optim.lr, "context": m.context_length,
-            "n_layer": m.n_layer, "d_model": d}
+    return {
+        "params": params,
+        "tokens": cfg.total_steps() * cfg.run.batch_size * m.context_length,
+        "batch_sequences": cfg.run.batch_size,
+        "lr": cfg.optim.lr,
+        "context": m.context_length,
+        "n_layer": m.n_layer,
+        "d_model": d,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Output: text, JSON, and experiment files.
+
 
 def _fmt(value: float) -> str:
     return f"{int(value):,}" if float(value).is_integer() and abs(value) < 1e15 else f"{value:.5g}"
@@ -235,8 +333,13 @@ def from_json(text: str) -> list[Suggestion]:
     return [Suggestion(**item) for item in json.loads(text)]
 
 
-CONFIG_KEYS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "chinchilla_tokens": "run.tokens",
-               "deepseek_batch_sequences": "run.batch_size", "cerebras_batch_sequences": "run.batch_size"}
+CONFIG_KEYS = {
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "chinchilla_tokens": "run.tokens",
+    "deepseek_batch_sequences": "run.batch_size",
+    "cerebras_batch_sequences": "run.batch_size",
+}
 _SHORT = {"optim.lr": "lr", "optim.weight_decay": "wd", "run.tokens": "tokens", "run.batch_size": "batch"}
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -248,12 +351,15 @@ def _check_lambda(suggestions: Sequence[Suggestion], actual: dict[str, float], w
         used, unit = wd.inputs[symbol]["value"], wd.inputs[symbol]["unit"]
         if not math.isclose(value, used, rel_tol=max(0.01, 5 * 10.0**-digits)):
             arg = {"η": "lr", "B": "batch_sequences", "D": "tokens"}[symbol]
-            raise ValueError(f"λ = {wd.value:.5g} was computed for {symbol} = {_fmt(used)} {unit}, but {where} has "
-                             f"{symbol} = {_fmt(value)}; pass the run's value to suggest() as {arg}, or set it too")
+            raise ValueError(
+                f"λ = {wd.value:.5g} was computed for {symbol} = {_fmt(used)} {unit}, but {where} has "
+                f"{symbol} = {_fmt(value)}; pass the run's value to suggest() as {arg}, or set it too"
+            )
 
 
-def intervention_changes(suggestions: Sequence[Suggestion], which: Sequence[str] = ("lr", "weight_decay"),
-                         digits: int = 5) -> dict[str, Any]:
+def intervention_changes(
+    suggestions: Sequence[Suggestion], which: Sequence[str] = ("lr", "weight_decay"), digits: int = 5
+) -> dict[str, Any]:
     """{"optim.lr": ..., ...} for the chosen suggestions: floats to `digits` significant figures, counts rounded."""
     by_key = {s.key: s for s in suggestions}
     changes: dict[str, Any] = {}
@@ -273,8 +379,12 @@ def intervention_changes(suggestions: Sequence[Suggestion], which: Sequence[str]
     return changes
 
 
-def emit_intervention(suggestions: Sequence[Suggestion], which: Sequence[str] = ("lr", "weight_decay"),
-                      name: str | None = None, digits: int = 5) -> str:
+def emit_intervention(
+    suggestions: Sequence[Suggestion],
+    which: Sequence[str] = ("lr", "weight_decay"),
+    name: str | None = None,
+    digits: int = 5,
+) -> str:
     """Python source of one `Intervention(name=..., set={...})`, named after its changes unless `name` is given."""
     changes = intervention_changes(suggestions, which, digits)
     name = name or "-".join(f"{_SHORT[k]}-{v}" for k, v in changes.items())
@@ -284,19 +394,45 @@ def emit_intervention(suggestions: Sequence[Suggestion], which: Sequence[str] = 
     return f"Intervention(name={json.dumps(name)}, set={{{body}}})"
 
 
-def emit_experiment_file(suggestions: Sequence[Suggestion], name: str = "scaling-suggestions",
-                         preset: str = "gpt2-small", which: Sequence[str] = ("lr", "weight_decay"),
-                         intervention_name: str | None = None, digits: int = 5) -> str:
+def emit_experiment_file(
+    suggestions: Sequence[Suggestion],
+    name: str = "scaling-suggestions",
+    preset: str = "gpt2-small",
+    which: Sequence[str] = ("lr", "weight_decay"),
+    intervention_name: str | None = None,
+    digits: int = 5,
+) -> str:
     """A complete experiment file (the baseline and one intervention), checked to load and expand at `preset`."""
     if not _NAME.match(name):
         raise ValueError(f"experiment name {name!r} may use only letters, digits and _ . + -; choose another")
     line = emit_intervention(suggestions, which, intervention_name, digits)
-    notes = [f"- {CONFIG_KEYS[s.key]}: {s.formula} = {_fmt(s.value)}" + (f", {_plugged(s)}" if s.inputs else "")
-             + f"\n  ({s.source})" for key in which for s in suggestions if s.key == key]
-    text = "\n".join([f'"""Suggested by `orch suggest` (orchestrator/scaling.py) for preset {preset}:', "", *notes,
-                      '"""', "", "from orchestrator.specs import Experiment, Intervention", "",
-                      "experiment = Experiment(", f"    name={json.dumps(name)},", f"    preset={json.dumps(preset)},",
-                      "    interventions=[", f"        {line},", "    ],", ")", ""])
+    notes = [
+        f"- {CONFIG_KEYS[s.key]}: {s.formula} = {_fmt(s.value)}"
+        + (f", {_plugged(s)}" if s.inputs else "")
+        + f"\n  ({s.source})"
+        for key in which
+        for s in suggestions
+        if s.key == key
+    ]
+    text = "\n".join(
+        [
+            f'"""Suggested by `orch suggest` (orchestrator/scaling.py) for preset {preset}:',
+            "",
+            *notes,
+            '"""',
+            "",
+            "from orchestrator.specs import Experiment, Intervention",
+            "",
+            "experiment = Experiment(",
+            f"    name={json.dumps(name)},",
+            f"    preset={json.dumps(preset)},",
+            "    interventions=[",
+            f"        {line},",
+            "    ],",
+            ")",
+            "",
+        ]
+    )
     namespace: dict[str, Any] = {}
     exec(compile(text, f"<experiment {name}>", "exec"), namespace)  # what load_experiment will run
     runs = specs.expand(namespace["experiment"], source=f"experiment {name!r}")  # SpecError: bad preset or value

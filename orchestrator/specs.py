@@ -121,8 +121,10 @@ class Experiment(BaseModel):
         for i in interventions:
             unknown = [n for n in i.stack if n not in names or n == i.name]
             if unknown:
-                raise ValueError(f"intervention {i.name!r} stacks {', '.join(map(repr, unknown))}, which "
-                                 f"{'is' if len(unknown) == 1 else 'are'} not another intervention of this experiment")
+                raise ValueError(
+                    f"intervention {i.name!r} stacks {', '.join(map(repr, unknown))}, which "
+                    f"{'is' if len(unknown) == 1 else 'are'} not another intervention of this experiment"
+                )
         return interventions
 
     def changes(self, name: str, _inside: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -137,9 +139,11 @@ class Experiment(BaseModel):
             part_changes = self.changes(part, (*_inside, name)) if part != name else by_name[name].set
             for key, value in part_changes.items():
                 if key in merged and merged[key] != value and part != name:
-                    raise ValueError(f"intervention {name!r} stacks {owner[key]!r} and {part!r}, which set {key} "
-                                     f"differently ({merged[key]!r} vs {value!r}); set {key} in {name!r} itself "
-                                     "to say which wins")
+                    raise ValueError(
+                        f"intervention {name!r} stacks {owner[key]!r} and {part!r}, which set {key} "
+                        f"differently ({merged[key]!r} vs {value!r}); set {key} in {name!r} itself "
+                        "to say which wins"
+                    )
                 merged[key] = value
                 owner[key] = part
         return merged
@@ -184,8 +188,12 @@ class Sweep(BaseModel):
     description: str = ""
     preset: str = "tiny"
     base: dict[str, Any] = Field(default_factory=dict)
-    space: dict[str, Param] = Field(default_factory=lambda: {
-        "optim.lr": LogUniform(low=1e-4, high=1e-2), "optim.weight_decay": LogUniform(low=1e-3, high=1.0)})
+    space: dict[str, Param] = Field(
+        default_factory=lambda: {
+            "optim.lr": LogUniform(low=1e-4, high=1e-2),
+            "optim.weight_decay": LogUniform(low=1e-3, high=1.0),
+        }
+    )
     sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe"
     grid_points: int = Field(4, ge=2, description="grid sampler: values per searched key")
     pruner: Literal["median", "hyperband", "none"] = "median"
@@ -216,8 +224,10 @@ class Sweep(BaseModel):
         for point in self.start_with:
             extra = set(point) - set(self.space)
             if extra:
-                raise ValueError(f"start_with point {point} sets {', '.join(sorted(extra))}, which the space "
-                                 f"does not search (space: {', '.join(self.space)})")
+                raise ValueError(
+                    f"start_with point {point} sets {', '.join(sorted(extra))}, which the space "
+                    f"does not search (space: {', '.join(self.space)})"
+                )
         return self
 
 
@@ -304,8 +314,14 @@ def _load(path: str | Path, kind: str, cls: type, example: str):
     return spec
 
 
-def expand(exp: Experiment, *, source: str = "experiment", preset: str | None = None, seeds: int | None = None,
-           overrides: dict[str, Any] | None = None) -> list[RunSpec]:
+def expand(
+    exp: Experiment,
+    *,
+    source: str = "experiment",
+    preset: str | None = None,
+    seeds: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> list[RunSpec]:
     """Every run of the experiment: arms × seeds × repeats, each config validated before anything is queued."""
     try:
         base = train_config.apply_overrides(train_config.preset(preset or exp.preset), exp.base)
@@ -325,7 +341,9 @@ def expand(exp: Experiment, *, source: str = "experiment", preset: str | None = 
     return runs
 
 
-def seeded(data: dict[str, Any], vary: str, s: int, r: int, repeats: int, source: str = "config") -> tuple[TrainConfig, int]:
+def seeded(
+    data: dict[str, Any], vary: str, s: int, r: int, repeats: int, source: str = "config"
+) -> tuple[TrainConfig, int]:
     """The config and repeat number of seed index s, repeat r, under a `vary` mode."""
     changes: dict[str, Any] = {}
     if vary in ("init", "both"):
@@ -373,7 +391,11 @@ def _pydantic_lines(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         got = err.get("input")
-        shown = f" (got {got!r})" if isinstance(got, (int, float, str)) and err["type"] != "value_error" and len(repr(got)) < 60 else ""
+        shown = (
+            f" (got {got!r})"
+            if isinstance(got, (int, float, str)) and err["type"] != "value_error" and len(repr(got)) < 60
+            else ""
+        )
         lines.append(f"{loc + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}{shown}")
     return "; ".join(lines)
 

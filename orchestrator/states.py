@@ -89,10 +89,20 @@ class IllegalMove(ValueError):
         super().__init__(f"{which} {now}: only a run that is {allowed} can be {_PAST[event]}")
 
 
-_PAST = {Event.SUBMIT: "submitted", Event.IMPORT: "imported", Event.CLAIM: "claimed", Event.PREEMPT: "preempted",
-         Event.CRASH: "requeued after a crash", Event.LOSE: "requeued for a lost worker", Event.SUCCEED: "succeeded",
-         Event.DIVERGE: "marked diverged", Event.PRUNE: "pruned", Event.FAIL: "failed", Event.CANCEL: "cancelled",
-         Event.RETRY: "retried (`orch retry`)"}
+_PAST = {
+    Event.SUBMIT: "submitted",
+    Event.IMPORT: "imported",
+    Event.CLAIM: "claimed",
+    Event.PREEMPT: "preempted",
+    Event.CRASH: "requeued after a crash",
+    Event.LOSE: "requeued for a lost worker",
+    Event.SUCCEED: "succeeded",
+    Event.DIVERGE: "marked diverged",
+    Event.PRUNE: "pruned",
+    Event.FAIL: "failed",
+    Event.CANCEL: "cancelled",
+    Event.RETRY: "retried (`orch retry`)",
+}
 
 
 def move(state: RunState | str | None, event: Event, run_id: str | None = None) -> RunState:
@@ -121,8 +131,13 @@ def stored_sources(event: Event) -> list[str]:
 
 # A trainer's ending (result.json "status") as the event it is for the run. `failed` from the trainer itself
 # is an error no retry can fix (bad config, missing data): FAIL, not CRASH.
-_ENDINGS = {Status.SUCCEEDED: Event.SUCCEED, Status.DIVERGED: Event.DIVERGE, Status.PRUNED: Event.PRUNE,
-            Status.PREEMPTED: Event.PREEMPT, Status.FAILED: Event.FAIL}
+_ENDINGS = {
+    Status.SUCCEEDED: Event.SUCCEED,
+    Status.DIVERGED: Event.DIVERGE,
+    Status.PRUNED: Event.PRUNE,
+    Status.PREEMPTED: Event.PREEMPT,
+    Status.FAILED: Event.FAIL,
+}
 
 
 def ending_event(status: Status | str) -> Event:

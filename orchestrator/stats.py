@@ -48,8 +48,9 @@ def describe(values: list[float]) -> tuple[int, float, float | None]:
     return len(arr), float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None
 
 
-def compare(arm: dict[Key, float], baseline: dict[Key, float], alpha: float = 0.05,
-            looks: tuple[int, int] | None = None) -> Comparison:
+def compare(
+    arm: dict[Key, float], baseline: dict[Key, float], alpha: float = 0.05, looks: tuple[int, int] | None = None
+) -> Comparison:
     """Compare one arm's test losses with the baseline's, each keyed by (seed, data seed, repeat).
 
     `looks` = (first, last): the verdict was looked at after every run added from `first` to `last` runs per
@@ -114,7 +115,7 @@ def sequential_alpha(first: int, last: int, alpha: float = 0.05, paired: bool = 
             b = _running(rng.standard_normal((25_000, last)), n)
             se2_a, se2_b = a[1] / n, b[1] / n
             t = (a[0] - b[0]) / np.sqrt(se2_a + se2_b)
-            df = (se2_a + se2_b) ** 2 / (se2_a ** 2 / (n - 1) + se2_b ** 2 / (n - 1))  # Welch–Satterthwaite
+            df = (se2_a + se2_b) ** 2 / (se2_a**2 / (n - 1) + se2_b**2 / (n - 1))  # Welch–Satterthwaite
         with np.errstate(divide="ignore", invalid="ignore"):
             p = 2 * stats.t.sf(np.abs(t[:, looks]), df[..., looks])
         min_p.append(np.nanmin(p, axis=1))
@@ -125,15 +126,16 @@ def _running(x: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and sample variance (ddof 1) of every prefix x[:, :k], along axis 1."""
     mean = np.cumsum(x, axis=1) / n
     with np.errstate(divide="ignore", invalid="ignore"):
-        var = (np.cumsum(x * x, axis=1) - n * mean ** 2) / (n - 1)
+        var = (np.cumsum(x * x, axis=1) - n * mean**2) / (n - 1)
     return mean, var
 
 
 def _degenerate(n, mean, std, improvement, test, level) -> Comparison:
     # Every run on both sides identical (deterministic CPU repeats): there is no noise to test against.
     verdict = NOISE if improvement == 0 else (BETTER if improvement > 0 else WORSE)
-    return Comparison(n, mean, std, improvement, improvement, improvement, 0.0 if improvement else 1.0, test,
-                      verdict, level)
+    return Comparison(
+        n, mean, std, improvement, improvement, improvement, 0.0 if improvement else 1.0, test, verdict, level
+    )
 
 
 def _power_at(ncp: float, df: int, alpha: float) -> float:
@@ -148,7 +150,9 @@ def power(effect: float, sigma: float, n_arm: int, n_base: int, alpha: float = 0
     return _power_at(effect / (sigma * math.sqrt(1 / n_arm + 1 / n_base)), n_arm + n_base - 2, alpha)
 
 
-def minimum_detectable(sigma: float, n_arm: int, n_base: int, alpha: float = 0.05, target_power: float = 0.8) -> float | None:
+def minimum_detectable(
+    sigma: float, n_arm: int, n_base: int, alpha: float = 0.05, target_power: float = 0.8
+) -> float | None:
     """The smallest true improvement detected with `target_power` at these run counts and this σ."""
     if sigma is None or sigma <= 0 or n_arm < 2 or n_base < 2:
         return None
@@ -173,8 +177,10 @@ def could_decide(c: Comparison, max_runs: int) -> bool:
         return False
     if c.verdict == UNVERIFIED or c.ci_low is None or c.n < FUTILITY_MIN_RUNS:
         return True
+
     def df(n: int) -> int:
         return n - 1 if c.test == "paired" else 2 * n - 2
+
     q = 1 - c.level / 2
     se_now = (c.ci_high - c.ci_low) / 2 / stats.t.ppf(q, df(c.n))
     half_max = se_now * math.sqrt(c.n / max_runs) * stats.t.ppf(q, df(max_runs))

@@ -34,12 +34,11 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 from sqlalchemy.engine import Engine
 
-from orchestrator import states
-from orchestrator.states import RunState
-from trainer.rundir import Status
-from orchestrator import leases, queries, queue
+from orchestrator import leases, queries, queue, states
 from orchestrator.db import Run
 from orchestrator.specs import Experiment, LogUniform, Sweep, Uniform, sweep_base, trial_runs
+from orchestrator.states import RunState
+from trainer.rundir import Status
 
 RUNS_ATTR = "orch_runs"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -67,8 +66,9 @@ def _sampler(sweep: Sweep, trials_so_far: int) -> optuna.samplers.BaseSampler:
         return _Grid(grid, seed=seed)
     # Optuna's default of 10 random start-up trials would make a small sweep pure random search; with trials
     # in flight, the constant liar keeps two concurrent asks from landing in the same spot.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, sweep.trials // 3)),
-                                      constant_liar=sweep.in_flight > 1)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=max(2, min(10, sweep.trials // 3)), constant_liar=sweep.in_flight > 1
+    )
 
 
 class _Grid(optuna.samplers.GridSampler):
@@ -124,8 +124,14 @@ def open_study(engine: Engine, sweep: Sweep, total_steps: int) -> optuna.Study:
         existing = len(optuna.load_study(study_name=sweep.name, storage=store).get_trials(deepcopy=False))
     except KeyError:
         existing = 0
-    return optuna.create_study(study_name=sweep.name, storage=store, direction="minimize", load_if_exists=True,
-                               sampler=_sampler(sweep, existing), pruner=_pruner(sweep, total_steps))
+    return optuna.create_study(
+        study_name=sweep.name,
+        storage=store,
+        direction="minimize",
+        load_if_exists=True,
+        sampler=_sampler(sweep, existing),
+        pruner=_pruner(sweep, total_steps),
+    )
 
 
 @dataclass
@@ -141,8 +147,10 @@ class Driver:
 
     def __post_init__(self):
         if self.lease_grace_s < 3 * self.poll_s:
-            raise ValueError(f"the lease grace ({self.lease_grace_s:g} s) must be at least 3 polls "
-                             f"({3 * self.poll_s:g} s), or a live driver would lose its sweep between two passes")
+            raise ValueError(
+                f"the lease grace ({self.lease_grace_s:g} s) must be at least 3 polls "
+                f"({3 * self.poll_s:g} s), or a live driver would lose its sweep between two passes"
+            )
         # host:pid for the messages, and a random part: containers on one host can share name and pid.
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = f"sweep:{self.sweep.name}"
@@ -151,9 +159,13 @@ class Driver:
 
         self.total_steps = TrainConfig.model_validate(self.base).total_steps()
         self.study = open_study(self.engine, self.sweep, self.total_steps)
-        self.experiment = Experiment(name=self.sweep.name, description=self.sweep.description or "sweep",
-                                     preset=self.preset or self.sweep.preset, base=self.sweep.base,
-                                     include_baseline=False)
+        self.experiment = Experiment(
+            name=self.sweep.name,
+            description=self.sweep.description or "sweep",
+            preset=self.preset or self.sweep.preset,
+            base=self.sweep.base,
+            include_baseline=False,
+        )
         self.parent_run = None
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -171,8 +183,10 @@ class Driver:
             try:
                 leases.release(self.engine, self.lease, self.holder)
             except Exception as exc:  # noqa: BLE001 - never hide the error that ended the loop
-                self.echo(f"sweep {self.sweep.name}: could not release the lease ({exc}); a standby takes "
-                          f"over after {self.lease_grace_s:g} s")
+                self.echo(
+                    f"sweep {self.sweep.name}: could not release the lease ({exc}); a standby takes "
+                    f"over after {self.lease_grace_s:g} s"
+                )
 
     def _holds_lease(self) -> bool:
         """Renew the lease; False (and say so) when another driver has taken it — this one stalled past the
@@ -186,8 +200,10 @@ class Driver:
         told = False
         while (holder := leases.take(self.engine, self.lease, self.holder, self.lease_grace_s)) is not None:
             if not told:
-                self.echo(f"sweep {self.sweep.name} is driven by {holder}; waiting as a standby, to take over "
-                          f"if it stops for {self.lease_grace_s:g} s (Ctrl-C to leave)")
+                self.echo(
+                    f"sweep {self.sweep.name} is driven by {holder}; waiting as a standby, to take over "
+                    f"if it stops for {self.lease_grace_s:g} s (Ctrl-C to leave)"
+                )
                 told = True
             time.sleep(self.poll_s)
         if told:
@@ -240,8 +256,10 @@ class Driver:
             self.parent_run = self.tracker.sweep_parent(self.sweep.name)
         except Exception as exc:  # noqa: BLE001
             if not getattr(self, "_told_mlflow", False):
-                self.echo(f"sweep {self.sweep.name}: MLflow unreachable ({type(exc).__name__}); tracking the "
-                          "sweep once it is back")
+                self.echo(
+                    f"sweep {self.sweep.name}: MLflow unreachable ({type(exc).__name__}); tracking the "
+                    "sweep once it is back"
+                )
                 self._told_mlflow = True
 
     def ask(self) -> bool:

@@ -30,8 +30,9 @@ def load(engine: Engine, name: str) -> optuna.Study:
     a mistyped name must be answered before that: looking must not change the database."""
     known = sweep_names(engine)
     if name not in known:
-        raise ValueError(f"no sweep named {name!r}; known: "
-                         f"{', '.join(known) or 'none (start one with `orch sweep FILE`)'}")
+        raise ValueError(
+            f"no sweep named {name!r}; known: {', '.join(known) or 'none (start one with `orch sweep FILE`)'}"
+        )
     return optuna.load_study(study_name=name, storage=storage(engine))
 
 
@@ -66,11 +67,14 @@ class SweepStatus:
         lines = [f"sweep {self.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()))]
         for t in self.trials:
             value = f"{t.value:.4f}" if t.value is not None else "—"
-            lines.append(f"  trial {t.number:>3}  {t.state:<9} {value:>8}  last step {t.last_step or '—':>5}  "
-                         f"{format_params(t.params)}")
+            lines.append(
+                f"  trial {t.number:>3}  {t.state:<9} {value:>8}  last step {t.last_step or '—':>5}  "
+                f"{format_params(t.params)}"
+            )
         if self.best:
-            lines.append(f"best: trial {self.best.number} val loss {self.best.value:.4f}  "
-                         f"{format_params(self.best.params)}")
+            lines.append(
+                f"best: trial {self.best.number} val loss {self.best.value:.4f}  {format_params(self.best.params)}"
+            )
         return "\n".join(lines)
 
 
@@ -78,12 +82,22 @@ def status(engine: Engine, name: str) -> SweepStatus:
     study = load(engine, name)
     best = best_trial(study)
     return SweepStatus(
-        name=name, counts=trial_counts(study),
+        name=name,
+        counts=trial_counts(study),
         best=None if best is None else TrialSummary(best.number, best.value, best.params),
         # A pruned trial's Optuna value is an early validation loss: not comparable, so not shown as one.
-        trials=[Trial(t.number, t.state.name.lower(), t.value if t.state == TrialState.COMPLETE else None, t.params,
-                      t.user_attrs.get(RUNS_ATTR, []), max(t.intermediate_values, default=None))
-                for t in study.get_trials(deepcopy=False)])
+        trials=[
+            Trial(
+                t.number,
+                t.state.name.lower(),
+                t.value if t.state == TrialState.COMPLETE else None,
+                t.params,
+                t.user_attrs.get(RUNS_ATTR, []),
+                max(t.intermediate_values, default=None),
+            )
+            for t in study.get_trials(deepcopy=False)
+        ],
+    )
 
 
 def plot(engine: Engine, name: str, out_dir: str | Path) -> list[Path]:
@@ -116,8 +130,10 @@ def plot(engine: Engine, name: str, out_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
-    images = "".join(f'<h2>{p.stem}</h2><img alt="{p.stem}" src="data:image/png;base64,'
-                     f'{base64.b64encode(p.read_bytes()).decode()}">' for p in written)
+    images = "".join(
+        f'<h2>{p.stem}</h2><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        for p in written
+    )
     html = out / "index.html"
     html.write_text(f"<!doctype html><meta charset=utf-8><title>sweep {name}</title><h1>sweep {name}</h1>{images}")
     return [html, *written]
@@ -130,7 +146,12 @@ def confirm(engine: Engine, name: str, seeds: int) -> tuple[Experiment, queue.Su
     if best is None:
         raise ValueError(f"sweep {name!r} has no completed trial yet")
     sweep = queries.spec(engine, name)
-    exp = Experiment(name=f"{name}.confirm", description=f"best trial of sweep {name}", preset=sweep.preset,
-                     base=sweep.base, seeds=seeds,
-                     interventions=[specs.Intervention(name=f"best-trial-{best.number}", set=best.params)])
+    exp = Experiment(
+        name=f"{name}.confirm",
+        description=f"best trial of sweep {name}",
+        preset=sweep.preset,
+        base=sweep.base,
+        seeds=seeds,
+        interventions=[specs.Intervention(name=f"best-trial-{best.number}", set=best.params)],
+    )
     return exp, queue.submit(engine, exp, specs.expand(exp, source=f"sweep {name} confirm"))

@@ -16,11 +16,10 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 
-from orchestrator import states
-from orchestrator.states import RunState
-from orchestrator import stats
+from orchestrator import states, stats
 from orchestrator.noise import NOISE_SEP
 from orchestrator.specs import BASELINE, Experiment
+from orchestrator.states import RunState
 
 
 @dataclass
@@ -62,8 +61,9 @@ class Board:
         return min([r.level for r in self.rows if r.level is not None] or [self.alpha])
 
 
-def build(runs: list[tuple[str, str, object]], specs: dict[str, Experiment] | None = None,
-          alpha: float = 0.05) -> list[Board]:
+def build(
+    runs: list[tuple[str, str, object]], specs: dict[str, Experiment] | None = None, alpha: float = 0.05
+) -> list[Board]:
     """One board per experiment from (experiment, arm, run) triples; `specs` (queries.specs) gives each
     experiment's stacks and, once `orch more-seeds` has looked at it, its sequential looks."""
     by_exp: dict[str, dict[str, list]] = {}
@@ -96,8 +96,9 @@ def _key(run) -> tuple:
     return (run.seed, run.data_seed, run.repeat)
 
 
-def _board(exp: str, arms: dict[str, list], stacks: dict[str, list[str]], alpha: float,
-           looks: tuple[int, int] | None) -> Board:
+def _board(
+    exp: str, arms: dict[str, list], stacks: dict[str, list[str]], alpha: float, looks: tuple[int, int] | None
+) -> Board:
     base_losses = {_key(r): r.test_loss for r in arms.get(BASELINE, []) if finished(r)}
     rows, failed = [], []
     for arm, rs in arms.items():
@@ -105,10 +106,25 @@ def _board(exp: str, arms: dict[str, list], stacks: dict[str, list[str]], alpha:
         for r in rs:
             if r.state in (RunState.FAILED, RunState.DIVERGED):
                 step = (r.result or {}).get("diverged_step")
-                failed.append({"arm": arm, "run": r.id, "seed": r.seed, "state": r.state,
-                               "detail": f"diverged at step {step}" if step else _last_line(r.error)})
-        row = Row(exp, arm, len(losses), None, None, pending=sum(r.state in states.ACTIVE for r in rs),
-                  imported=any((r.result or {}).get("imported") for r in rs), losses=sorted(losses.values()))
+                failed.append(
+                    {
+                        "arm": arm,
+                        "run": r.id,
+                        "seed": r.seed,
+                        "state": r.state,
+                        "detail": f"diverged at step {step}" if step else _last_line(r.error),
+                    }
+                )
+        row = Row(
+            exp,
+            arm,
+            len(losses),
+            None,
+            None,
+            pending=sum(r.state in states.ACTIVE for r in rs),
+            imported=any((r.result or {}).get("imported") for r in rs),
+            losses=sorted(losses.values()),
+        )
         if losses:
             if arm == BASELINE:
                 row.n, row.mean, row.std = stats.describe(list(losses.values()))
@@ -131,8 +147,9 @@ def _board(exp: str, arms: dict[str, list], stacks: dict[str, list[str]], alpha:
         board.baseline_n, _, board.baseline_sigma = stats.describe(list(base_losses.values()))
         arm_ns = [r.n for r in rows if r.arm != BASELINE and r.n]
         if arm_ns:
-            board.detectable = stats.minimum_detectable(board.baseline_sigma, min(arm_ns), board.baseline_n,
-                                                        board.level)
+            board.detectable = stats.minimum_detectable(
+                board.baseline_sigma, min(arm_ns), board.baseline_n, board.level
+            )
     elif base_losses:
         board.baseline_n = 1
     return board
@@ -164,8 +181,16 @@ def _cells(r: Row) -> list[str]:
     ci = f"[{_f(r.ci_low, signed=True)}, {_f(r.ci_high, signed=True)}]" if r.ci_low is not None else ""
     p = "" if r.p_value is None else (f"{r.p_value:.3f}" if r.p_value >= 0.001 else f"{r.p_value:.1e}")
     parts = f"{_f(r.parts_sum, signed=True)} ({' + '.join(r.parts)})" if r.parts else ""
-    return [name, n, loss, _f(r.improvement, signed=True), ci, p + (f" {r.test}" if r.test else ""),
-            r.verdict or "", parts]
+    return [
+        name,
+        n,
+        loss,
+        _f(r.improvement, signed=True),
+        ci,
+        p + (f" {r.test}" if r.test else ""),
+        r.verdict or "",
+        parts,
+    ]
 
 
 def columns(b: Board) -> tuple[list[str], list[list[str]]]:
@@ -183,32 +208,56 @@ def summary(b: Board) -> list[str]:
     if b.baseline_sigma is not None:
         line = f"baseline σ = {b.baseline_sigma:.4f} over {b.baseline_n} runs"
         if b.detectable is not None:
-            line += (f"; with these run counts the smallest improvement detected 80% of the time at p < {b.level:.3g}"
-                     f" is {b.detectable:.4f}")
+            line += (
+                f"; with these run counts the smallest improvement detected 80% of the time at p < {b.level:.3g}"
+                f" is {b.detectable:.4f}"
+            )
         lines.append(line)
     elif b.baseline_n == 1:
         lines.append("one baseline run: no noise estimate, every verdict is unverified (add seeds: orch more-seeds)")
     if b.looks:
         levels = sorted({f"{r.level:.3g} ({r.test})" for r in b.rows if r.level is not None and r.test})
-        lines.append(f"sequential: orch more-seeds looked after every run from {b.looks[0]} to {b.looks[1]} per arm, "
-                     f"so a verdict needs p < {' or '.join(levels) or f'{b.level:.3g}'} and its CI is at that level; "
-                     f"over all looks a null intervention is called better or worse with probability α = {b.alpha:g}")
+        lines.append(
+            f"sequential: orch more-seeds looked after every run from {b.looks[0]} to {b.looks[1]} per arm, "
+            f"so a verdict needs p < {' or '.join(levels) or f'{b.level:.3g}'} and its CI is at that level; "
+            f"over all looks a null intervention is called better or worse with probability α = {b.alpha:g}"
+        )
     if b.noise:
-        lines.append("noise by source: " + ", ".join(
-            f"{vary} σ = {_f(v['sigma'])} (n={v['n']})" for vary, v in sorted(b.noise.items())))
+        lines.append(
+            "noise by source: "
+            + ", ".join(f"{vary} σ = {_f(v['sigma'])} (n={v['n']})" for vary, v in sorted(b.noise.items()))
+        )
     return lines
 
 
 def render(boards: list[Board], fmt: str = "rich") -> str | None:
     """Markdown, CSV or JSON as text; rich prints to the terminal itself and returns None."""
     if fmt == "json":
-        return json.dumps([{**{k: v for k, v in asdict(b).items() if k != "rows"},
-                            "rows": [asdict(r) for r in b.rows]} for b in boards], indent=2)
+        return json.dumps(
+            [
+                {**{k: v for k, v in asdict(b).items() if k != "rows"}, "rows": [asdict(r) for r in b.rows]}
+                for b in boards
+            ],
+            indent=2,
+        )
     if fmt == "csv":
         out = io.StringIO()
         w = csv.writer(out)
-        cols = ["n", "mean", "std", "improvement", "ci_low", "ci_high", "p_value", "test", "verdict", "pending",
-                "imported", "parts_sum", "level"]
+        cols = [
+            "n",
+            "mean",
+            "std",
+            "improvement",
+            "ci_low",
+            "ci_high",
+            "p_value",
+            "test",
+            "verdict",
+            "pending",
+            "imported",
+            "parts_sum",
+            "level",
+        ]
         w.writerow(["experiment", "arm", *cols])
         for b in boards:
             for r in b.rows:
@@ -228,8 +277,10 @@ def render(boards: list[Board], fmt: str = "rich") -> str | None:
                 parts += ["| " + " | ".join(c) + " |" for c in cells]
             if b.failed:
                 parts.append("\nNot ranked:\n")
-                parts += [f"- {f['arm']} (seed {f['seed']}, run {f['run']}): {f['state']} {f['detail']}".rstrip()
-                          for f in b.failed]
+                parts += [
+                    f"- {f['arm']} (seed {f['seed']}, run {f['run']}): {f['state']} {f['detail']}".rstrip()
+                    for f in b.failed
+                ]
             parts.append("")
         return "\n".join(parts)
     from rich.console import Console
@@ -238,8 +289,9 @@ def render(boards: list[Board], fmt: str = "rich") -> str | None:
     console = Console()
     colour = {stats.BETTER: "green", stats.WORSE: "red", stats.NOISE: "yellow", stats.UNVERIFIED: "dim"}
     for b in boards:
-        t = Table(title=b.experiment, title_justify="left", caption="\n".join(summary(b)) or None,
-                  caption_justify="left")
+        t = Table(
+            title=b.experiment, title_justify="left", caption="\n".join(summary(b)) or None, caption_justify="left"
+        )
         header, all_cells = columns(b)
         for h in header:
             t.add_column(h, justify="left" if h in ("run", "verdict", "sum of parts") else "right")
@@ -249,6 +301,7 @@ def render(boards: list[Board], fmt: str = "rich") -> str | None:
             t.add_row(*cells, style="bold" if r.arm == BASELINE else None)
         console.print(t)
         for f in b.failed:
-            console.print(f"  [red]not ranked[/red] {f['arm']} (seed {f['seed']}, run {f['run']}): "
-                          f"{f['state']} {f['detail']}")
+            console.print(
+                f"  [red]not ranked[/red] {f['arm']} (seed {f['seed']}, run {f['run']}): {f['state']} {f['detail']}"
+            )
     return None

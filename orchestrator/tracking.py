@@ -23,8 +23,13 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 ENV_URI = "ORCH_MLFLOW"
 BATCH = 1000  # MLflow's limit on metrics per log_batch
 # A final run state as MLflow's run status (mlflow.entities.RunStatus).
-TERMINAL = {RunState.SUCCEEDED: "FINISHED", RunState.FAILED: "FAILED", RunState.DIVERGED: "FAILED",
-            RunState.PRUNED: "KILLED", RunState.CANCELLED: "KILLED"}
+TERMINAL = {
+    RunState.SUCCEEDED: "FINISHED",
+    RunState.FAILED: "FAILED",
+    RunState.DIVERGED: "FAILED",
+    RunState.PRUNED: "KILLED",
+    RunState.CANCELLED: "KILLED",
+}
 KIND_TAG = "orch.kind"  # what an MLflow run that is not an orch run holds: "sweep" (a parent) or "report"
 
 
@@ -70,7 +75,9 @@ class Tracker:
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 try:
-                    self._experiments[name] = self.client.create_experiment(name, artifact_location=self._artifacts(name))
+                    self._experiments[name] = self.client.create_experiment(
+                        name, artifact_location=self._artifacts(name)
+                    )
                 except MlflowException:  # another worker created it first
                     self._experiments[name] = self.client.get_experiment_by_name(name).experiment_id
             else:
@@ -83,16 +90,36 @@ class Tracker:
             return (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / name).as_uri()
         return None
 
-    def start_run(self, *, experiment: str, all_experiments: list[str], arm: str, run_id: str, config: dict,
-                  seed: int, data_seed: int, repeat: int, git_commit: str | None) -> str:
+    def start_run(
+        self,
+        *,
+        experiment: str,
+        all_experiments: list[str],
+        arm: str,
+        run_id: str,
+        config: dict,
+        seed: int,
+        data_seed: int,
+        repeat: int,
+        git_commit: str | None,
+    ) -> str:
         """Create the MLflow run for an orch run, with params and tags; return its MLflow id."""
         from mlflow.entities import Param
 
-        tags = {"orch.run_id": run_id, "orch.experiment": experiment, "orch.experiments": ",".join(all_experiments),
-                "orch.intervention": arm, "orch.seed": str(seed), "orch.data_seed": str(data_seed),
-                "orch.repeat": str(repeat), "orch.config_hash": run_id, "mlflow.source.git.commit": git_commit or ""}
-        run = self.client.create_run(self.experiment_id(experiment), run_name=f"{arm}-s{seed}-r{repeat}-{run_id[:6]}",
-                                     tags=tags)
+        tags = {
+            "orch.run_id": run_id,
+            "orch.experiment": experiment,
+            "orch.experiments": ",".join(all_experiments),
+            "orch.intervention": arm,
+            "orch.seed": str(seed),
+            "orch.data_seed": str(data_seed),
+            "orch.repeat": str(repeat),
+            "orch.config_hash": run_id,
+            "mlflow.source.git.commit": git_commit or "",
+        }
+        run = self.client.create_run(
+            self.experiment_id(experiment), run_name=f"{arm}-s{seed}-r{repeat}-{run_id[:6]}", tags=tags
+        )
         params = [Param(k, str(v)) for k, v in sorted(flatten(config).items())]
         for i in range(0, len(params), 100):  # MLflow's limit on params per batch
             self.client.log_batch(run.info.run_id, params=params[i : i + 100])
@@ -103,8 +130,12 @@ class Tracker:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             return None
-        found = self.client.search_runs([exp.experiment_id], filter_string=f"tags.`orch.run_id` = '{run_id}'",
-                                        max_results=1, order_by=["attributes.start_time ASC"])
+        found = self.client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`orch.run_id` = '{run_id}'",
+            max_results=1,
+            order_by=["attributes.start_time ASC"],
+        )
         return found[0].info.run_id if found else None
 
     def last_steps(self, mlflow_run_id: str) -> dict[str, int]:
@@ -142,8 +173,9 @@ class Tracker:
         if self.client.get_run(mlflow_run_id).info.status != "RUNNING":
             self.client.update_run(mlflow_run_id, status="RUNNING")
 
-    def finish_run(self, mlflow_run_id: str, state: str, run_dir: Path, result: dict | None,
-                   finished_at: float | None = None) -> None:
+    def finish_run(
+        self, mlflow_run_id: str, state: str, run_dir: Path, result: dict | None, finished_at: float | None = None
+    ) -> None:
         """Final metrics, status tag, artifacts and terminal status; safe to repeat after a failure part-way:
         the final metrics carry the run's finish time, so sending them again adds nothing (MLflow keeps one
         point per key, step, time and value), artifacts overwrite themselves, the status is set again."""
@@ -151,10 +183,14 @@ class Tracker:
 
         if result:
             ts = int((finished_at or time.time()) * 1000)
-            final = {f"final.{k}": v for k, v in result.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-            self.client.log_batch(mlflow_run_id, metrics=[Metric(k, float(v), ts, int(result.get("step") or 0))
-                                                          for k, v in final.items()])
+            final = {
+                f"final.{k}": v
+                for k, v in result.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            }
+            self.client.log_batch(
+                mlflow_run_id, metrics=[Metric(k, float(v), ts, int(result.get("step") or 0)) for k, v in final.items()]
+            )
         self.client.set_tag(mlflow_run_id, "orch.status", state)
         for name in ("config.json", "result.json", "train.log"):
             if (run_dir / name).exists():
@@ -167,12 +203,19 @@ class Tracker:
     def sweep_parent(self, sweep: str) -> str:
         """The sweep's parent run (found by tag, so a restarted driver reuses it)."""
         exp_id = self.experiment_id(sweep)
-        found = self.client.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep' and tags.`orch.sweep` = '{sweep}'",
-                                        max_results=1)
+        found = self.client.search_runs(
+            [exp_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep' and tags.`orch.sweep` = '{sweep}'", max_results=1
+        )
         if found:
             return found[0].info.run_id
-        return self.client.create_run(exp_id, run_name=f"sweep {sweep}",
-                                      tags={KIND_TAG: "sweep", "orch.sweep": sweep}).info.run_id
+        return self.client.create_run(
+            exp_id, run_name=f"sweep {sweep}", tags={KIND_TAG: "sweep", "orch.sweep": sweep}
+        ).info.run_id
+
+    def set_tags(self, mlflow_run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(mlflow_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def set_parent(self, child_run_id: str, parent_run_id: str) -> None:
         """Nest a trial's run under the sweep in the MLflow UI (the standard mlflow.parentRunId tag)."""
@@ -186,9 +229,12 @@ class Tracker:
         now = int(time.time() * 1000)
         run = self.client.get_run(parent_run_id)
         new_params = [Param(f"best.{k}", str(v)) for k, v in params.items() if f"best.{k}" not in run.data.params]
-        self.client.log_batch(parent_run_id, params=new_params,
-                              metrics=[Metric("best.val_loss", value, now, 0)]
-                              + [Metric(f"trials.{k}", float(v), now, 0) for k, v in counts.items()])
+        self.client.log_batch(
+            parent_run_id,
+            params=new_params,
+            metrics=[Metric("best.val_loss", value, now, 0)]
+            + [Metric(f"trials.{k}", float(v), now, 0) for k, v in counts.items()],
+        )
         self.client.set_terminated(parent_run_id, status="FINISHED")
 
     # -- reports ----------------------------------------------------------------------------------------
@@ -216,6 +262,8 @@ def open_tracker(uri: str | None = None, enabled: bool = True) -> Tracker | None
     if not enabled:
         return None
     if uri is not None and urlsplit(uri).password:
-        raise ValueError("--mlflow holds a password, which anyone on this machine can read in `ps`: set "
-                         "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD, or give the URI in $ORCH_MLFLOW")
+        raise ValueError(
+            "--mlflow holds a password, which anyone on this machine can read in `ps`: set "
+            "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD, or give the URI in $ORCH_MLFLOW"
+        )
     return Tracker(uri)

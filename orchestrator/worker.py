@@ -46,7 +46,7 @@ from orchestrator.tail import MetricsTail
 from trainer import runlock
 from trainer.config import TrainConfig
 from trainer.provenance import git_commit
-from trainer.rundir import CONFIG, EXIT_NO_SPACE, NO_SPACE_LINE, RESULT, STOP, Status, write_json
+from trainer.rundir import CONFIG, EXIT_NO_SPACE, NO_SPACE_LINE, RESULT, STOP, Status, checkpoint_paths, write_json
 
 STOP_TIMEOUT_S = 120  # how long a trainer gets to checkpoint after STOP before it is killed
 IDLE_CLAIM_S = 1.0  # how often an idle worker asks an empty queue for work
@@ -75,8 +75,11 @@ class Launch:
 
     def stop_overdue(self) -> bool:
         """Its trainer was asked to stop more than STOP_TIMEOUT_S ago: time to kill it."""
-        return (self.handle is not None and self.stop_sent_at is not None
-                and time.monotonic() - self.stop_sent_at > STOP_TIMEOUT_S)
+        return (
+            self.handle is not None
+            and self.stop_sent_at is not None
+            and time.monotonic() - self.stop_sent_at > STOP_TIMEOUT_S
+        )
 
 
 def plan_slots(gpus: list[str] | None, gpus_per_run: int, parallel: int) -> list[Slot]:
@@ -88,39 +91,69 @@ def plan_slots(gpus: list[str] | None, gpus_per_run: int, parallel: int) -> list
 
 
 def detect_gpus() -> list[str]:
+    """The GPUs this worker may use: those CUDA_VISIBLE_DEVICES names where it is set (Slurm sets it to a job's
+    GPUs, and nvidia-smi would list the whole node's), else every GPU nvidia-smi sees."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip()]
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
 class Worker:
-    def __init__(self, engine: Engine, *, runs_dir: str | Path = "runs", slots: list[Slot], nproc_per_node: int = 1,
-                 tracker=None, heartbeat_s: float = 5.0, grace_s: float = 60.0, poll_s: float = 0.2,
-                 forward_s: float = 2.0, progress_s: float = 10.0, name: str | None = None,
-                 launcher: Launcher | None = None, echo=print):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        runs_dir: str | Path = "runs",
+        slots: list[Slot],
+        nproc_per_node: int = 1,
+        tracker=None,
+        heartbeat_s: float = 5.0,
+        grace_s: float = 60.0,
+        poll_s: float = 0.2,
+        forward_s: float = 2.0,
+        progress_s: float = 10.0,
+        name: str | None = None,
+        launcher: Launcher | None = None,
+        echo=print,
+    ):
         self.engine, self.runs_dir, self.slots = engine, Path(runs_dir), slots
         self.heartbeat_s, self.grace_s, self.poll_s, self.progress_s = heartbeat_s, grace_s, poll_s, progress_s
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:4]}"
+        # Where this worker's trainers run: recorded on each run it starts (and in its name, for `orch ls`).
+        self.node, self.slurm_job = socket.gethostname(), slurm_job_id()
+        pilot = f"slurm-{self.slurm_job}:" if self.slurm_job else ""
+        self.name = name or f"{self.node}:{pilot}{os.getpid()}:{uuid.uuid4().hex[:4]}"
         self.launcher = launcher or LocalLauncher(self.name, nproc_per_node, cpu_slots=len(slots))
         self.echo = echo
         self.active: dict[str, Launch] = {}
         self.stopping = False
+        self.warned = False  # Slurm's warning signal came (walltime or preemption near): see run()
+        self.unreachable: set[str] = set()  # runs whose checkpoints another host holds: never claimed again here
         self.commit = git_commit()
         self.outbox = None
         if tracker is not None:
             # Its tracking leases live as long as its runs do: a worker dead for --grace loses both at once.
-            self.outbox = OutboxThread(Outbox(engine, tracker, self.name, self.runs_dir, self.commit,
-                                              lease_grace_s=grace_s),
-                                       every_s=forward_s, orphans_after_s=grace_s, echo=echo)
+            self.outbox = OutboxThread(
+                Outbox(engine, tracker, self.name, self.runs_dir, self.commit, lease_grace_s=grace_s),
+                every_s=forward_s,
+                orphans_after_s=grace_s,
+                echo=echo,
+            )
 
     # -- the loop ----------------------------------------------------------------------------------------
 
     def run(self, until_empty: bool = False) -> int:
         """Work until stopped (or, with until_empty, until the queue is empty); return #runs finished."""
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # SIGUSR1 is the warning a Slurm pilot asks for (`sbatch --signal=B:USR1@…`, orchestrator/slurm.py):
+        # stop like SIGTERM, so the runs go back to the queue with a checkpoint and no attempt used.
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        previous = {s: signal.signal(s, self._on_signal) for s in signals}
         self.finished, failures = 0, 0
         self._due = {"reap": 0.0, "claim": 0.0, "beat": 0.0, "progress": time.monotonic() + self.progress_s}
         if self.outbox is not None:
@@ -145,8 +178,9 @@ class Worker:
             if self.outbox is not None:
                 self.outbox.close()
                 if self.outbox.pending:
-                    self.echo(f"{self.outbox.pending} run(s) not fully tracked yet: kept for the next worker "
-                              "or `orch sync`")
+                    self.echo(
+                        f"{self.outbox.pending} run(s) not fully tracked yet: kept for the next worker or `orch sync`"
+                    )
         return self.finished
 
     def _every(self, what: str, interval: float, now: float) -> bool:
@@ -175,6 +209,7 @@ class Worker:
         return False
 
     def _on_signal(self, signum, frame) -> None:
+        self.warned = self.warned or signum == signal.SIGUSR1
         if self.stopping:  # a second Ctrl-C: stop waiting for checkpoints (they resume from the last one)
             for launch in self.active.values():
                 if launch.handle is not None:
@@ -194,7 +229,7 @@ class Worker:
         busy = {launch.slot.index for launch in self.active.values()}
         free = [s for s in self.slots if s.index not in busy]
         if free and now >= self._due["claim"]:
-            claimed = queue.claim(self.engine, self.name, len(free))
+            claimed = queue.claim(self.engine, self.name, len(free), skip=self.unreachable)
             for run, slot in zip(claimed, free):
                 if run.id not in self.active:  # ours already: requeued while we were late
                     self._open(run, slot)
@@ -202,8 +237,9 @@ class Worker:
             # database's write lock busy.
             self._due["claim"] = max(self._due["claim"], now + (0.0 if len(claimed) == len(free) else IDLE_CLAIM_S))
         if until_empty and not self.active:
-            counts = queries.counts(self.engine)
-            return not counts.get(RunState.QUEUED) and not counts.get(RunState.RUNNING)
+            # Runs whose checkpoints only another host sees are not this worker's work: it may go.
+            running = queries.counts(self.engine).get(RunState.RUNNING)
+            return not running and not queries.claimable(self.engine, sorted(self.unreachable))
         return False
 
     def _open(self, run: Run, slot: Slot) -> None:
@@ -213,8 +249,14 @@ class Worker:
             total = TrainConfig.model_validate(run.config).total_steps()
         except ValueError as exc:  # written by another version of orch: no retry helps
             self.echo(f"{run.id}: its stored config is invalid here: {str(exc).splitlines()[0]}")
-            queue.finish(self.engine, run.id, self.name, Status.FAILED, result={"retryable": False},
-                         error=f"stored config refused by this orch: {exc}")
+            queue.finish(
+                self.engine,
+                run.id,
+                self.name,
+                Status.FAILED,
+                result={"retryable": False},
+                error=f"stored config refused by this orch: {exc}",
+            )
             return
         launch = Launch(run, slot, run_dir, Progress(run_dir=str(run_dir), total_steps=total), MetricsTail(run_dir))
         self.active[run.id] = launch
@@ -285,8 +327,10 @@ class Worker:
         queue.finish(self.engine, run_id, self.name, Status.PREEMPTED, error=f"no space left: {error}")
         self._drop(run_id)
         self._due["claim"] = time.monotonic() + NO_SPACE_PAUSE_S
-        self.echo(f"warning: no space left under {self.runs_dir}: {run_id} requeued (no attempt used); "
-                  f"claiming again in {NO_SPACE_PAUSE_S:.0f} s — free disk space")
+        self.echo(
+            f"warning: no space left under {self.runs_dir}: {run_id} requeued (no attempt used); "
+            f"claiming again in {NO_SPACE_PAUSE_S:.0f} s — free disk space"
+        )
 
     def _judge_lost(self, launch: Launch) -> bool:
         """If a dead worker left an earlier launch open, account for it from its result.json; True when this
@@ -304,8 +348,11 @@ class Worker:
             told = (ending or {}).get("status", "without a result (a crash: it counts)")
             self.echo(f"{run.id}: launch {n}, whose worker died, ended {told}")
             return True
-        self.echo(f"{run.id}: launch {n}, whose worker died, ended the run: {verdict}" if verdict else
-                  f"{run.id} is no longer ours")
+        self.echo(
+            f"{run.id}: launch {n}, whose worker died, ended the run: {verdict}"
+            if verdict
+            else f"{run.id} is no longer ours"
+        )
         self._drop(run.id)
         return False
 
@@ -316,7 +363,10 @@ class Worker:
         (run_dir / RESULT).unlink(missing_ok=True)  # so is an earlier launch's ending (and it was accounted)
         if not (run_dir / CONFIG).exists():
             write_json(run_dir / CONFIG, run.config)
-        if not queue.start(self.engine, run, self.name):  # counts the attempt; False: no longer ours
+        if self._checkpoint_elsewhere(launch):
+            return
+        # Counts the attempt, records where it trains; False: no longer ours.
+        if not queue.start(self.engine, run, self.name, self.node, self.slurm_job):
             self.echo(f"{run.id} is no longer ours")
             self._drop(run.id)
             return
@@ -325,6 +375,24 @@ class Worker:
         launch.stop_sent_at = None  # a stop asked for while it waited is asked again at the next beat
         where = f"GPUs {','.join(slot.gpus)}" if slot.gpus else f"CPU slot {slot.index}"
         self.echo(f"started {run.id} (attempt {run.attempts}) on {where}, {launch.handle.describe()}")
+
+    def _checkpoint_elsewhere(self, launch: Launch) -> bool:
+        """A run that trained on another node, whose checkpoint this host cannot see (a runs directory that is
+        not shared), is handed back with a message rather than restarted from step 0: another worker that
+        sees the checkpoint will resume it. True when it was handed back."""
+        run = launch.run
+        if not run.step or run.node in (None, self.node) or checkpoint_paths(launch.run_dir):
+            return False
+        why = (
+            f"{run.id} reached step {run.step} on {run.node}, but no checkpoint of it is visible here under "
+            f"{launch.run_dir}: put --runs-dir on a filesystem every worker shares, or run a worker on "
+            f"{run.node}; not restarting it from step 0"
+        )
+        self.echo(f"warning: {why}")
+        queue.finish(self.engine, run.id, self.name, Status.PREEMPTED, error=why)  # no attempt was counted
+        self.unreachable.add(run.id)
+        self._drop(run.id)
+        return True
 
     # -- finish -------------------------------------------------------------------------------------------
 
@@ -417,3 +485,9 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def slurm_job_id() -> str | None:
+    """The Slurm job this process runs in (an array task as JOB_TASK), or None outside Slurm."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")

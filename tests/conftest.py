@@ -37,15 +37,60 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 VAL_FRACTION = 0.12
 TEST_FRACTION = 0.22
 
-_SUBJECTS = ["the farmer", "a small dog", "the old sailor", "my sister", "the teacher", "a young bird",
-             "the baker", "our neighbour", "the king", "a tired horse", "the children", "the doctor"]
-_VERBS = ["sees", "finds", "carries", "paints", "follows", "builds", "remembers", "loves", "visits",
-          "watches", "cleans", "opens"]
-_OBJECTS = ["a red apple", "the long river", "a wooden boat", "the quiet town", "an old letter",
-            "the green field", "a heavy stone", "the bright lamp", "a silver coin", "the narrow bridge",
-            "a warm loaf of bread", "the tall tower"]
-_TAILS = ["in the morning", "after the rain", "near the market", "before dinner", "every summer",
-          "with great care", "on a cold day", "without a word", "at the edge of the forest", "again and again"]
+_SUBJECTS = [
+    "the farmer",
+    "a small dog",
+    "the old sailor",
+    "my sister",
+    "the teacher",
+    "a young bird",
+    "the baker",
+    "our neighbour",
+    "the king",
+    "a tired horse",
+    "the children",
+    "the doctor",
+]
+_VERBS = [
+    "sees",
+    "finds",
+    "carries",
+    "paints",
+    "follows",
+    "builds",
+    "remembers",
+    "loves",
+    "visits",
+    "watches",
+    "cleans",
+    "opens",
+]
+_OBJECTS = [
+    "a red apple",
+    "the long river",
+    "a wooden boat",
+    "the quiet town",
+    "an old letter",
+    "the green field",
+    "a heavy stone",
+    "the bright lamp",
+    "a silver coin",
+    "the narrow bridge",
+    "a warm loaf of bread",
+    "the tall tower",
+]
+_TAILS = [
+    "in the morning",
+    "after the rain",
+    "near the market",
+    "before dinner",
+    "every summer",
+    "with great care",
+    "on a cold day",
+    "without a word",
+    "at the edge of the forest",
+    "again and again",
+]
 
 
 def synthetic_documents(n_docs: int = 420, seed: int = 1234) -> list[str]:
@@ -67,8 +112,16 @@ def data_dir(tmp_path_factory) -> Path:
     from trainer.prepare import prepare
 
     out = tmp_path_factory.mktemp("data") / "synthetic"
-    meta = prepare(synthetic_documents(), out, source="synthetic", command=f"make-synthetic --out {out}",
-                   val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, shard_tokens=20_000, progress=False)
+    meta = prepare(
+        synthetic_documents(),
+        out,
+        source="synthetic",
+        command=f"make-synthetic --out {out}",
+        val_fraction=VAL_FRACTION,
+        test_fraction=TEST_FRACTION,
+        shard_tokens=20_000,
+        progress=False,
+    )
     assert meta["tokens"]["test"] >= 128 * 64 + 1 and meta["tokens"]["val"] >= 32 * 64 + 1, meta
     return out
 
@@ -116,13 +169,25 @@ def trainer_cmd(run_dir, data_dir, overrides: dict | None = None, preset: str = 
 
 
 def run_trainer(run_dir, data_dir, overrides: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(trainer_cmd(run_dir, data_dir, overrides), cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        trainer_cmd(run_dir, data_dir, overrides),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_trainer(run_dir, data_dir, overrides: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(trainer_cmd(run_dir, data_dir, overrides), cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        trainer_cmd(run_dir, data_dir, overrides),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> int:
@@ -153,7 +218,9 @@ def read_result(run_dir) -> dict:
 
 
 def ok(proc: subprocess.CompletedProcess, code: int = 0) -> subprocess.CompletedProcess:
-    assert proc.returncode == code, f"exit {proc.returncode} (wanted {code})\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == code, (
+        f"exit {proc.returncode} (wanted {code})\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
     return proc
 
 

@@ -56,7 +56,9 @@ class Postgres:
             shutil.chown(self.root, "postgres")
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8")
         opts = f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} -c fsync=off"
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "start")
+        self._run(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "start"
+        )
         return self
 
     def create_db(self, name: str) -> str:
@@ -85,14 +87,28 @@ class MlflowServer:
     def __init__(self, store_uri: str, artifacts: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,
-                    "--default-artifact-root", artifacts.as_uri(), "--host", "127.0.0.1",
-                    "--port", str(self.port), "--workers", "1"]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            store_uri,
+            "--default-artifact-root",
+            artifacts.as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> "MlflowServer":
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
@@ -100,7 +116,7 @@ class MlflowServer:
                 return self
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"mlflow server exited with {self.proc.returncode}")
+                    raise RuntimeError(f"mlflow server exited with {self.proc.returncode}") from None
                 time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"mlflow server did not answer on {self.url} within {timeout}s")

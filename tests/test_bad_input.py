@@ -73,12 +73,18 @@ class Ctx:
 
     def exp(self, body: str, name: str = "exp.py") -> str:
         """An experiment file: the given body after the imports; `BASE` reads the test dataset."""
-        return self.file(name, "from orchestrator.specs import Experiment, Intervention\n"
-                               f"BASE = {{'data.path': {str(self.data_dir)!r}}}\n" + body + "\n")
+        return self.file(
+            name,
+            "from orchestrator.specs import Experiment, Intervention\n"
+            f"BASE = {{'data.path': {str(self.data_dir)!r}}}\n" + body + "\n",
+        )
 
     def sweep(self, body: str) -> str:
-        return self.file("sweep.py", "from orchestrator.specs import Choice, LogUniform, Sweep, Uniform\n"
-                                     f"BASE = {{'data.path': {str(self.data_dir)!r}}}\n" + body + "\n")
+        return self.file(
+            "sweep.py",
+            "from orchestrator.specs import Choice, LogUniform, Sweep, Uniform\n"
+            f"BASE = {{'data.path': {str(self.data_dir)!r}}}\n" + body + "\n",
+        )
 
     def data_copy(self) -> Path:
         out = self.tmp / "data-copy"
@@ -169,26 +175,43 @@ CASES = [
     exp_case("file-seeds-negative", "experiment = Experiment(name='x', base=BASE, seeds=-2)", "seeds"),
     exp_case("file-repeats-zero", "experiment = Experiment(name='x', base=BASE, repeats=0)", "repeats"),
     exp_case("file-bad-vary", "experiment = Experiment(name='x', vary='sometimes')", "vary"),
-    exp_case("file-duplicate-interventions",
-             "experiment = Experiment(name='x', base=BASE, interventions=[Intervention(name='a', set={'optim.lr': 1e-3}),"
-             " Intervention(name='a', set={'optim.lr': 2e-3})])", "unique"),
-    exp_case("file-intervention-named-baseline",
-             "experiment = Experiment(name='x', interventions=[Intervention(name='baseline')])", "reserved"),
-    exp_case("file-stack-unknown",
-             "experiment = Experiment(name='x', interventions=[Intervention(name='a', stack=['nosuch'])])", "nosuch"),
-    exp_case("file-stack-conflict",
-             "experiment = Experiment(name='x', base=BASE, interventions=[Intervention(name='lo', set={'optim.lr': 1e-3}),"
-             " Intervention(name='hi', set={'optim.lr': 2e-3}), Intervention(name='both', stack=['lo', 'hi'])])",
-             "differently"),
-    exp_case("file-unknown-config-key",
-             "experiment = Experiment(name='x', base=BASE, interventions=[Intervention(name='i', set={'optim.lrr': 1})])",
-             "optim.lrr"),
-    exp_case("file-impossible-value",
-             "experiment = Experiment(name='x', base=BASE, interventions=[Intervention(name='h', set={'model.n_head': 5})])",
-             "divisible"),
-    exp_case("file-negative-lr",
-             "experiment = Experiment(name='x', base=BASE, interventions=[Intervention(name='n', set={'optim.lr': -1})])",
-             "optim.lr"),
+    exp_case(
+        "file-duplicate-interventions",
+        "experiment = Experiment(name='x', base=BASE, interventions=[Intervention(name='a', set={'optim.lr': 1e-3}),"
+        " Intervention(name='a', set={'optim.lr': 2e-3})])",
+        "unique",
+    ),
+    exp_case(
+        "file-intervention-named-baseline",
+        "experiment = Experiment(name='x', interventions=[Intervention(name='baseline')])",
+        "reserved",
+    ),
+    exp_case(
+        "file-stack-unknown",
+        "experiment = Experiment(name='x', interventions=[Intervention(name='a', stack=['nosuch'])])",
+        "nosuch",
+    ),
+    exp_case(
+        "file-stack-conflict",
+        "experiment = Experiment(name='x', base=BASE, interventions=[Intervention(name='lo', set={'optim.lr': 1e-3}),"
+        " Intervention(name='hi', set={'optim.lr': 2e-3}), Intervention(name='both', stack=['lo', 'hi'])])",
+        "differently",
+    ),
+    exp_case(
+        "file-unknown-config-key",
+        "experiment = Experiment(name='x', base=BASE, interventions=[Intervention(name='i', set={'optim.lrr': 1})])",
+        "optim.lrr",
+    ),
+    exp_case(
+        "file-impossible-value",
+        "experiment = Experiment(name='x', base=BASE, interventions=[Intervention(name='h', set={'model.n_head': 5})])",
+        "divisible",
+    ),
+    exp_case(
+        "file-negative-lr",
+        "experiment = Experiment(name='x', base=BASE, interventions=[Intervention(name='n', set={'optim.lr': -1})])",
+        "optim.lr",
+    ),
     exp_case("file-unknown-preset", "experiment = Experiment(name='x', preset='huge')", "huge"),
     exp_case("name-dotdot", "experiment = Experiment(name='..', base=BASE)", "not a valid name"),
     exp_case("name-slash", "experiment = Experiment(name='a/b', base=BASE)", "not a valid name"),
@@ -199,9 +222,11 @@ CASES = [
     exp_case("name-control-char", "experiment = Experiment(name='a\\x07b', base=BASE)", "not a valid name"),
     exp_case("name-newline", "experiment = Experiment(name='a\\nb', base=BASE)", "not a valid name"),
     exp_case("name-too-long", "experiment = Experiment(name='a' * 201, base=BASE)", "201 characters"),
-    exp_case("intervention-name-path",
-             "experiment = Experiment(name='x', base=BASE, interventions=[Intervention(name='../up')])",
-             "not a valid name"),
+    exp_case(
+        "intervention-name-path",
+        "experiment = Experiment(name='x', base=BASE, interventions=[Intervention(name='../up')])",
+        "not a valid name",
+    ),
     # ---- submit options -------------------------------------------------------------------------------------
     Case("submit-seeds-zero", lambda c: [*GOOD_SUBMIT(c), "--seeds", "0"], expect="--seeds"),
     Case("submit-seeds-negative", lambda c: [*GOOD_SUBMIT(c), "--seeds", "-1"], expect="--seeds"),
@@ -213,41 +238,90 @@ CASES = [
     Case("submit-set-wrong-type", lambda c: [*GOOD_SUBMIT(c), "--set", "optim.lr=fast"], expect="optim.lr"),
     Case("submit-dry-run-bad-seeds", lambda c: [*GOOD_SUBMIT(c), "--dry-run", "--seeds", "0"], expect="--seeds"),
     # ---- data ---------------------------------------------------------------------------------------------
-    Case("data-missing-dir", lambda c: ["submit", QUICKSTART, "--set", f"data.path={c.tmp / 'no-data'}"],
-         expect="python -m trainer.prepare embedded --out"),
-    Case("data-empty-dir", lambda c: ["submit", QUICKSTART, "--set", f"data.path={_empty_dir(c)}"],
-         expect="no prepared data"),
-    Case("data-corrupt-shard-header", lambda c: ["submit", QUICKSTART, "--set", f"data.path={_corrupt_shard(c)}"],
-         expect="bad magic number"),
-    Case("data-truncated-shard", lambda c: ["submit", QUICKSTART, "--set", f"data.path={_truncated_shard(c)}"],
-         expect="truncated or corrupt"),
-    Case("data-missing-val-split", lambda c: ["submit", QUICKSTART, "--set", f"data.path={_no_val_split(c)}"],
-         expect="val_000000.bin is missing"),
-    Case("data-test-slice-too-big", lambda c: [*GOOD_SUBMIT(c), "--set", "eval.test_sequences=100000"],
-         expect="eval.test_sequences"),
-    Case("data-path-is-a-file", lambda c: ["submit", QUICKSTART, "--set", f"data.path={c.file('f.bin', b'x')}"],
-         expect="is a file"),
+    Case(
+        "data-missing-dir",
+        lambda c: ["submit", QUICKSTART, "--set", f"data.path={c.tmp / 'no-data'}"],
+        expect="python -m trainer.prepare embedded --out",
+    ),
+    Case(
+        "data-empty-dir",
+        lambda c: ["submit", QUICKSTART, "--set", f"data.path={_empty_dir(c)}"],
+        expect="no prepared data",
+    ),
+    Case(
+        "data-corrupt-shard-header",
+        lambda c: ["submit", QUICKSTART, "--set", f"data.path={_corrupt_shard(c)}"],
+        expect="bad magic number",
+    ),
+    Case(
+        "data-truncated-shard",
+        lambda c: ["submit", QUICKSTART, "--set", f"data.path={_truncated_shard(c)}"],
+        expect="truncated or corrupt",
+    ),
+    Case(
+        "data-missing-val-split",
+        lambda c: ["submit", QUICKSTART, "--set", f"data.path={_no_val_split(c)}"],
+        expect="val_000000.bin is missing",
+    ),
+    Case(
+        "data-test-slice-too-big",
+        lambda c: [*GOOD_SUBMIT(c), "--set", "eval.test_sequences=100000"],
+        expect="eval.test_sequences",
+    ),
+    Case(
+        "data-path-is-a-file",
+        lambda c: ["submit", QUICKSTART, "--set", f"data.path={c.file('f.bin', b'x')}"],
+        expect="is a file",
+    ),
     # ---- worker -------------------------------------------------------------------------------------------
-    Case("worker-gpus-per-run-zero", lambda c: ["worker", "--gpus", "0", "--gpus-per-run", "0", "--until-empty",
-                                                "--no-mlflow"], expect="--gpus-per-run"),
-    Case("worker-parallel-zero", lambda c: ["worker", "--parallel", "0", "--until-empty", "--no-mlflow"],
-         expect="--parallel"),
-    Case("worker-nproc-zero", lambda c: ["worker", "--nproc-per-node", "0", "--until-empty", "--no-mlflow"],
-         expect="--nproc-per-node"),
-    Case("worker-heartbeat-zero", lambda c: ["worker", "--heartbeat", "0", "--until-empty", "--no-mlflow"],
-         expect="--heartbeat"),
-    Case("worker-heartbeat-negative", lambda c: ["worker", "--heartbeat", "-1", "--until-empty", "--no-mlflow"],
-         expect="--heartbeat"),
-    Case("worker-grace-equals-heartbeat", lambda c: ["worker", "--heartbeat", "5", "--grace", "5", "--until-empty",
-                                                     "--no-mlflow"], expect="longer than --heartbeat"),
-    Case("worker-grace-below-heartbeat", lambda c: ["worker", "--grace", "1", "--until-empty", "--no-mlflow"],
-         expect="longer than --heartbeat"),
-    Case("worker-gpus-not-indices", lambda c: ["worker", "--gpus", "a,b", "--until-empty", "--no-mlflow"],
-         expect="--gpus"),
-    Case("worker-gpus-repeated", lambda c: ["worker", "--gpus", "0,0", "--until-empty", "--no-mlflow"],
-         expect="--gpus"),
-    Case("worker-gpus-not-a-multiple", lambda c: ["worker", "--gpus", "0,1,2", "--gpus-per-run", "2",
-                                                  "--until-empty", "--no-mlflow"], expect="multiple"),
+    Case(
+        "worker-gpus-per-run-zero",
+        lambda c: ["worker", "--gpus", "0", "--gpus-per-run", "0", "--until-empty", "--no-mlflow"],
+        expect="--gpus-per-run",
+    ),
+    Case(
+        "worker-parallel-zero",
+        lambda c: ["worker", "--parallel", "0", "--until-empty", "--no-mlflow"],
+        expect="--parallel",
+    ),
+    Case(
+        "worker-nproc-zero",
+        lambda c: ["worker", "--nproc-per-node", "0", "--until-empty", "--no-mlflow"],
+        expect="--nproc-per-node",
+    ),
+    Case(
+        "worker-heartbeat-zero",
+        lambda c: ["worker", "--heartbeat", "0", "--until-empty", "--no-mlflow"],
+        expect="--heartbeat",
+    ),
+    Case(
+        "worker-heartbeat-negative",
+        lambda c: ["worker", "--heartbeat", "-1", "--until-empty", "--no-mlflow"],
+        expect="--heartbeat",
+    ),
+    Case(
+        "worker-grace-equals-heartbeat",
+        lambda c: ["worker", "--heartbeat", "5", "--grace", "5", "--until-empty", "--no-mlflow"],
+        expect="longer than --heartbeat",
+    ),
+    Case(
+        "worker-grace-below-heartbeat",
+        lambda c: ["worker", "--grace", "1", "--until-empty", "--no-mlflow"],
+        expect="longer than --heartbeat",
+    ),
+    Case(
+        "worker-gpus-not-indices",
+        lambda c: ["worker", "--gpus", "a,b", "--until-empty", "--no-mlflow"],
+        expect="--gpus",
+    ),
+    Case(
+        "worker-gpus-repeated", lambda c: ["worker", "--gpus", "0,0", "--until-empty", "--no-mlflow"], expect="--gpus"
+    ),
+    Case(
+        "worker-gpus-not-a-multiple",
+        lambda c: ["worker", "--gpus", "0,1,2", "--gpus-per-run", "2", "--until-empty", "--no-mlflow"],
+        expect="multiple",
+    ),
     Case("worker-parallel-not-a-number", lambda c: ["worker", "--parallel", "two"], expect="--parallel"),
     # ---- table --------------------------------------------------------------------------------------------
     Case("table-bad-format", lambda c: ["table", "--format", "xml"], expect="--format"),
@@ -295,12 +369,19 @@ CASES = [
     Case("suggest-nothing", lambda c: ["suggest"], add_db=False, expect="--params"),
     Case("suggest-negative-params", lambda c: ["suggest", "--params", "-5"], add_db=False, expect="positive"),
     Case("suggest-unknown-preset", lambda c: ["suggest", "--preset", "huge"], add_db=False, expect="huge"),
-    Case("suggest-bad-format", lambda c: ["suggest", "--preset", "tiny", "--format", "xml"], add_db=False,
-         expect="--format"),
+    Case(
+        "suggest-bad-format",
+        lambda c: ["suggest", "--preset", "tiny", "--format", "xml"],
+        add_db=False,
+        expect="--format",
+    ),
     # ---- sweep --------------------------------------------------------------------------------------------
     Case("sweep-status-unknown", lambda c: ["sweep", "status", "nosuch"], expect="no sweep named 'nosuch'"),
-    Case("sweep-plot-unknown", lambda c: ["sweep", "plot", "nosuch", "--out", str(c.tmp / "plots")],
-         expect="no sweep named 'nosuch'"),
+    Case(
+        "sweep-plot-unknown",
+        lambda c: ["sweep", "plot", "nosuch", "--out", str(c.tmp / "plots")],
+        expect="no sweep named 'nosuch'",
+    ),
     Case("sweep-confirm-unknown", lambda c: ["sweep", "confirm", "nosuch"], expect="no sweep named 'nosuch'"),
     Case("sweep-status-experiment-name", lambda c: ["sweep", "status", "quickstart"], expect="no sweep named"),
     Case("sweep-status-no-name", lambda c: ["sweep", "status"], expect="needs the sweep's name"),
@@ -311,26 +392,49 @@ CASES = [
     sweep_case("sweep-file-syntax-error", "sweep = Sweep(name='s'", "SyntaxError"),
     sweep_case("sweep-file-no-sweep-variable", "s = 1", "must define `sweep"),
     sweep_case("sweep-file-bad-name", "sweep = Sweep(name='..', base=BASE)", "not a valid name"),
-    sweep_case("sweep-file-low-above-high", "sweep = Sweep(name='s', base=BASE, "
-               "space={'optim.lr': LogUniform(low=1e-2, high=1e-4)})", "below high"),
+    sweep_case(
+        "sweep-file-low-above-high",
+        "sweep = Sweep(name='s', base=BASE, space={'optim.lr': LogUniform(low=1e-2, high=1e-4)})",
+        "below high",
+    ),
     sweep_case("sweep-file-empty-space", "sweep = Sweep(name='s', base=BASE, space={})", "space is empty"),
-    sweep_case("sweep-file-unknown-space-key", "sweep = Sweep(name='s', base=BASE, "
-               "space={'optim.lrr': LogUniform(low=1e-4, high=1e-2)})", "optim.lrr"),
+    sweep_case(
+        "sweep-file-unknown-space-key",
+        "sweep = Sweep(name='s', base=BASE, space={'optim.lrr': LogUniform(low=1e-4, high=1e-2)})",
+        "optim.lrr",
+    ),
     sweep_case("sweep-file-zero-trials", "sweep = Sweep(name='s', base=BASE, trials=0)", "trials"),
-    sweep_case("sweep-file-missing-data", "sweep = Sweep(name='s', base={'data.path': 'no/such/data'})",
-               "python -m trainer.prepare"),
+    sweep_case(
+        "sweep-file-missing-data",
+        "sweep = Sweep(name='s', base={'data.path': 'no/such/data'})",
+        "python -m trainer.prepare",
+    ),
     sweep_case("sweep-poll-zero", "sweep = Sweep(name='s', base=BASE)", "--poll", extra=("--poll", "0")),
-    sweep_case("sweep-grace-below-polls", "sweep = Sweep(name='s', base=BASE)", "--grace",
-               extra=("--grace", "1", "--poll", "2")),
-    sweep_case("sweep-set-unknown-key", "sweep = Sweep(name='s', base=BASE)", "optim.lrr",
-               extra=("--set", "optim.lrr=1")),
-    Case("sweep-file-and-name", lambda c: ["sweep", c.sweep("sweep = Sweep(name='s', base=BASE)"), "s"],
-         expect="takes no name"),
+    sweep_case(
+        "sweep-grace-below-polls",
+        "sweep = Sweep(name='s', base=BASE)",
+        "--grace",
+        extra=("--grace", "1", "--poll", "2"),
+    ),
+    sweep_case(
+        "sweep-set-unknown-key", "sweep = Sweep(name='s', base=BASE)", "optim.lrr", extra=("--set", "optim.lrr=1")
+    ),
+    Case(
+        "sweep-file-and-name",
+        lambda c: ["sweep", c.sweep("sweep = Sweep(name='s', base=BASE)"), "s"],
+        expect="takes no name",
+    ),
     # ---- report, ls, logs, cancel, retry ------------------------------------------------------------------
-    Case("report-unknown-experiment", lambda c: ["report", "nosuch", "--out", str(c.tmp / "rep")],
-         expect="no experiment named 'nosuch'"),
-    Case("report-bad-alpha", lambda c: ["report", "quickstart", "--alpha", "0", "--out", str(c.tmp / "rep")],
-         expect="--alpha"),
+    Case(
+        "report-unknown-experiment",
+        lambda c: ["report", "nosuch", "--out", str(c.tmp / "rep")],
+        expect="no experiment named 'nosuch'",
+    ),
+    Case(
+        "report-bad-alpha",
+        lambda c: ["report", "quickstart", "--alpha", "0", "--out", str(c.tmp / "rep")],
+        expect="--alpha",
+    ),
     Case("ls-bad-state", lambda c: ["ls", "--state", "done"], expect="--state"),
     Case("ls-unknown-experiment", lambda c: ["ls", "nosuch"], expect="no experiment named 'nosuch'"),
     Case("logs-unknown-prefix", lambda c: ["logs", c.unknown_prefix()], expect="no run id starts with"),
@@ -348,69 +452,167 @@ CASES = [
     Case("unknown-command", lambda c: ["trian"], add_db=False, expect="No such command"),
     Case("unknown-option", lambda c: ["table", "--colour"], expect="No such option"),
     # ---- the database itself ------------------------------------------------------------------------------
-    *[Case(f"corrupt-db-{'-'.join(cmd[:2])}", lambda c, cmd=cmd: [*cmd], db="corrupt",
-           expect="not a valid SQLite database")
-      for cmd in (["table"], ["ls"], ["status"], ["noise", "quickstart"], ["logs", "abc"], ["cancel", "abc"],
-                  ["retry", "abc"], ["db", "upgrade"], ["sweep", "status", "x"])],
+    *[
+        Case(
+            f"corrupt-db-{'-'.join(cmd[:2])}",
+            lambda c, cmd=cmd: [*cmd],
+            db="corrupt",
+            expect="not a valid SQLite database",
+        )
+        for cmd in (
+            ["table"],
+            ["ls"],
+            ["status"],
+            ["noise", "quickstart"],
+            ["logs", "abc"],
+            ["cancel", "abc"],
+            ["retry", "abc"],
+            ["db", "upgrade"],
+            ["sweep", "status", "x"],
+        )
+    ],
     Case("corrupt-db-submit", GOOD_SUBMIT, db="corrupt", expect="not a valid SQLite database"),
-    Case("corrupt-db-worker", lambda c: ["worker", "--until-empty", "--no-mlflow"], db="corrupt",
-         expect="not a valid SQLite database"),
-    Case("corrupt-db-import", lambda c: ["import", c.file("r.csv", IMPORTED)], db="corrupt",
-         expect="not a valid SQLite database"),
-    *[Case(f"truncated-db-{cmd[0]}", lambda c, cmd=cmd: [*cmd], db="truncated", expect="not a valid SQLite database")
-      for cmd in (["table"], ["ls"], ["status"])],
+    Case(
+        "corrupt-db-worker",
+        lambda c: ["worker", "--until-empty", "--no-mlflow"],
+        db="corrupt",
+        expect="not a valid SQLite database",
+    ),
+    Case(
+        "corrupt-db-import",
+        lambda c: ["import", c.file("r.csv", IMPORTED)],
+        db="corrupt",
+        expect="not a valid SQLite database",
+    ),
+    *[
+        Case(f"truncated-db-{cmd[0]}", lambda c, cmd=cmd: [*cmd], db="truncated", expect="not a valid SQLite database")
+        for cmd in (["table"], ["ls"], ["status"])
+    ],
     Case("truncated-db-submit", GOOD_SUBMIT, db="truncated", expect="not a valid SQLite database"),
-    Case("truncated-db-worker", lambda c: ["worker", "--until-empty", "--no-mlflow"], db="truncated",
-         expect="not a valid SQLite database"),
+    Case(
+        "truncated-db-worker",
+        lambda c: ["worker", "--until-empty", "--no-mlflow"],
+        db="truncated",
+        expect="not a valid SQLite database",
+    ),
     # Damage found only mid-command: the schema pages are whole, the runs table's root page is not.
-    *[Case(f"damaged-runs-db-{'-'.join(cmd[:2])}", lambda c, cmd=cmd: [*cmd], db="damaged-runs",
-           expect="not a valid SQLite database")
-      for cmd in (["table"], ["ls"], ["status"], ["logs", "abc"], ["retry", "abc"], ["noise", "quickstart"])],
+    *[
+        Case(
+            f"damaged-runs-db-{'-'.join(cmd[:2])}",
+            lambda c, cmd=cmd: [*cmd],
+            db="damaged-runs",
+            expect="not a valid SQLite database",
+        )
+        for cmd in (["table"], ["ls"], ["status"], ["logs", "abc"], ["retry", "abc"], ["noise", "quickstart"])
+    ],
     Case("empty-db-file-table", lambda c: ["table"], db="empty", expect="no orch database"),
     Case("empty-db-file-ls", lambda c: ["ls"], db="empty", expect="no orch database"),
     Case("no-db-table", lambda c: ["table"], db="none", expect="no database at"),
     Case("no-db-upgrade", lambda c: ["db", "upgrade"], db="none", expect="no database at"),
     # A database that does not exist yet must not be created by a command that refuses its input.
     Case("fresh-db-submit-bad-seeds", lambda c: [*GOOD_SUBMIT(c), "--seeds", "0"], db="none", expect="--seeds"),
-    Case("fresh-db-submit-missing-data", lambda c: ["submit", QUICKSTART, "--set", "data.path=nowhere"], db="none",
-         expect="nowhere"),
-    Case("fresh-db-import-nan", lambda c: ["import", c.file("r.csv", "name,test_loss\nbaseline,nan\n")], db="none",
-         expect="finite positive"),
-    Case("fresh-db-worker-parallel-zero", lambda c: ["worker", "--parallel", "0", "--until-empty", "--no-mlflow"],
-         db="none", expect="--parallel"),
-    Case("fresh-db-sweep-bad-file", lambda c: ["sweep", c.sweep("sweep = Sweep(name='s', base=BASE, trials=0)"),
-                                               "--no-mlflow"], db="none", expect="trials"),
+    Case(
+        "fresh-db-submit-missing-data",
+        lambda c: ["submit", QUICKSTART, "--set", "data.path=nowhere"],
+        db="none",
+        expect="nowhere",
+    ),
+    Case(
+        "fresh-db-import-nan",
+        lambda c: ["import", c.file("r.csv", "name,test_loss\nbaseline,nan\n")],
+        db="none",
+        expect="finite positive",
+    ),
+    Case(
+        "fresh-db-worker-parallel-zero",
+        lambda c: ["worker", "--parallel", "0", "--until-empty", "--no-mlflow"],
+        db="none",
+        expect="--parallel",
+    ),
+    Case(
+        "fresh-db-sweep-bad-file",
+        lambda c: ["sweep", c.sweep("sweep = Sweep(name='s', base=BASE, trials=0)"), "--no-mlflow"],
+        db="none",
+        expect="trials",
+    ),
     Case("fresh-db-sweep-status", lambda c: ["sweep", "status", "s"], db="none", expect="no database at"),
     Case("db-is-a-directory", lambda c: ["table", "--db", f"sqlite:///{c.tmp}"], add_db=False, expect="directory"),
     Case("db-not-a-url", lambda c: ["table", "--db", "results.db"], add_db=False, expect="not a database URL"),
     Case("db-http-url", lambda c: ["table", "--db", "http://example.com/x"], add_db=False, expect="unsupported"),
-    Case("db-mysql-url", lambda c: ["submit", QUICKSTART, "--set", f"data.path={c.data_dir}", "--db",
-                                    "mysql://u@127.0.0.1/x"], add_db=False, expect="unsupported"),
-    Case("db-unknown-driver", lambda c: ["table", "--db", "postgresql+nosuchdriver://u@127.0.0.1/x"], add_db=False,
-         expect="no driver"),
+    Case(
+        "db-mysql-url",
+        lambda c: ["submit", QUICKSTART, "--set", f"data.path={c.data_dir}", "--db", "mysql://u@127.0.0.1/x"],
+        add_db=False,
+        expect="unsupported",
+    ),
+    Case(
+        "db-unknown-driver",
+        lambda c: ["table", "--db", "postgresql+nosuchdriver://u@127.0.0.1/x"],
+        add_db=False,
+        expect="no driver",
+    ),
     Case("db-postgres-unreachable-table", lambda c: ["table", "--db", c.pg()], add_db=False, expect="cannot connect"),
-    Case("db-postgres-unreachable-submit", lambda c: [*GOOD_SUBMIT(c), "--db", c.pg()], add_db=False,
-         expect="cannot connect"),
-    Case("db-postgres-unreachable-worker", lambda c: ["worker", "--until-empty", "--no-mlflow", "--db", c.pg()],
-         add_db=False, expect="cannot connect"),
-    Case("db-postgres-password-in-env-is-not-shown", lambda c: ["table"], add_db=False,
-         env=lambda c: {"ORCH_DB": c.pg(PASSWORD)}, expect="cannot connect"),
-    *[Case(f"password-in-db-option-{name}", lambda c, cmd=cmd: [*cmd(c), "--db", c.pg(PASSWORD)], add_db=False,
-           expect="~/.pgpass or $PGPASSWORD")
-      for name, cmd in (("table", lambda c: ["table"]), ("submit", GOOD_SUBMIT),
-                        ("worker", lambda c: ["worker", "--until-empty", "--no-mlflow"]),
-                        ("db-upgrade", lambda c: ["db", "upgrade"]),
-                        ("import", lambda c: ["import", c.file("r.csv", IMPORTED)]),
-                        ("sweep-status", lambda c: ["sweep", "status", "x"]))],
-    Case("password-in-db-query", lambda c: ["ls", "--db", f"postgresql://orch@127.0.0.1/orch?password={PASSWORD}"],
-         add_db=False, expect="~/.pgpass"),
-    Case("password-in-unparsable-url", lambda c: ["ls", "--db", f"postgresql://orch:{PASSWORD}@host:port/x"],
-         add_db=False, expect="~/.pgpass"),
-    Case("unparsable-url", lambda c: ["ls", "--db", "postgresql://orch@host:port/x"], add_db=False,
-         expect="not a database URL"),
-    *[Case(f"password-in-mlflow-option-{name}", lambda c, cmd=cmd: [*cmd, "--mlflow", f"http://u:{PASSWORD}@127.0.0.1:9"],
-           expect="$MLFLOW_TRACKING_PASSWORD")
-      for name, cmd in (("worker", ["worker", "--until-empty"]), ("sync", ["sync"]))],
+    Case(
+        "db-postgres-unreachable-submit",
+        lambda c: [*GOOD_SUBMIT(c), "--db", c.pg()],
+        add_db=False,
+        expect="cannot connect",
+    ),
+    Case(
+        "db-postgres-unreachable-worker",
+        lambda c: ["worker", "--until-empty", "--no-mlflow", "--db", c.pg()],
+        add_db=False,
+        expect="cannot connect",
+    ),
+    Case(
+        "db-postgres-password-in-env-is-not-shown",
+        lambda c: ["table"],
+        add_db=False,
+        env=lambda c: {"ORCH_DB": c.pg(PASSWORD)},
+        expect="cannot connect",
+    ),
+    *[
+        Case(
+            f"password-in-db-option-{name}",
+            lambda c, cmd=cmd: [*cmd(c), "--db", c.pg(PASSWORD)],
+            add_db=False,
+            expect="~/.pgpass or $PGPASSWORD",
+        )
+        for name, cmd in (
+            ("table", lambda c: ["table"]),
+            ("submit", GOOD_SUBMIT),
+            ("worker", lambda c: ["worker", "--until-empty", "--no-mlflow"]),
+            ("db-upgrade", lambda c: ["db", "upgrade"]),
+            ("import", lambda c: ["import", c.file("r.csv", IMPORTED)]),
+            ("sweep-status", lambda c: ["sweep", "status", "x"]),
+        )
+    ],
+    Case(
+        "password-in-db-query",
+        lambda c: ["ls", "--db", f"postgresql://orch@127.0.0.1/orch?password={PASSWORD}"],
+        add_db=False,
+        expect="~/.pgpass",
+    ),
+    Case(
+        "password-in-unparsable-url",
+        lambda c: ["ls", "--db", f"postgresql://orch:{PASSWORD}@host:port/x"],
+        add_db=False,
+        expect="~/.pgpass",
+    ),
+    Case(
+        "unparsable-url",
+        lambda c: ["ls", "--db", "postgresql://orch@host:port/x"],
+        add_db=False,
+        expect="not a database URL",
+    ),
+    *[
+        Case(
+            f"password-in-mlflow-option-{name}",
+            lambda c, cmd=cmd: [*cmd, "--mlflow", f"http://u:{PASSWORD}@127.0.0.1:9"],
+            expect="$MLFLOW_TRACKING_PASSWORD",
+        )
+        for name, cmd in (("worker", ["worker", "--until-empty"]), ("sync", ["sync"]))
+    ],
 ]
 
 
@@ -419,8 +621,11 @@ def _dump(db: Path) -> list:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         tables = con.execute("SELECT type, name, sql FROM sqlite_master ORDER BY type, name").fetchall()
-        rows = [(name, sorted(map(repr, con.execute(f'SELECT * FROM "{name}"').fetchall())))
-                for kind, name, _ in tables if kind == "table"]
+        rows = [
+            (name, sorted(map(repr, con.execute(f'SELECT * FROM "{name}"').fetchall())))
+            for kind, name, _ in tables
+            if kind == "table"
+        ]
         return [tables, rows]
     finally:
         con.close()
@@ -432,8 +637,13 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not str(p).endswith(skip))
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(reason=c.xfail, strict=True)]
-                                               if c.xfail else []) for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, id=c.id, marks=[pytest.mark.xfail(reason=c.xfail, strict=True)] if c.xfail else [])
+        for c in CASES
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, seeded, data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # anything a command writes by default (results.db, mlflow.db, report/) lands here
     monkeypatch.delenv("ORCH_DB", raising=False)
@@ -450,7 +660,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, seeded, da
             ctx.db.write_bytes(data[: len(data) // 2])
         elif case.db == "damaged-runs":
             start = (root - 1) * page
-            ctx.db.write_bytes(data[:start] + os.urandom(page) + data[start + page:])
+            ctx.db.write_bytes(data[:start] + os.urandom(page) + data[start + page :])
     elif case.db == "corrupt":
         ctx.db.write_bytes(os.urandom(4096 * 5))
     elif case.db == "empty":
@@ -485,8 +695,26 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, seeded, da
 def test_the_matrix_covers_every_command():
     assert len(CASES) >= 70 and len({c.id for c in CASES}) == len(CASES)
     ids = " ".join(c.id for c in CASES)
-    for command in ("submit", "worker", "table", "noise", "more-seeds", "import", "suggest", "sweep", "report", "ls",
-                    "status", "logs", "cancel", "retry", "db-upgrade", "corrupt-db", "truncated-db", "password"):
+    for command in (
+        "submit",
+        "worker",
+        "table",
+        "noise",
+        "more-seeds",
+        "import",
+        "suggest",
+        "sweep",
+        "report",
+        "ls",
+        "status",
+        "logs",
+        "cancel",
+        "retry",
+        "db-upgrade",
+        "corrupt-db",
+        "truncated-db",
+        "password",
+    ):
         assert command in ids, command
 
 
@@ -536,9 +764,16 @@ def test_the_installed_entry_point_prints_one_line_too(tmp_path):
     db = tmp_path / "results.db"
     db.write_bytes(os.urandom(8192))
     before = db.read_bytes()
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "ls", "--db", f"sqlite:///{db}"], cwd=tmp_path,
-                         env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "ls", "--db", f"sqlite:///{db}"],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.strip().splitlines() == [f"error: {db} is not a valid SQLite database (file is not a "
-                                               "database): move it aside or restore a backup"]
+    assert out.stderr.strip().splitlines() == [
+        f"error: {db} is not a valid SQLite database (file is not a database): move it aside or restore a backup"
+    ]
     assert db.read_bytes() == before

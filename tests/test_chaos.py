@@ -21,8 +21,13 @@ pytestmark = pytest.mark.chaos
 def test_short_campaign_loses_fails_duplicates_and_changes_nothing(tmp_path):
     out = tmp_path / "chaos.json"
     db = "both" if pg_bin() is not None else "sqlite"  # .ci/run installs PostgreSQL; elsewhere SQLite alone
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "chaos.py"), "--short", "--db", db, "--seed", "1",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=870)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "chaos.py"), "--short", "--db", db, "--seed", "1", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=870,
+    )
     assert out.exists(), f"no JSON written (exit {proc.returncode})\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     results = json.loads(out.read_text())
     assert "harness_error" not in results, results.get("traceback")
@@ -33,8 +38,11 @@ def test_short_campaign_loses_fails_duplicates_and_changes_nothing(tmp_path):
         if nonzero:
             problems[name] = nonzero
         # Every kind fired at least once (a tmpfs for the disk-full fault needs root).
-        undone = {k: f for k, f in entry["faults"].items()
-                  if not f["done"] and not (k == "disk_full" and not results["machine"]["root"])}
+        undone = {
+            k: f
+            for k, f in entry["faults"].items()
+            if not f["done"] and not (k == "disk_full" and not results["machine"]["root"])
+        }
         assert not undone, f"{name}: fault kinds that never fired: {undone}"
     assert not problems, f"figures that must be zero are not: {problems}\n{proc.stdout[-6000:]}"
     assert proc.returncode == 0, proc.stdout[-4000:]

@@ -11,7 +11,6 @@ from conftest import PYTHON, REPO, subprocess_env
 from trainer import config
 from trainer.config import ConfigError
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Presets
 
@@ -82,22 +81,25 @@ def test_tokens_budget_sets_the_step_count():
 # Every switch of the blog series' published runs exists and takes effect.
 
 
-@pytest.mark.parametrize("key, value", [
-    ("model.dropout", 0.0),
-    ("model.qkv_bias", True),
-    ("model.tie_weights", True),
-    ("optim.grad_clip", 3.5),
-    ("optim.weight_decay", 0.01),
-    ("optim.lr", 1.4e-3),
-    ("schedule.kind", "cosine"),
-    ("schedule.warmup", 0.05),
-    ("schedule.min_lr_ratio", 0.1),
-    ("precision.amp", "fp32"),
-    ("precision.amp", "fp16"),
-    ("precision.amp", "bf16"),
-    ("run.micro_batch_size", 6),
-    ("run.tokens", 1_000_000_000),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("model.dropout", 0.0),
+        ("model.qkv_bias", True),
+        ("model.tie_weights", True),
+        ("optim.grad_clip", 3.5),
+        ("optim.weight_decay", 0.01),
+        ("optim.lr", 1.4e-3),
+        ("schedule.kind", "cosine"),
+        ("schedule.warmup", 0.05),
+        ("schedule.min_lr_ratio", 0.1),
+        ("precision.amp", "fp32"),
+        ("precision.amp", "fp16"),
+        ("precision.amp", "bf16"),
+        ("run.micro_batch_size", 6),
+        ("run.tokens", 1_000_000_000),
+    ],
+)
 def test_blog_switch_exists(key, value):
     cfg = config.load(preset_name="gpt2-small", overrides={key: value})
     section, name = key.split(".")
@@ -106,10 +108,18 @@ def test_blog_switch_exists(key, value):
 
 def test_blog_stacked_run_validates():
     """The series' best run: clipping 3.5 + no dropout + 5% warmup, cosine to 10% of 1.4e-3 + wd 0.01."""
-    cfg = config.load(preset_name="gpt2-small", overrides={
-        "optim.grad_clip": 3.5, "model.dropout": 0.0, "schedule.kind": "cosine", "schedule.warmup": 0.05,
-        "schedule.min_lr_ratio": 0.1, "optim.lr": 1.4e-3, "optim.weight_decay": 0.01,
-    })
+    cfg = config.load(
+        preset_name="gpt2-small",
+        overrides={
+            "optim.grad_clip": 3.5,
+            "model.dropout": 0.0,
+            "schedule.kind": "cosine",
+            "schedule.warmup": 0.05,
+            "schedule.min_lr_ratio": 0.1,
+            "optim.lr": 1.4e-3,
+            "optim.weight_decay": 0.01,
+        },
+    )
     assert cfg.total_steps() == 33164
     from trainer.optim import lr_at, warmup_steps
 
@@ -181,13 +191,16 @@ def test_setting_one_budget_clears_the_other():
     assert cfg.run.steps is None and cfg.total_steps() == 9
 
 
-@pytest.mark.parametrize("key, value, words", [
-    ("model.dropout", 1.0, "model.dropout"),
-    ("run.micro_batch_size", 0, "run.micro_batch_size"),
-    ("run.micro_batch_size", "big", "run.micro_batch_size"),
-    ("schedule.warmup", 1.5, "schedule.warmup"),
-    ("eval.amp", "fp8", "eval.amp"),
-])
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("model.dropout", 1.0, "model.dropout"),
+        ("run.micro_batch_size", 0, "run.micro_batch_size"),
+        ("run.micro_batch_size", "big", "run.micro_batch_size"),
+        ("schedule.warmup", 1.5, "schedule.warmup"),
+        ("eval.amp", "fp8", "eval.amp"),
+    ],
+)
 def test_impossible_values_name_the_key(key, value, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
         config.load(preset_name="tiny", overrides={key: value})
@@ -195,8 +208,9 @@ def test_impossible_values_name_the_key(key, value, words):
 
 def test_wsd_decay_and_warmup_must_fit():
     with pytest.raises(ConfigError, match=r"schedule.warmup .* schedule.decay"):
-        config.load(preset_name="tiny", overrides={"schedule.kind": "wsd", "schedule.warmup": 0.9,
-                                                   "schedule.decay": 0.2})
+        config.load(
+            preset_name="tiny", overrides={"schedule.kind": "wsd", "schedule.warmup": 0.9, "schedule.decay": 0.2}
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,8 +269,14 @@ def test_missing_and_invalid_files(tmp_path):
 
 
 def _cli(*args, timeout=60):
-    return subprocess.run([PYTHON, "-m", "trainer", *args], cwd=REPO, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [PYTHON, "-m", "trainer", *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_unknown_key_is_one_line_error(tmp_path):

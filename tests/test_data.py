@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, subprocess_env, synthetic_documents
-from trainer.data import (HEADER_BYTES, MAGIC, DataError, Split, TrainOrder, fixed_slice, read_shard,
-                          write_shard)
+from trainer.data import HEADER_BYTES, MAGIC, DataError, Split, TrainOrder, fixed_slice, read_shard, write_shard
 from trainer.prepare import file_corpus, prepare, split_of
 from trainer.tokenizer import EOT, gpt2
 
@@ -248,8 +247,9 @@ def _write_inputs(folder: Path, docs: list[str]) -> list[Path]:
     jsonl = folder / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs[third : 2 * third])))
     parquet = folder / "docs.parquet"
-    pq.write_table(pa.table({"text": docs[2 * third :], "n": list(range(len(docs) - 2 * third))}), parquet,
-                   row_group_size=7)
+    pq.write_table(
+        pa.table({"text": docs[2 * third :], "n": list(range(len(docs) - 2 * third))}), parquet, row_group_size=7
+    )
     return [txt, jsonl, parquet]
 
 
@@ -269,8 +269,21 @@ def test_prepare_files_cli(tmp_path):
     docs = synthetic_documents(n_docs=60, seed=7) + ["Ünïcödé — “quoted” text ✓."]
     inputs = _write_inputs(tmp_path / "in", docs)
     out = tmp_path / "out"
-    cmd = [PYTHON, "-m", "trainer.prepare", "files", *map(str, inputs), "--out", str(out),
-           "--val-fraction", "0.2", "--test-fraction", "0.2", "--shard-tokens", "1000"]
+    cmd = [
+        PYTHON,
+        "-m",
+        "trainer.prepare",
+        "files",
+        *map(str, inputs),
+        "--out",
+        str(out),
+        "--val-fraction",
+        "0.2",
+        "--test-fraction",
+        "0.2",
+        "--shard-tokens",
+        "1000",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout
@@ -286,17 +299,42 @@ def test_prepare_files_function(tmp_path):
     docs = synthetic_documents(n_docs=45, seed=11)
     inputs = _write_inputs(tmp_path / "in", docs)
     out = tmp_path / "out"
-    meta = prepare(file_corpus(map(str, inputs)), out, source="files", command="cmd", val_fraction=0.25,
-                   test_fraction=0.25, shard_tokens=500, progress=False)
+    meta = prepare(
+        file_corpus(map(str, inputs)),
+        out,
+        source="files",
+        command="cmd",
+        val_fraction=0.25,
+        test_fraction=0.25,
+        shard_tokens=500,
+        progress=False,
+    )
     assert meta == _check_prepared(out, docs, 0.25, 0.25)
 
 
 def test_prepare_cli_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
-    proc = subprocess.run([PYTHON, "-m", "trainer.prepare", "files", str(bad), "--out", str(tmp_path / "o"),
-                           "--val-fraction", "0.3", "--test-fraction", "0.3"], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "trainer.prepare",
+            "files",
+            str(bad),
+            "--out",
+            str(tmp_path / "o"),
+            "--val-fraction",
+            "0.3",
+            "--test-fraction",
+            "0.3",
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert f"{bad}:2" in proc.stderr and "--text-field" in proc.stderr
@@ -306,15 +344,20 @@ def test_prepare_cli_errors_are_one_line(tmp_path):
 def test_split_assignment_is_deterministic_and_order_free(tmp_path):
     docs = synthetic_documents(n_docs=80, seed=5)
     assert [split_of(d, 0.2, 0.2) for d in docs] == [split_of(d, 0.2, 0.2) for d in docs]
-    a = prepare(docs, tmp_path / "a", source="s", command="c", val_fraction=0.2, test_fraction=0.2,
-                progress=False)
-    b = prepare(list(reversed(docs)), tmp_path / "b", source="s", command="c", val_fraction=0.2,
-                test_fraction=0.2, progress=False)
+    a = prepare(docs, tmp_path / "a", source="s", command="c", val_fraction=0.2, test_fraction=0.2, progress=False)
+    b = prepare(
+        list(reversed(docs)),
+        tmp_path / "b",
+        source="s",
+        command="c",
+        val_fraction=0.2,
+        test_fraction=0.2,
+        progress=False,
+    )
     assert a["tokens"] == b["tokens"]
     for split in ("train", "val", "test"):
         assert sorted(_read_split_docs(tmp_path / "a", split)) == sorted(_read_split_docs(tmp_path / "b", split))
-    c = prepare(docs, tmp_path / "c", source="s", command="c", val_fraction=0.2, test_fraction=0.2,
-                progress=False)
+    c = prepare(docs, tmp_path / "c", source="s", command="c", val_fraction=0.2, test_fraction=0.2, progress=False)
     assert c["sha256"] == a["sha256"]  # same input, same order: identical bytes
     for split in ("train", "val", "test"):
         for x, y in zip(sorted((tmp_path / "a").glob(f"{split}_*")), sorted((tmp_path / "c").glob(f"{split}_*"))):
@@ -332,11 +375,27 @@ def test_split_fractions_are_respected_on_average():
 
 def test_reprepare_replaces_old_shards(tmp_path):
     out = tmp_path / "o"
-    prepare(synthetic_documents(60, seed=1), out, source="s", command="c", val_fraction=0.2, test_fraction=0.2,
-            shard_tokens=300, progress=False)
+    prepare(
+        synthetic_documents(60, seed=1),
+        out,
+        source="s",
+        command="c",
+        val_fraction=0.2,
+        test_fraction=0.2,
+        shard_tokens=300,
+        progress=False,
+    )
     many = len(list(out.glob("*.bin")))
-    meta = prepare(synthetic_documents(60, seed=1), out, source="s", command="c", val_fraction=0.2,
-                   test_fraction=0.2, shard_tokens=100_000, progress=False)
+    meta = prepare(
+        synthetic_documents(60, seed=1),
+        out,
+        source="s",
+        command="c",
+        val_fraction=0.2,
+        test_fraction=0.2,
+        shard_tokens=100_000,
+        progress=False,
+    )
     assert len(list(out.glob("*.bin"))) == 3 < many
     assert Split(out, "train").n_tokens == meta["tokens"]["train"]
 

@@ -54,8 +54,14 @@ def test_a_second_trainer_on_a_busy_run_directory_is_refused_by_hand(tmp_path, d
     first = start_trainer(run_dir, data_dir, {"run.steps": 400})
     try:
         wait_for_step(run_dir, first, 2)
-        second = subprocess.run(trainer_cmd(run_dir, data_dir, {"run.steps": 400}), cwd=REPO, env=subprocess_env(),
-                                capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            trainer_cmd(run_dir, data_dir, {"run.steps": 400}),
+            cwd=REPO,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 1 and f"is being trained by pid {first.pid}" in second.stderr
         assert "Traceback" not in second.stderr and first.poll() is None  # the holder trains on, untouched
         assert runlock.holder(run_dir)["pid"] == first.pid
@@ -70,8 +76,14 @@ def test_a_relaunch_waits_for_the_previous_trainer_and_resumes_after_it(tmp_path
     first = start_trainer(run_dir, data_dir, {"run.steps": 40})
     wait_for_step(run_dir, first, 3)
     env = dict(subprocess_env(), ORCH_LAUNCH_ID="x.2")  # a launcher's relaunch: it may wait, and stop the old one
-    second = subprocess.run(trainer_cmd(run_dir, data_dir, {"run.steps": 40}), cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        trainer_cmd(run_dir, data_dir, {"run.steps": 40}),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     first.communicate(timeout=60)
     assert first.returncode == 75  # told to stop: it checkpointed, ended preempted
     assert second.returncode == 0, second.stderr
@@ -139,8 +151,14 @@ def test_tracking_survives_an_mlflow_outage(tmp_path, data_dir):
     store = f"sqlite:///{tmp_path / 'mlflow-server.db'}"
     url = f"http://127.0.0.1:{port}"
     env = dict(orch.env, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="3")
-    worker = subprocess.run([*orch.args("worker", "--until-empty", "--heartbeat", "0.5"), "--mlflow", url],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    worker = subprocess.run(
+        [*orch.args("worker", "--until-empty", "--heartbeat", "0.5"), "--mlflow", url],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert worker.returncode == 0, worker.stdout + worker.stderr
     assert "tracking paused" in worker.stdout and "kept for the next worker or `orch sync`" in worker.stdout
     [r] = queries.find(eng, run.id)
@@ -152,11 +170,18 @@ def test_tracking_survives_an_mlflow_outage(tmp_path, data_dir):
     server.start()
     try:
         env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "60"  # a fresh server on a busy 2-core machine answers slowly at first
-        synced = subprocess.run([*orch.args("sync"), "--mlflow", url, "--runs-dir", str(orch.runs)], cwd=tmp_path,
-                                env=env, capture_output=True, text=True, timeout=300)
+        synced = subprocess.run(
+            [*orch.args("sync"), "--mlflow", url, "--runs-dir", str(orch.runs)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert synced.returncode == 0 and "synced 1 run(s)" in synced.stdout, synced.stdout + synced.stderr
-        again = subprocess.run([*orch.args("sync"), "--mlflow", url], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=120)
+        again = subprocess.run(
+            [*orch.args("sync"), "--mlflow", url], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
         assert "synced 0 run(s)" in again.stdout  # idempotent: nothing is sent twice
 
         from mlflow.tracking import MlflowClient
@@ -232,8 +257,11 @@ def test_a_full_disk_costs_no_attempt_and_the_run_finishes_once_space_is_free(tm
                     f.flush()
             except OSError:
                 pass
-        wait_until(lambda: queries.find(eng, run.id)[0].launches >= 2 or not alive(w.pid), timeout=120,
-                   what="the run handed back")
+        wait_until(
+            lambda: queries.find(eng, run.id)[0].launches >= 2 or not alive(w.pid),
+            timeout=120,
+            what="the run handed back",
+        )
         junk.unlink()
         out, _ = w.communicate(timeout=300)
         assert w.returncode == 0, out
@@ -254,9 +282,22 @@ def test_the_stored_error_is_the_trainers_not_torchruns_report(tmp_path):
     log = tmp_path / LOG
     log.write_text("=== attempt 1 (launch x.1) on an earlier worker\nold noise\n=== attempt 2 (launch x.2) on w\n")
     with open(log, "a") as f:  # a real torchrun whose one child fails with a one-line error
-        subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
-                        "json.tool", str(tmp_path / "missing.json")], stdout=f, stderr=subprocess.STDOUT,
-                       env=subprocess_env(), timeout=120)
+        subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=1",
+                "-m",
+                "json.tool",
+                str(tmp_path / "missing.json"),
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+            timeout=120,
+        )
     raw = log.read_text()
     assert "ChildFailedError" in raw and "Root Cause" in raw
     kept = clean_tail(log)

@@ -38,8 +38,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (PYTHON, REPO, ok, read_result, set_args, subprocess_env, tiny_config,
-                      wait_for_step)
+from conftest import PYTHON, REPO, ok, read_result, set_args, subprocess_env, tiny_config, wait_for_step
 from trainer.perf import cpu_name
 from trainer.rundir import checkpoint_paths, read_metrics
 
@@ -74,13 +73,20 @@ def golden_cmd(run_dir: Path, data_dir: Path) -> list[str]:
 
 
 def run_golden(run_dir: Path, data_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(golden_cmd(run_dir, data_dir), cwd=REPO, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        golden_cmd(run_dir, data_dir), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 def start_golden(run_dir: Path, data_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen(golden_cmd(run_dir, data_dir), cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        golden_cmd(run_dir, data_dir),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def resolved_config(data_dir: Path) -> dict:
@@ -104,8 +110,21 @@ def observed(run_dir: Path) -> dict:
         "steps": [{"step": e["step"], **{k: e[k] for k in STEP_KEYS}} for e in events if "loss" in e],
         "val_losses": [{"step": e["step"], "val_loss": e["val_loss"]} for e in events if "val_loss" in e],
         "test_loss": result["test_loss"],
-        "result": {k: result[k] for k in ("status", "step", "tokens", "train_loss", "val_loss", "test_loss",
-                                          "clipped_fraction", "micro_batch_size", "grad_accum_steps", "params")},
+        "result": {
+            k: result[k]
+            for k in (
+                "status",
+                "step",
+                "tokens",
+                "train_loss",
+                "val_loss",
+                "test_loss",
+                "clipped_fraction",
+                "micro_batch_size",
+                "grad_accum_steps",
+                "params",
+            )
+        },
     }
 
 
@@ -149,13 +168,19 @@ def assert_matches_golden(run_dir: Path, golden: dict) -> None:
     obs, made, here = observed(run_dir), golden["made_with"], machine_kind()
     exact = all(made.get(k) == v for k, v in here.items())
     same = (lambda a, b: a == b) if exact else close
-    where = (f"(golden made with {', '.join(f'{k} {made.get(k)}' for k in here)}; this is "
-             f"{', '.join(f'{k} {v}' for k, v in here.items())}: compared {'exactly' if exact else 'to 1e-5'})")
+    where = (
+        f"(golden made with {', '.join(f'{k} {made.get(k)}' for k in here)}; this is "
+        f"{', '.join(f'{k} {v}' for k, v in here.items())}: compared {'exactly' if exact else 'to 1e-5'})"
+    )
     want = {(s["step"]): s for s in golden["steps"]}
     got = {(s["step"]): s for s in obs["steps"]}
     assert sorted(got) == sorted(want), f"logged steps differ: {sorted(got)} vs golden {sorted(want)}"
-    moved = [(step, key, got[step][key], want[step][key]) for step in sorted(want) for key in STEP_KEYS
-             if not same(got[step][key], want[step][key])]
+    moved = [
+        (step, key, got[step][key], want[step][key])
+        for step in sorted(want)
+        for key in STEP_KEYS
+        if not same(got[step][key], want[step][key])
+    ]
     assert not moved, f"(step, key, now, golden) that moved {where}: {moved[:10]}"
     assert same(obs["val_losses"], golden["val_losses"]), where
     assert same(obs["test_loss"], golden["test_loss"]), where

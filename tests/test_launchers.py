@@ -22,10 +22,13 @@ from tests.conftest import REPO, subprocess_env
 
 def test_the_worker_imports_no_torch():
     """`orch worker` starts in well under a second and needs no GPU stack: only its trainers import torch."""
-    code = ("import sys, orchestrator.worker, orchestrator.launchers.local, orchestrator.tail; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True,
-                         text=True, timeout=60)
+    code = (
+        "import sys, orchestrator.worker, orchestrator.launchers.local, orchestrator.tail; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -65,8 +68,15 @@ def test_a_cpu_slot_shares_the_cores_and_logs_each_launch_after_a_header(tmp_pat
     launcher = LocalLauncher("w1", nproc_per_node=1, cpu_slots=2)
     first = launcher.launch(a_run(1), Slot(1, None), tmp_path, trainer_env("abc.1", None)).proc
     assert first.env["CUDA_VISIBLE_DEVICES"] == "" and first.env["OMP_NUM_THREADS"] == "4"
-    assert first.cmd == [sys.executable, "-m", "trainer", "--config", str(tmp_path / "config.json"),
-                         "--run-dir", str(tmp_path)]  # one process: no agent
+    assert first.cmd == [
+        sys.executable,
+        "-m",
+        "trainer",
+        "--config",
+        str(tmp_path / "config.json"),
+        "--run-dir",
+        str(tmp_path),
+    ]  # one process: no agent
     assert "ORCH_GIT_COMMIT" not in first.env and first.env["ORCH_WORKER_PID"].isdigit()
     launcher.launch(a_run(2), Slot(1, None), tmp_path, trainer_env("abc.2", None))
     log = (tmp_path / LOG).read_text()
@@ -98,16 +108,28 @@ def test_the_tail_reads_what_is_new_and_drops_what_a_resume_supersedes(tmp_path)
     metrics = tmp_path / "metrics.jsonl"
     tail, progress = MetricsTail(tmp_path), Progress(run_dir=str(tmp_path), total_steps=30)
     assert tail.read_into(progress).line() == "starting"  # no file yet
-    append(metrics, {"step": 10, "loss": 3.0, "tokens_per_s": 100.0}, {"step": 10, "val_loss": 3.1},
-           {"step": 20, "loss": 2.5}, {"step": 20, "val_loss": 2.6}, '{"step": 21, "lo')
+    append(
+        metrics,
+        {"step": 10, "loss": 3.0, "tokens_per_s": 100.0},
+        {"step": 10, "val_loss": 3.1},
+        {"step": 20, "loss": 2.5},
+        {"step": 20, "val_loss": 2.6},
+        '{"step": 21, "lo',
+    )
     tail.read_into(progress)
     assert (progress.step, progress.train_loss, progress.tokens_per_s) == (20, 2.5, None)
     assert progress.val_curve == [[10, 3.1], [20, 2.6]]
     assert tail.offset == len(metrics.read_bytes()) - len('{"step": 21, "lo')  # a line being written waits
     # The first attempt died after its step-20 evaluation but before a checkpoint there: the relaunch
     # resumes from step 10, and the step-20 point of the lost attempt leaves the curve.
-    append(metrics, 'ss": 2.4}\n', "a damaged line\n", {"event": "resume", "step": 10},
-           {"step": 20, "val_loss": 2.7}, {"step": 30, "test_loss": 2.0})
+    append(
+        metrics,
+        'ss": 2.4}\n',
+        "a damaged line\n",
+        {"event": "resume", "step": 10},
+        {"step": 20, "val_loss": 2.7},
+        {"step": 30, "test_loss": 2.0},
+    )
     tail.read_into(progress)
     assert (progress.step, progress.train_loss) == (21, 2.4)
     assert progress.val_curve == [[10, 3.1], [20, 2.7]]  # the test loss is no point of the curve

@@ -123,18 +123,27 @@ def test_matrices_only_decay():
     assert "tok_emb.weight" in no_decay and "pos_emb.weight" in no_decay
     assert "blocks.0.attn.qkv.bias" in no_decay and "blocks.1.ln2.weight" in no_decay and "ln_f.bias" in no_decay
     assert decay | no_decay == {n for n, _ in model.named_parameters()}
-    opt = build_optimizer(model, OptimConfig(weight_decay=0.1, decay_biases=False, decay_norms=False,
-                                             decay_embeddings=False), CPU)
+    opt = build_optimizer(
+        model, OptimConfig(weight_decay=0.1, decay_biases=False, decay_norms=False, decay_embeddings=False), CPU
+    )
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("switch, members", [
-    ("decay_biases", {"blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias", "blocks.0.mlp.fc.bias",
-                      "blocks.1.mlp.proj.bias"}),
-    ("decay_norms", {"blocks.0.ln1.weight", "blocks.0.ln1.bias", "blocks.1.ln2.weight", "ln_f.weight", "ln_f.bias"}),
-    ("decay_embeddings", {"tok_emb.weight", "pos_emb.weight"}),
-])
+@pytest.mark.parametrize(
+    "switch, members",
+    [
+        (
+            "decay_biases",
+            {"blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias", "blocks.0.mlp.fc.bias", "blocks.1.mlp.proj.bias"},
+        ),
+        (
+            "decay_norms",
+            {"blocks.0.ln1.weight", "blocks.0.ln1.bias", "blocks.1.ln2.weight", "ln_f.weight", "ln_f.bias"},
+        ),
+        ("decay_embeddings", {"tok_emb.weight", "pos_emb.weight"}),
+    ],
+)
 def test_each_switch_moves_only_its_tensors(switch, members):
     model = GPT(MODEL)
     decay, no_decay, *_ = groups(model, **{switch: False})

@@ -14,8 +14,9 @@ from orchestrator.db import SchemaError, connect
 
 
 def experiment(n_seeds=2, name="exp", **kw):
-    return specs.Experiment(name=name, interventions=[specs.Intervention(name="nodrop", set={"model.dropout": 0})],
-                            seeds=n_seeds, **kw)
+    return specs.Experiment(
+        name=name, interventions=[specs.Intervention(name="nodrop", set={"model.dropout": 0})], seeds=n_seeds, **kw
+    )
 
 
 def test_submit_queues_then_reuses(db_url):
@@ -27,8 +28,9 @@ def test_submit_queues_then_reuses(db_url):
     again = queue.submit(eng, exp, runs)
     assert not again.queued and len(again.reused) == 4
     # Another experiment with the same baseline shares its runs.
-    other = specs.Experiment(name="other", interventions=[specs.Intervention(name="bias", set={"model.qkv_bias": True})],
-                             seeds=2)
+    other = specs.Experiment(
+        name="other", interventions=[specs.Intervention(name="bias", set={"model.qkv_bias": True})], seeds=2
+    )
     rep = queue.submit(eng, other, specs.expand(other))
     assert len(rep.queued) == 2 and {r.arm for r, _ in rep.reused} == {"baseline"}
     assert queries.counts(eng) == {"queued": 6}
@@ -47,7 +49,9 @@ def test_claim_heartbeat_finish(db_url):
     beat = queue.heartbeat(eng, "w2", {run.id: {"step": 3}})  # not w2's run
     assert beat.owned == {} and beat.lost == {run.id: "taken over"}
     assert queue.request_stop(eng, [run.id], "pruned") == [run.id]
-    assert queue.heartbeat(eng, "w1", {run.id: {"step": 4, "val_curve": [[2, 9.5], [4, 9.1]]}}).owned == {run.id: "pruned"}
+    assert queue.heartbeat(eng, "w1", {run.id: {"step": 4, "val_curve": [[2, 9.5], [4, 9.1]]}}).owned == {
+        run.id: "pruned"
+    }
     assert queue.finish(eng, run.id, "w1", "succeeded", result={"test_loss": 7.5, "step": 12}) == "succeeded"
     assert queue.finish(eng, run.id, "w1", "failed") is None  # a finished run is never modified
     [done] = queries.find(eng, run.id)
@@ -91,7 +95,9 @@ def test_stale_runs_are_requeued_on_the_database_clock(db_url):
     queue.heartbeat(eng, "dead", {b.id: {}})  # b still beats
     assert queue.requeue_stale(eng, 0.5) == [a.id]
     assert queries.counts(eng) == {"queued": 1, "running": 1}
-    assert queue.heartbeat(eng, "dead", {a.id: {}}).lost == {a.id: "taken over"}  # the old worker learns it lost the run
+    assert queue.heartbeat(eng, "dead", {a.id: {}}).lost == {
+        a.id: "taken over"
+    }  # the old worker learns it lost the run
 
 
 def test_cancel(db_url):
@@ -205,8 +211,12 @@ def test_a_spec_another_version_wrote_keeps_the_tables_stacks_and_looks(db_url):
     eng = connect(db_url)
     a = specs.Experiment(name="a", seeds=2, interventions=[specs.Intervention(name="x", set={"optim.lr": 1e-3})])
     queue.submit(eng, a, specs.expand(a))
-    raw = {"name": "old", "future_key": 1, "looks": {"first": 2, "last": 6},
-           "interventions": [{"name": "p"}, {"name": "q"}, {"name": "pq", "stack": ["p", "q"], "extra": True}]}
+    raw = {
+        "name": "old",
+        "future_key": 1,
+        "looks": {"first": 2, "last": 6},
+        "interventions": [{"name": "p"}, {"name": "q"}, {"name": "pq", "stack": ["p", "q"], "extra": True}],
+    }
     with eng.begin() as conn:
         conn.execute(sa.insert(ExperimentRow).values(name="old", spec=raw, created_at=0.0))
     got = queries.specs(eng)
@@ -277,8 +287,10 @@ def test_a_database_from_the_previous_schema_is_refused_then_upgraded_with_its_d
     raw = sa.create_engine(url)
     command.upgrade(migrations.alembic_config(raw), "0001")  # what orch wrote before the sweep columns
     with raw.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO runs (id, state, config, seed, data_seed, repeat, priority, attempts, "
-                             "max_attempts, created_at, test_loss) VALUES ('abc', 'succeeded', '{}', 42, 0, 0, 0, 1, 3, 0, 3.7)")
+        conn.exec_driver_sql(
+            "INSERT INTO runs (id, state, config, seed, data_seed, repeat, priority, attempts, "
+            "max_attempts, created_at, test_loss) VALUES ('abc', 'succeeded', '{}', 42, 0, 0, 0, 1, 3, 0, 3.7)"
+        )
     head = migrations.head(raw)
     assert head >= "0004"
     with pytest.raises(SchemaError, match=rf"schema 0001, this orch needs {head}.*orch db upgrade"):
@@ -286,8 +298,9 @@ def test_a_database_from_the_previous_schema_is_refused_then_upgraded_with_its_d
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "db", "upgrade", "--db", url],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "db", "upgrade", "--db", url], capture_output=True, text=True
+    )
     assert out.returncode == 0 and f"0001 -> {head}" in out.stdout, out.stderr
     [run] = queries.find(connect(url), "abc")
     assert run.test_loss == 3.7 and run.val_curve is None and run.stop is None
@@ -299,7 +312,9 @@ def test_non_finite_numbers_are_stored_as_null_on_both_databases(db_url):
     exp = experiment(n_seeds=1, include_baseline=False)
     queue.submit(eng, exp, specs.expand(exp))
     [r] = queue.claim(eng, "w", 1)
-    assert queue.heartbeat(eng, "w", {r.id: {"train_loss": float("nan"), "val_curve": [[2, float("inf")]]}}).owned == {r.id: None}
+    assert queue.heartbeat(eng, "w", {r.id: {"train_loss": float("nan"), "val_curve": [[2, float("inf")]]}}).owned == {
+        r.id: None
+    }
     result = {"status": "diverged", "train_loss": float("nan"), "diverged_step": 7, "test_loss": None}
     assert queue.finish(eng, r.id, "w", "diverged", result=result) == "diverged"
     [r] = queries.find(eng, r.id)

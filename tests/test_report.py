@@ -28,8 +28,9 @@ def study(tmp_path_factory, data_dir):
     """2 arms × 2 seeds on the tiny preset, a validation loss every 4 of 16 steps, trained by `orch worker`."""
     tmp = tmp_path_factory.mktemp("report")
     orch = Orch(tmp)
-    exp = write_experiment(tmp, data_dir, "rep", "Intervention(name='no-dropout', set={'model.dropout': 0.0})",
-                           steps=16, seeds=2)
+    exp = write_experiment(
+        tmp, data_dir, "rep", "Intervention(name='no-dropout', set={'model.dropout': 0.0})", steps=16, seeds=2
+    )
     exp.write_text(exp.read_text().replace("'run.steps': 16", "'run.steps': 16, 'eval.interval': 4"))
     orch("submit", str(exp))
     orch("worker", "--until-empty", "--no-mlflow", "--parallel", "2", "--heartbeat", "0.5")
@@ -102,19 +103,32 @@ def test_report_is_logged_to_mlflow_in_one_report_run(study, tmp_path):
 def test_imported_and_failed_runs(tmp_path):
     """Imported runs (a result, no run directory) are ranked but draw no curves; failures are listed."""
     engine = connect(f"sqlite:///{tmp_path / 'results.db'}")
-    exp = specs.Experiment(name="imp", preset="tiny", seeds=3, interventions=[
-        specs.Intervention(name="qkv-bias", set={"model.qkv_bias": True}),
-        specs.Intervention(name="no-dropout", set={"model.dropout": 0.0}),
-        specs.Intervention(name="tied", set={"model.tie_weights": True})])
+    exp = specs.Experiment(
+        name="imp",
+        preset="tiny",
+        seeds=3,
+        interventions=[
+            specs.Intervention(name="qkv-bias", set={"model.qkv_bias": True}),
+            specs.Intervention(name="no-dropout", set={"model.dropout": 0.0}),
+            specs.Intervention(name="tied", set={"model.tie_weights": True}),
+        ],
+    )
     runs = specs.expand(exp)
     queue.submit(engine, exp, runs)
-    losses = {"baseline": [5.0, 5.1, 5.2], "qkv-bias": [4.8, 4.85, None], "no-dropout": [5.35, 5.38, 5.5],
-              "tied": [5.0, 5.25, 5.1]}
+    losses = {
+        "baseline": [5.0, 5.1, 5.2],
+        "qkv-bias": [4.8, 4.85, None],
+        "no-dropout": [5.35, 5.38, 5.5],
+        "tied": [5.0, 5.25, 5.1],
+    }
     with engine.begin() as conn:
         for r in runs:
             loss = losses[r.arm][r.seed - runs[0].seed]
-            values = (dict(state="succeeded", test_loss=loss, result={"imported": True, "test_loss": loss})
-                      if loss is not None else dict(state="failed", error="Traceback …\nRuntimeError: boom"))
+            values = (
+                dict(state="succeeded", test_loss=loss, result={"imported": True, "test_loss": loss})
+                if loss is not None
+                else dict(state="failed", error="Traceback …\nRuntimeError: boom")
+            )
             conn.execute(sa.update(Run).where(Run.id == r.id).values(**values))
     index = report.write_report(engine, "imp", tmp_path / "out", runs_dir=tmp_path / "runs")
     page = index.read_text(encoding="utf-8")
@@ -130,11 +144,23 @@ def test_imported_and_failed_runs(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # The page in a real browser.
 
+
 def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
     # Headless, no sandbox (CI runs as root), and nothing that would reach for the network.
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     out = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert out.returncode == 0, f"chromium exited {out.returncode}\n{out.stderr[-3000:]}"
     return out
@@ -155,8 +181,9 @@ def test_page_renders_in_headless_chromium(study, tmp_path):
     assert '<table id="leaderboard">' in dom and "<td>no-dropout</td>" in dom
 
     shot = tmp_path / "screenshot.png"
-    _chromium(f"--screenshot={shot}", "--window-size=1200,2000", "--hide-scrollbars", alone.as_uri(),
-              profile=tmp_path / "p2")
+    _chromium(
+        f"--screenshot={shot}", "--window-size=1200,2000", "--hide-scrollbars", alone.as_uri(), profile=tmp_path / "p2"
+    )
     from matplotlib.image import imread
 
     pixels = imread(shot)

@@ -27,6 +27,7 @@ def series(**overrides):
 
 # --- Chinchilla ----------------------------------------------------------------------------------------------
 
+
 def test_chinchilla_budget_is_20_tokens_per_parameter():
     s = series()
     assert scaling.chinchilla_tokens(N_SERIES) == 20 * N_SERIES == D_SERIES
@@ -43,6 +44,7 @@ def test_given_tokens_replace_the_chinchilla_budget():
 
 
 # --- Cerebras Power Lines ------------------------------------------------------------------------------------
+
 
 def test_cerebras_batch_reproduces_the_series():
     assert round(scaling.cerebras_batch_sequences(D_SERIES), 2) == 134.68
@@ -87,6 +89,7 @@ def test_weight_decay_defaults_to_cerebras_batch_and_deepseek_lr():
 
 # --- DeepSeek ------------------------------------------------------------------------------------------------
 
+
 def test_deepseek_with_the_series_compute_reproduces_373_sequences_and_lr_0_0014():
     s = by_key(scaling.suggest(N_SERIES, flops=scaling.SERIES_DEEPSEEK_FLOPS))
     assert f"{scaling.SERIES_DEEPSEEK_FLOPS:.2g}" == "5e+18"
@@ -116,6 +119,7 @@ def test_deepseek_from_non_embedding_params_says_it_approximates():
 
 # --- output ---------------------------------------------------------------------------------------------------
 
+
 def test_every_suggestion_has_units_formula_inputs_and_source():
     for s in series().values():
         assert s.unit and s.formula and s.source and s.name
@@ -128,9 +132,18 @@ def test_every_suggestion_has_units_formula_inputs_and_source():
 
 def test_render_text_shows_values_units_formulas_and_the_path_taken():
     text = scaling.render_text(scaling.suggest(N_SERIES, batch_sequences=96, lr=4e-4, flops=5e18, context=512))
-    for fragment in ["134.68  sequences of 512 tokens per step", "3,260,252,160  tokens", "tokens per step",
-                     "λ = B / (η · τ_opt · D)", "B = 96 sequences of 512 tokens per step", "FLOPs",
-                     "given directly (flops)", "Bergsma et al. 2025", "Hoffmann et al. 2022", "DeepSeek-AI 2024"]:
+    for fragment in [
+        "134.68  sequences of 512 tokens per step",
+        "3,260,252,160  tokens",
+        "tokens per step",
+        "λ = B / (η · τ_opt · D)",
+        "B = 96 sequences of 512 tokens per step",
+        "FLOPs",
+        "given directly (flops)",
+        "Bergsma et al. 2025",
+        "Hoffmann et al. 2022",
+        "DeepSeek-AI 2024",
+    ]:
         assert fragment in text, fragment
 
 
@@ -144,6 +157,7 @@ def test_json_round_trips():
 
 
 # --- emitted interventions and experiment files ---------------------------------------------------------------
+
 
 def test_emit_intervention_is_python_for_an_intervention():
     s = scaling.suggest(N_SERIES, flops=scaling.SERIES_DEEPSEEK_FLOPS, batch_sequences=96)
@@ -180,6 +194,7 @@ def test_emitted_lr_and_weight_decay_file_loads_and_expands(tmp_path):
 
 def test_config_inputs_count_the_models_parameters():
     import torch  # noqa: F401  (the model is built only to check the count)
+
     from trainer.model import GPT
 
     assert scaling.config_inputs(config.load(preset_name="gpt2-small"))["params"] == 163_009_536
@@ -187,24 +202,35 @@ def test_config_inputs_count_the_models_parameters():
         cfg = config.load(preset_name="tiny", overrides=overrides)
         assert scaling.config_inputs(cfg)["params"] == GPT(cfg.model).num_params()
     inputs = scaling.config_inputs(config.load(preset_name="gpt2-small"))
-    assert inputs == {"params": 163_009_536, "tokens": 33_164 * 96 * 1024, "batch_sequences": 96, "lr": 4e-4,
-                      "context": 1024, "n_layer": 12, "d_model": 768}
+    assert inputs == {
+        "params": 163_009_536,
+        "tokens": 33_164 * 96 * 1024,
+        "batch_sequences": 96,
+        "lr": 4e-4,
+        "context": 1024,
+        "n_layer": 12,
+        "d_model": 768,
+    }
 
 
 # --- bad input ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(params=-5), "params must be a positive number.*e.g. 163009536"),
-    (dict(params=0), "params must be a positive number"),
-    (dict(tokens=0), "tokens must be a positive number.*leave it out for Chinchilla"),
-    (dict(lr=0), "lr must be a positive number.*e.g. 4e-4"),
-    (dict(lr=-1e-3), "lr must be a positive number"),
-    (dict(batch_sequences=0), "batch_sequences must be a positive number.*e.g. 96"),
-    (dict(flops=float("nan")), "flops must be a positive number.*C in FLOPs"),
-    (dict(context=0), "context must be a positive number"),
-    (dict(n_layer=12, d_model=None), "give both n_layer and d_model"),
-    (dict(n_layer=None, d_model=None), "give n_layer and d_model .* or flops"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(params=-5), "params must be a positive number.*e.g. 163009536"),
+        (dict(params=0), "params must be a positive number"),
+        (dict(tokens=0), "tokens must be a positive number.*leave it out for Chinchilla"),
+        (dict(lr=0), "lr must be a positive number.*e.g. 4e-4"),
+        (dict(lr=-1e-3), "lr must be a positive number"),
+        (dict(batch_sequences=0), "batch_sequences must be a positive number.*e.g. 96"),
+        (dict(flops=float("nan")), "flops must be a positive number.*C in FLOPs"),
+        (dict(context=0), "context must be a positive number"),
+        (dict(n_layer=12, d_model=None), "give both n_layer and d_model"),
+        (dict(n_layer=None, d_model=None), "give n_layer and d_model .* or flops"),
+    ],
+)
 def test_bad_input_says_how_to_fix_it(kwargs, match):
     with pytest.raises(ValueError, match=match):
         scaling.suggest(**{**dict(params=N_SERIES, n_layer=12, d_model=768), **kwargs})
@@ -236,12 +262,28 @@ def test_cli_suggest_prints_formulas_and_emits_a_loadable_file(tmp_path):
     from tests.conftest import subprocess_env
 
     out_file = tmp_path / "suggested.py"
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "suggest", "--preset", "gpt2-small", "--lr", "0.0004",
-                          "--emit", str(out_file)], env=subprocess_env(), capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "suggest",
+            "--preset",
+            "gpt2-small",
+            "--lr",
+            "0.0004",
+            "--emit",
+            str(out_file),
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "λ = B / (η · τ_opt · D)" in out.stdout and "0.3372" in out.stdout and "sequences" in out.stdout
     runs = specs.expand(specs.load_experiment(out_file))
     assert {r.arm for r in runs} >= {"baseline"} and len({r.arm for r in runs}) == 2
-    bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "suggest"], env=subprocess_env(),
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "suggest"], env=subprocess_env(), capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "--params" in bad.stderr

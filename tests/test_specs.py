@@ -43,8 +43,18 @@ def test_an_intervention_that_changes_nothing_is_flagged():
 
 def test_family_files_cover_the_blog_series():
     names = {p.stem for p in EXPERIMENTS}
-    assert {"gradient_clipping", "remove_dropout", "qkv_bias", "lr_schedule", "weight_decay", "weight_tying",
-            "amp", "noise", "stacked", "quickstart"} <= names
+    assert {
+        "gradient_clipping",
+        "remove_dropout",
+        "qkv_bias",
+        "lr_schedule",
+        "weight_decay",
+        "weight_tying",
+        "amp",
+        "noise",
+        "stacked",
+        "quickstart",
+    } <= names
     wd = specs.expand(specs.load_experiment(REPO / "experiments/weight_decay.py"))
     assert sorted(r.config.optim.weight_decay for r in wd) == [0.01, 0.1, 0.33724]
 
@@ -72,18 +82,27 @@ def write(tmp_path: Path, body: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("body, expected", [
-    ('experiment = Experiment(name="x", interventions=[Intervention(name="bad", set={"model.dropot": 0})])',
-     ["intervention 'bad'", "model.dropot", "did you mean 'dropout'"]),
-    ('experiment = Experiment(name="x", interventions=[Intervention(name="typed", set={"optim.lr": "fast"})])',
-     ["intervention 'typed'", "optim.lr"]),
-    ('experiment = Experiment(name="x", interventions=[Intervention(name="heads", set={"model.n_head": 5})])',
-     ["intervention 'heads'", "model.n_embd (64) must be divisible by model.n_head (5)"]),
-    ('experiment = Experiment(name="x", seeds=0)', ["seeds"]),
-    ('experiment = Experiment(name="x", colour="red")', ["colour"]),
-    ('x = 1 / 0', ["exp.py:2", "ZeroDivisionError"]),
-    ('exp = 3', ["must define `experiment = Experiment(...)`"]),
-])
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (
+            'experiment = Experiment(name="x", interventions=[Intervention(name="bad", set={"model.dropot": 0})])',
+            ["intervention 'bad'", "model.dropot", "did you mean 'dropout'"],
+        ),
+        (
+            'experiment = Experiment(name="x", interventions=[Intervention(name="typed", set={"optim.lr": "fast"})])',
+            ["intervention 'typed'", "optim.lr"],
+        ),
+        (
+            'experiment = Experiment(name="x", interventions=[Intervention(name="heads", set={"model.n_head": 5})])',
+            ["intervention 'heads'", "model.n_embd (64) must be divisible by model.n_head (5)"],
+        ),
+        ('experiment = Experiment(name="x", seeds=0)', ["seeds"]),
+        ('experiment = Experiment(name="x", colour="red")', ["colour"]),
+        ("x = 1 / 0", ["exp.py:2", "ZeroDivisionError"]),
+        ("exp = 3", ["must define `experiment = Experiment(...)`"]),
+    ],
+)
 def test_spec_errors_name_file_intervention_and_key(tmp_path, body, expected):
     path = write(tmp_path, body)
     with pytest.raises(specs.SpecError) as info:
@@ -97,14 +116,22 @@ def test_cli_rejects_a_bad_file_and_leaves_the_database_untouched(tmp_path):
     good = write(tmp_path, 'experiment = Experiment(name="ok")')
     env = subprocess_env()
     orch = [sys.executable, "-m", "orchestrator.cli"]
-    ok = subprocess.run([*orch, "submit", str(good), "--db", f"sqlite:///{db}", "--no-check-data"], env=env,
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [*orch, "submit", str(good), "--db", f"sqlite:///{db}", "--no-check-data"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     before = db.read_bytes()
     bad = tmp_path / "bad.py"
-    bad.write_text('from orchestrator.specs import Experiment, Intervention\n'
-                   'experiment = Experiment(name="ok", interventions=[Intervention(name="i", set={"optim.lrr": 1})])\n')
-    out = subprocess.run([*orch, "submit", str(bad), "--db", f"sqlite:///{db}"], env=env, capture_output=True, text=True)
+    bad.write_text(
+        "from orchestrator.specs import Experiment, Intervention\n"
+        'experiment = Experiment(name="ok", interventions=[Intervention(name="i", set={"optim.lrr": 1})])\n'
+    )
+    out = subprocess.run(
+        [*orch, "submit", str(bad), "--db", f"sqlite:///{db}"], env=env, capture_output=True, text=True
+    )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "optim.lrr" in out.stderr and "intervention 'i'" in out.stderr
     assert db.read_bytes() == before

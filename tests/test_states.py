@@ -27,7 +27,11 @@ def _product_modules():
 
 def _writes_runs(node: ast.AST) -> bool:
     """sa.update(Run) / insert(Run) / delete(Run), Run.__table__, or raw SQL that writes the runs table."""
-    if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("update", "insert", "delete"):
+    if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+        "update",
+        "insert",
+        "delete",
+    ):
         return any(isinstance(a, ast.Name) and a.id == "Run" for a in node.args)
     if isinstance(node, ast.Attribute) and node.attr == "__table__":
         return isinstance(node.value, ast.Name) and node.value.id == "Run"
@@ -80,8 +84,11 @@ def test_table_is_complete_and_refuses_the_rest():
     # a final run is left alone by everything but a retry (a success not even by that)
     for s in states.FINAL:
         assert {e for (src, e) in states.MOVES if src == s} <= {Event.RETRY}
-    with pytest.raises(IllegalMove, match=r"run abc is succeeded: only a run that is cancelled, diverged, failed, "
-                                          r"pruned can be retried \(`orch retry`\)"):
+    with pytest.raises(
+        IllegalMove,
+        match=r"run abc is succeeded: only a run that is cancelled, diverged, failed, "
+        r"pruned can be retried \(`orch retry`\)",
+    ):
         states.move("succeeded", Event.RETRY, "abc")
 
 
@@ -90,10 +97,18 @@ def _one_run_in(eng, state: RunState, worker: str = "w") -> str:
     exp = specs.Experiment(name=f"in-{state}", base={"run.seed": 1000 + list(RunState).index(state)})
     [run] = queue.submit(eng, exp, specs.expand(exp), max_attempts=3).queued
     with eng.begin() as conn:
-        conn.execute(sa.update(Run).where(Run.id == run.id).values(
-            state=str(state), worker=worker if state == RunState.RUNNING else None, heartbeat_at=0.0,
-            attempts=1 if state == RunState.RUNNING else 0, open_launch=1 if state == RunState.RUNNING else None,
-            launches=1))
+        conn.execute(
+            sa.update(Run)
+            .where(Run.id == run.id)
+            .values(
+                state=str(state),
+                worker=worker if state == RunState.RUNNING else None,
+                heartbeat_at=0.0,
+                attempts=1 if state == RunState.RUNNING else 0,
+                open_launch=1 if state == RunState.RUNNING else None,
+                launches=1,
+            )
+        )
     return run.id
 
 
@@ -137,6 +152,7 @@ def test_user_moves_report_the_refusal_in_the_tables_words(db_url):
     rid = _one_run_in(eng, RunState.SUCCEEDED)
     moves = queue.cancel(eng, [rid, "0000000000000000"])  # an unknown id is neither moved nor refused
     assert moves.done == [] and [str(m) for m in moves.refused] == [
-        f"run {rid} is succeeded: only a run that is queued, running can be cancelled"]
+        f"run {rid} is succeeded: only a run that is queued, running can be cancelled"
+    ]
     assert _state(eng, rid) == RunState.SUCCEEDED
     assert queue.retry(eng, [rid]).refused[0].state == RunState.SUCCEEDED

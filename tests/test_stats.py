@@ -48,7 +48,7 @@ def test_one_run_is_unverified():
 def test_intervals_cover_the_true_difference_95_percent_of_the_time():
     rng = np.random.default_rng(2024)
     true_diff, hits, trials = 0.02, 0, 2000
-    for t in range(trials):
+    for _ in range(trials):
         n_a, n_b = rng.integers(3, 7, 2)
         base = rng.normal(3.70, 0.010, n_b)
         arm = rng.normal(3.70 - true_diff, 0.015, n_a)
@@ -63,8 +63,9 @@ def test_minimum_detectable_effect_has_the_promised_power():
     assert stats.power(mde, sigma, n, n) == pytest.approx(0.8, abs=1e-6)
     # Simulated: a t-test detects an effect of that size about 80% of the time.
     rng = np.random.default_rng(7)
-    detected = np.mean([sps.ttest_ind(rng.normal(0, sigma, n), rng.normal(-mde, sigma, n)).pvalue < 0.05
-                        for _ in range(3000)])
+    detected = np.mean(
+        [sps.ttest_ind(rng.normal(0, sigma, n), rng.normal(-mde, sigma, n)).pvalue < 0.05 for _ in range(3000)]
+    )
     assert 0.76 <= detected <= 0.84
     assert stats.minimum_detectable(sigma, 8, 8) < mde  # more seeds, finer resolution
 
@@ -98,7 +99,9 @@ def simulate(eng, loss_of=lambda run, arm: TRUE_LOSS[arm]):
     arm_of = {r.id: arm for _, arm, r in queries.runs_of(eng)}
     while batch := queue.claim(eng, "sim", 50):
         for r in batch:
-            noise = np.random.default_rng([r.seed, r.data_seed, r.repeat, zlib.crc32(arm_of[r.id].encode()), SALT]).normal(0, SIGMA)
+            noise = np.random.default_rng(
+                [r.seed, r.data_seed, r.repeat, zlib.crc32(arm_of[r.id].encode()), SALT]
+            ).normal(0, SIGMA)
             loss = loss_of(r, arm_of[r.id]) + noise
             queue.finish(eng, r.id, "sim", "succeeded", result={"test_loss": loss, "step": 1, "status": "succeeded"})
 
@@ -114,9 +117,14 @@ def eng(tmp_path):
 
 
 def planted(n_seeds: int) -> specs.Experiment:
-    return specs.Experiment(name="planted", seeds=n_seeds, interventions=[
-        specs.Intervention(name="effect", set={"optim.lr": 2e-3}),
-        specs.Intervention(name="null", set={"optim.lr": 5e-4})])
+    return specs.Experiment(
+        name="planted",
+        seeds=n_seeds,
+        interventions=[
+            specs.Intervention(name="effect", set={"optim.lr": 2e-3}),
+            specs.Intervention(name="null", set={"optim.lr": 5e-4}),
+        ],
+    )
 
 
 def test_a_planted_effect_is_found_and_a_null_is_within_noise(eng):
@@ -192,9 +200,11 @@ def test_noise_study_varies_one_source_at_a_time(eng):
         assert len(datas) == (4 if vary in ("data", "both") else 1)
         if vary == "none":  # identical configs told apart by the repeat number (repeat 0 is the baseline run)
             assert {r.repeat for r in rep.queued + [r for r, _ in rep.reused]} == {0, 1, 2, 3}
+
     # Simulate: the initialisation matters more than the data order here.
     def loss(run, arm):
         return 3.7 + 0.02 * np.sin(run.seed) + 0.005 * np.sin(run.data_seed + 1) * (run.data_seed > 0)
+
     simulate(eng, loss)
     _, b = board(eng, "base")
     assert set(b.noise) == set(noise.VARY) and all(v["n"] == 4 for v in b.noise.values())
@@ -205,10 +215,15 @@ def test_noise_study_varies_one_source_at_a_time(eng):
 
 
 def test_stacks_show_the_sum_of_their_parts_and_conflicts_name_both(eng):
-    exp = specs.Experiment(name="stk", seeds=3, interventions=[
-        specs.Intervention(name="a", set={"optim.grad_clip": 1.0}),
-        specs.Intervention(name="b", set={"model.dropout": 0.0}),
-        specs.Intervention(name="ab", stack=["a", "b"])])
+    exp = specs.Experiment(
+        name="stk",
+        seeds=3,
+        interventions=[
+            specs.Intervention(name="a", set={"optim.grad_clip": 1.0}),
+            specs.Intervention(name="b", set={"model.dropout": 0.0}),
+            specs.Intervention(name="ab", stack=["a", "b"]),
+        ],
+    )
     runs = specs.expand(exp)
     ab = next(r for r in runs if r.arm == "ab").config
     assert ab.optim.grad_clip == 1.0 and ab.model.dropout == 0.0
@@ -217,9 +232,14 @@ def test_stacks_show_the_sum_of_their_parts_and_conflicts_name_both(eng):
     rows, _ = board(eng, "stk")
     assert rows["ab"].parts == ["a", "b"]
     assert rows["ab"].parts_sum == pytest.approx(rows["a"].improvement + rows["b"].improvement)
-    bad = specs.Experiment(name="x", interventions=[
-        specs.Intervention(name="lo", set={"optim.lr": 1e-4}), specs.Intervention(name="hi", set={"optim.lr": 1e-3}),
-        specs.Intervention(name="both", stack=["lo", "hi"])])
+    bad = specs.Experiment(
+        name="x",
+        interventions=[
+            specs.Intervention(name="lo", set={"optim.lr": 1e-4}),
+            specs.Intervention(name="hi", set={"optim.lr": 1e-3}),
+            specs.Intervention(name="both", stack=["lo", "hi"]),
+        ],
+    )
     with pytest.raises(specs.SpecError, match="stacks 'lo' and 'hi', which set optim.lr differently"):
         specs.expand(bad)
     with pytest.raises(ValueError, match="not another intervention"):
@@ -246,10 +266,29 @@ def test_imported_published_numbers_rank_as_published(eng, tmp_path):
     assert imports.import_results(eng, path, "blog") == 10
     rows, b = board(eng, "blog")
     order = [r.arm for r in b.rows]
-    assert order == ["stacked", "lr-schedule", "no-dropout", "wd-0.01", "qkv-bias", "clipping", "fp32", "baseline",
-                     "wd-cerebras", "weight-tying"]
-    published = {"weight-tying": -0.183, "wd-cerebras": -0.122, "fp32": 0.0126, "clipping": 0.0132,
-                 "qkv-bias": 0.0221, "wd-0.01": 0.0486, "no-dropout": 0.0502, "lr-schedule": 0.0896, "stacked": 0.1138}
+    assert order == [
+        "stacked",
+        "lr-schedule",
+        "no-dropout",
+        "wd-0.01",
+        "qkv-bias",
+        "clipping",
+        "fp32",
+        "baseline",
+        "wd-cerebras",
+        "weight-tying",
+    ]
+    published = {
+        "weight-tying": -0.183,
+        "wd-cerebras": -0.122,
+        "fp32": 0.0126,
+        "clipping": 0.0132,
+        "qkv-bias": 0.0221,
+        "wd-0.01": 0.0486,
+        "no-dropout": 0.0502,
+        "lr-schedule": 0.0896,
+        "stacked": 0.1138,
+    }
     for arm, imp in published.items():
         assert rows[arm].improvement == pytest.approx(imp, abs=6e-4) and rows[arm].imported
         assert rows[arm].verdict == stats.UNVERIFIED  # one run each: no noise estimate
@@ -257,19 +296,28 @@ def test_imported_published_numbers_rank_as_published(eng, tmp_path):
     # With repeated seeds imported, verdicts follow.
     seeded = tmp_path / "seeded.json"
     draws = np.random.default_rng(3).normal(0, 0.002, (3, 5))  # independent noise per arm and seed
-    seeded.write_text('[' + ",".join(
-        f'{{"name": "{n}", "test_loss": {v + draws[i, s]}, "seed": {s}}}'
-        for s in range(5) for i, (n, v) in enumerate((("baseline", 3.6915), ("clipping", 3.6783), ("same", 3.6915)))) + ']')
+    seeded.write_text(
+        "["
+        + ",".join(
+            f'{{"name": "{n}", "test_loss": {v + draws[i, s]}, "seed": {s}}}'
+            for s in range(5)
+            for i, (n, v) in enumerate((("baseline", 3.6915), ("clipping", 3.6783), ("same", 3.6915)))
+        )
+        + "]"
+    )
     imports.import_results(eng, seeded, "seeded")
     rows, _ = board(eng, "seeded")
     assert rows["clipping"].verdict == stats.BETTER and rows["same"].verdict == stats.NOISE
 
 
-@pytest.mark.parametrize("content, message", [
-    ("name,loss\nbaseline,3.7\n", "needs 'name' and 'test_loss'"),
-    ("name,test_loss\nbaseline,abc\n", "test_loss must be a finite positive number"),
-    ("name,test_loss\nother,3.7\n", "no row named 'baseline'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("name,loss\nbaseline,3.7\n", "needs 'name' and 'test_loss'"),
+        ("name,test_loss\nbaseline,abc\n", "test_loss must be a finite positive number"),
+        ("name,test_loss\nother,3.7\n", "no row named 'baseline'"),
+    ],
+)
 def test_bad_imports_are_clear_and_store_nothing(eng, tmp_path, content, message):
     path = tmp_path / "bad.csv"
     path.write_text(content)

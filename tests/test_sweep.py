@@ -11,23 +11,36 @@ import time
 
 import pytest
 
-from orchestrator.states import RunState
 from orchestrator import queries, queue
 from orchestrator.db import connect
+from orchestrator.states import RunState
 from tests.conftest import FAST
 from tests.test_worker import Orch, wait_until
 
 
-def sweep_file(tmp_path, data_dir, name, *, trials, in_flight=2, steps=24, space=None, sampler="tpe",
-               pruner="median", start_with=None):
-    base = {**FAST, "data.path": str(data_dir), "run.steps": steps, "eval.interval": 2,
-            "run.checkpoint_interval": 8}
-    space = space or '{"optim.lr": LogUniform(low=1e-4, high=1e-2), "optim.weight_decay": LogUniform(low=1e-3, high=1.0)}'
+def sweep_file(
+    tmp_path,
+    data_dir,
+    name,
+    *,
+    trials,
+    in_flight=2,
+    steps=24,
+    space=None,
+    sampler="tpe",
+    pruner="median",
+    start_with=None,
+):
+    base = {**FAST, "data.path": str(data_dir), "run.steps": steps, "eval.interval": 2, "run.checkpoint_interval": 8}
+    space = (
+        space or '{"optim.lr": LogUniform(low=1e-4, high=1e-2), "optim.weight_decay": LogUniform(low=1e-3, high=1.0)}'
+    )
     path = tmp_path / f"{name}.py"
     path.write_text(
         "from orchestrator.specs import Choice, LogUniform, Sweep\n"
         f"sweep = Sweep(name={name!r}, preset='tiny', base={base!r}, space={space}, sampler={sampler!r},\n"
-        f"    pruner={pruner!r}, trials={trials}, in_flight={in_flight}, start_with={start_with or []!r})\n")
+        f"    pruner={pruner!r}, trials={trials}, in_flight={in_flight}, start_with={start_with or []!r})\n"
+    )
     return path
 
 
@@ -42,8 +55,9 @@ def workers(tmp_path):
 
     def start(n=2, mlflow=True):
         for _ in range(n):
-            procs.append(orch.start("worker", "--heartbeat", "0.3", "--grace", "3",
-                                    *([] if mlflow else ["--no-mlflow"])))
+            procs.append(
+                orch.start("worker", "--heartbeat", "0.3", "--grace", "3", *([] if mlflow else ["--no-mlflow"]))
+            )
         return orch
 
     start.procs = procs
@@ -67,7 +81,9 @@ def test_sweep_runs_its_budget_on_two_workers_with_mlflow_parent_and_children(tm
     runs = [r for t in info["trials"] for r in t["runs"]]
     assert len(runs) == len(set(runs)) == 4  # one run per trial, none shared
     eng = connect(orch.db)
-    workers_used = {r.result["environment"]["host"] + str(r.attempts) for _, _, r in queries.runs_of(eng, ["sw"]) if r.result}
+    workers_used = {
+        r.result["environment"]["host"] + str(r.attempts) for _, _, r in queries.runs_of(eng, ["sw"]) if r.result
+    }
     assert workers_used
     text = orch("sweep", "status", "sw").stdout
     assert "best: trial" in text and "optim.lr=" in text
@@ -79,7 +95,9 @@ def test_sweep_runs_its_budget_on_two_workers_with_mlflow_parent_and_children(tm
     parent = client.search_runs([exp.experiment_id], filter_string="tags.`orch.kind` = 'sweep'")
     assert len(parent) == 1 and "best.val_loss" in parent[0].data.metrics
     assert any(k.startswith("best.optim.lr") for k in parent[0].data.params)
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'"
+    )
     assert len(children) == 4
 
     plots = orch("sweep", "plot", "sw", "--out", str(tmp_path / "plots")).stdout
@@ -88,8 +106,11 @@ def test_sweep_runs_its_budget_on_two_workers_with_mlflow_parent_and_children(tm
     confirm = orch("sweep", "confirm", "sw", "--seeds", "2").stdout
     # Baseline and best trial, 2 seeds each; the best trial's own run (seed 42) is reused, not retrained.
     assert "sw.confirm: 3 queued, 1 reused" in confirm
-    wait_until(lambda: queries.counts(eng).get("queued", 0) + queries.counts(eng).get("running", 0) == 0, timeout=300,
-               what="the confirmation runs")
+    wait_until(
+        lambda: queries.counts(eng).get("queued", 0) + queries.counts(eng).get("running", 0) == 0,
+        timeout=300,
+        what="the confirmation runs",
+    )
     table = json.loads(orch("table", "sw.confirm", "--format", "json").stdout)[0]
     best = next(r for r in table["rows"] if r["arm"].startswith("best-trial-"))
     assert best["n"] == 2 and best["verdict"] in ("better", "worse", "within noise")
@@ -100,8 +121,17 @@ def test_pruning_stops_hopeless_trials_early(tmp_path, data_dir, workers):
     # Evaluated in this order, one at a time: two sensible learning rates set the median, then two that
     # barely move the weights trail it at the first evaluations and are stopped.
     start = [{"optim.lr": 3e-3}, {"optim.lr": 2e-3}, {"optim.lr": 1e-6}, {"optim.lr": 2e-6}]
-    path = sweep_file(tmp_path, data_dir, "pr", trials=4, in_flight=1, steps=60, sampler="random",
-                      space='{"optim.lr": LogUniform(low=1e-6, high=1e-2)}', start_with=start)
+    path = sweep_file(
+        tmp_path,
+        data_dir,
+        "pr",
+        trials=4,
+        in_flight=1,
+        steps=60,
+        sampler="random",
+        space='{"optim.lr": LogUniform(low=1e-6, high=1e-2)}',
+        start_with=start,
+    )
     orch("sweep", str(path), "--poll", "0.2", "--no-mlflow", timeout=600)
     info = status(orch, "pr")
     states = {t["number"]: t["state"] for t in info["trials"]}
@@ -127,6 +157,7 @@ def test_killed_sweep_command_resumes_and_counts_every_trial_once(tmp_path, data
             return status(orch, "kl")["counts"].get("complete", 0) >= 2
         except AssertionError:
             return False
+
     wait_until(completed, timeout=300, what="two completed trials")
     # A second sweep command on the same study waits as a standby while the first one drives it ...
     standby = orch.start(*args)
@@ -204,6 +235,7 @@ def test_a_pruned_trial_is_told_once_its_own_runs_stop_and_same_parameter_trials
     # Only seed 1 is shared now (seed 0's second membership removed): pruning stops seed 0 alone, and the
     # trial is told pruned as soon as seed 0 is final, while seed 1 trains on for trial 9.
     from orchestrator.db import Membership
+
     with eng.begin() as conn:
         conn.execute(Membership.__table__.delete().where(Membership.arm == "trial-9", Membership.run_id == ids[0]))
     queue.claim(eng, "w", 2)

@@ -12,8 +12,21 @@ import subprocess
 import pytest
 import torch
 
-from conftest import (FAST, PYTHON, REPO, TORCHRUN, ok, read_result, run_trainer, set_args, start_trainer,
-                      subprocess_env, tiny_config, train_losses, wait_for_step)
+from conftest import (
+    FAST,
+    PYTHON,
+    REPO,
+    TORCHRUN,
+    ok,
+    read_result,
+    run_trainer,
+    set_args,
+    start_trainer,
+    subprocess_env,
+    tiny_config,
+    train_losses,
+    wait_for_step,
+)
 from trainer import checkpoint
 from trainer.config import load
 from trainer.model import GPT
@@ -89,8 +102,14 @@ def test_run_directory_is_complete(baseline, data_dir):
 
 
 def _evaluate(*args) -> dict:
-    proc = subprocess.run([PYTHON, "-m", "trainer.evaluate", *map(str, args), "--json"], cwd=REPO,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [PYTHON, "-m", "trainer.evaluate", *map(str, args), "--json"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -105,8 +124,14 @@ def test_evaluate_reproduces_the_test_loss_exactly(baseline):
 
 
 def test_evaluate_missing_checkpoint_is_one_clear_error(tmp_path):
-    proc = subprocess.run([PYTHON, "-m", "trainer.evaluate", "--checkpoint", str(tmp_path / "nope.pt")], cwd=REPO,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [PYTHON, "-m", "trainer.evaluate", "--checkpoint", str(tmp_path / "nope.pt")],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -132,7 +157,8 @@ def test_kill_and_resume_is_bitwise_identical(baseline, data_dir, tmp_path):
 
     ok(run_trainer(run, data_dir, BASE))
     assert {"event": "resume", "step": resumed_from} in [
-        {"event": e.get("event"), "step": e.get("step")} for e in raw_events(run)]
+        {"event": e.get("event"), "step": e.get("step")} for e in raw_events(run)
+    ]
     assert losses_and_norms(run) == losses_and_norms(ref)  # bitwise: dropout masks restored
     result, want = read_result(run), read_result(ref)
     assert result["status"] == "succeeded" and result["launches"] == 2
@@ -224,8 +250,14 @@ def test_relaunching_a_finished_run_keeps_its_result(baseline, tmp_path):
     ref, _ = baseline
     run = tmp_path / "again"
     shutil.copytree(ref, run)
-    proc = subprocess.run([PYTHON, "-m", "trainer", "--config", str(run / "config.json"), "--run-dir", str(run)],
-                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [PYTHON, "-m", "trainer", "--config", str(run / "config.json"), "--run-dir", str(run)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     ok(proc)
     result, want = read_result(run), read_result(ref)
     assert result["status"] == "succeeded" and result["step"] == STEPS
@@ -281,8 +313,19 @@ EQ = {"model.dropout": 0.0, "run.steps": 8, "run.checkpoint_interval": 0}
 
 def run_torchrun(run_dir, data_dir, overrides: dict) -> subprocess.CompletedProcess:
     sets = {"data.path": str(data_dir), **FAST, **overrides}
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "trainer", "--preset", "tiny",
-           "--run-dir", str(run_dir), *set_args(sets)]
+    cmd = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainer",
+        "--preset",
+        "tiny",
+        "--run-dir",
+        str(run_dir),
+        *set_args(sets),
+    ]
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
 
 

@@ -29,7 +29,8 @@ def write_experiment(tmp_path: Path, data_dir: Path, name: str, interventions: s
     path.write_text(
         "from orchestrator.specs import Experiment, Intervention\n"
         f"experiment = Experiment(name={name!r}, preset='tiny', base={base!r}, seeds={seeds},\n"
-        f"    interventions=[{interventions}])\n")
+        f"    interventions=[{interventions}])\n"
+    )
     return path
 
 
@@ -50,14 +51,16 @@ class Orch:
         return cmd
 
     def __call__(self, *args: str, code: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
-        out = subprocess.run(self.args(*args), cwd=self.cwd, env=self.env, capture_output=True, text=True,
-                             timeout=timeout)
+        out = subprocess.run(
+            self.args(*args), cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         assert out.returncode == code, f"exit {out.returncode}\n{out.stdout}\n{out.stderr}"
         return out
 
     def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(self.args(*args), cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            self.args(*args), cwd=self.cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
 
 
 def wait_until(predicate, timeout: float = 120, what: str = "condition"):
@@ -92,7 +95,8 @@ def test_submit_worker_table_and_mlflow(tmp_path, data_dir):
 
     table = json.loads(orch("table", "e2e", "--format", "json").stdout)[0]
     assert [row["arm"] for row in table["rows"]] == sorted(
-        ["baseline", "no-dropout"], key=lambda a: next(r.test_loss for e, arm, r in queries.runs_of(eng) if arm == a))
+        ["baseline", "no-dropout"], key=lambda a: next(r.test_loss for e, arm, r in queries.runs_of(eng) if arm == a)
+    )
     base = next(row for row in table["rows"] if row["arm"] == "baseline")
     other = next(row for row in table["rows"] if row["arm"] == "no-dropout")
     assert other["improvement"] == pytest.approx(base["mean"] - other["mean"])
@@ -102,14 +106,18 @@ def test_submit_worker_table_and_mlflow(tmp_path, data_dir):
     # Read the runs back through a real MLflow tracking server's REST API.
     server = MlflowServer(orch.mlflow, tmp_path / "mlartifacts").start()
     try:
+
         def get(path, **params):
             with urllib.request.urlopen(f"{server.url}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(params)}") as f:
                 return json.loads(f.read())
 
         exp_id = get("experiments/get-by-name", experiment_name="e2e")["experiment"]["experiment_id"]
-        req = urllib.request.Request(f"{server.url}/api/2.0/mlflow/runs/search", method="POST",
-                                     data=json.dumps({"experiment_ids": [exp_id]}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{server.url}/api/2.0/mlflow/runs/search",
+            method="POST",
+            data=json.dumps({"experiment_ids": [exp_id]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         found = json.loads(urllib.request.urlopen(req).read())["runs"]
         assert len(found) == 2
         for run in found:

@@ -32,14 +32,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m trainer",
         description="Train one GPT-2 run into a run directory (resumes from its newest checkpoint).",
         epilog="examples:\n  python -m trainer --preset tiny --run-dir runs/demo\n"
-               "  torchrun --standalone --nproc_per_node 8 -m trainer --config runs/ID/config.json --run-dir runs/ID",
+        "  torchrun --standalone --nproc_per_node 8 -m trainer --config runs/ID/config.json --run-dir runs/ID",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="a TrainConfig JSON file")
     source.add_argument("--preset", choices=sorted(config.PRESETS), help="a built-in config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set model.dropout=0 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.dropout=0 (repeatable)",
+    )
     parser.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and result go")
     args = parser.parse_args(argv)
     runlock.die_with_parent()  # first: an orphan must never go on training (runlock.py)
@@ -74,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         # it (from the last complete checkpoint: every write is atomic) without counting an attempt.
         from trainer.rundir import EXIT_NO_SPACE, NO_SPACE_LINE
 
-        print(f"{NO_SPACE_LINE} writing {exc.filename or args.run_dir}: free disk space under "
-              f"{Path(args.run_dir).parent}; the run resumes from its last complete checkpoint", file=sys.stderr)
+        print(
+            f"{NO_SPACE_LINE} writing {exc.filename or args.run_dir}: free disk space under "
+            f"{Path(args.run_dir).parent}; the run resumes from its last complete checkpoint",
+            file=sys.stderr,
+        )
         return EXIT_NO_SPACE
     finally:
         lock.release()
@@ -87,9 +95,16 @@ def _record_failure(run_dir: Path, message: str) -> None:
 
     if os.environ.get("RANK", "0") != "0" or not run_dir.is_dir():
         return
-    write_json(run_dir / RESULT, {"status": Status.FAILED.value, "error": message, "retryable": False,
-                                  "launch_id": os.environ.get("ORCH_LAUNCH_ID"),
-                                  "exit_code": EXIT_CODES[Status.FAILED]})
+    write_json(
+        run_dir / RESULT,
+        {
+            "status": Status.FAILED.value,
+            "error": message,
+            "retryable": False,
+            "launch_id": os.environ.get("ORCH_LAUNCH_ID"),
+            "exit_code": EXIT_CODES[Status.FAILED],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -124,7 +124,9 @@ class EvalConfig(Section):
     val_sequences: int = Field(512, ge=1)
     # The blog's test set: 3,200 batches × 6 sequences × 1,024 tokens of the held-out split.
     test_sequences: int = Field(3200 * 6, ge=1)
-    batch_size: int = Field(16, ge=1, description="sequences per forward pass per device (16 × 1024 × 50257 fp32 logits = 3.3 GB)")
+    batch_size: int = Field(
+        16, ge=1, description="sequences per forward pass per device (16 × 1024 × 50257 fp32 logits = 3.3 GB)"
+    )
     # Evaluation precision is fixed independently of training precision, so an AMP-vs-fp32 intervention
     # changes how the model was trained, not how it is measured.
     amp: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -214,8 +216,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"lr": 1e-3},
         "precision": {"amp": "fp32", "tf32": False},
         "eval": {"val_sequences": 32, "test_sequences": 128, "batch_size": 32},
-        "run": {"batch_size": 16, "micro_batch_size": "auto", "tokens": None, "steps": 100,
-                "log_interval": 5, "checkpoint_interval": 25},
+        "run": {
+            "batch_size": 16,
+            "micro_batch_size": "auto",
+            "tokens": None,
+            "steps": 100,
+            "log_interval": 5,
+            "checkpoint_interval": 25,
+        },
     },
 }
 
@@ -259,7 +267,9 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             if not isinstance(node, dict) or part not in node:
                 where = ".".join(parts[:i]) or "the top level"
                 choices = list(node) if isinstance(node, dict) else []
-                raise ConfigError(f"unknown config key {dotted!r}: {where} has no {part!r}" + _did_you_mean(part, choices))
+                raise ConfigError(
+                    f"unknown config key {dotted!r}: {where} has no {part!r}" + _did_you_mean(part, choices)
+                )
             if i == len(parts) - 1:
                 node[part] = value
             else:
@@ -286,14 +296,18 @@ def _explain(err: dict) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         section = TrainConfig.model_fields.get(str(err["loc"][0]))
-        choices = list(section.annotation.model_fields) if len(err["loc"]) > 1 and section else list(TrainConfig.model_fields)
+        choices = (
+            list(section.annotation.model_fields) if len(err["loc"]) > 1 and section else list(TrainConfig.model_fields)
+        )
         return f"  {loc}: unknown key" + _did_you_mean(str(err["loc"][-1]), choices) + "; remove or rename it"
     msg = err["msg"].removeprefix("Value error, ")
     got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
     return f"  {loc or 'config'}: {msg}{got}"
 
 
-def load(path: str | None = None, preset_name: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def load(
+    path: str | None = None, preset_name: str | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
     """A config from a JSON file or a preset, with dotted overrides applied on top."""
     if (path is None) == (preset_name is None):
         raise ConfigError("give exactly one of a config file (--config) and a preset (--preset)")

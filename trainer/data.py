@@ -77,7 +77,9 @@ def shard_length(path: Path) -> int:
     if header.size < HEADER_INTS or header[0] != MAGIC:
         raise DataError(f"{path} is not a token shard (bad magic number); re-create it with `{hint}`")
     if header[1] != VERSION:
-        raise DataError(f"{path} has shard version {header[1]}, this trainer reads {VERSION}; re-create it with `{hint}`")
+        raise DataError(
+            f"{path} has shard version {header[1]}, this trainer reads {VERSION}; re-create it with `{hint}`"
+        )
     n = int(header[2])
     if n < 0 or size != HEADER_BYTES + 2 * n:
         raise DataError(
@@ -106,16 +108,19 @@ def shard_paths(directory: str | Path, split: str) -> list[Path]:
     if listed is not None:  # meta.json says how many shards there are: a missing one is an error
         missing = [f"{split}_{i:06d}.bin" for i in range(listed) if not (directory / f"{split}_{i:06d}.bin").exists()]
         if missing:
-            raise DataError(f"{directory / missing[0]} is missing ({len(missing)} of {listed} {split!r} shards); "
-                            f"re-create the data with `{hint}`")
+            raise DataError(
+                f"{directory / missing[0]} is missing ({len(missing)} of {listed} {split!r} shards); "
+                f"re-create the data with `{hint}`"
+            )
         paths = [directory / f"{split}_{i:06d}.bin" for i in range(listed)]
     if not paths:
         raise DataError(f"{directory} has no {split!r} shards ({split}_000000.bin …); prepare it with `{hint}`")
     return paths
 
 
-def check_dataset(directory: str | Path, seq_len: int | None = None, val_sequences: int = 0,
-                  test_sequences: int = 0) -> dict[str, int]:
+def check_dataset(
+    directory: str | Path, seq_len: int | None = None, val_sequences: int = 0, test_sequences: int = 0
+) -> dict[str, int]:
     """Check a dataset directory the way training will read it, from the shards' headers only: every split
     present, every shard's magic, version and token count consistent with its size; given seq_len, the train
     split holds a sequence and the val / test splits hold the fixed evaluation slices. Returns tokens per
@@ -123,13 +128,20 @@ def check_dataset(directory: str | Path, seq_len: int | None = None, val_sequenc
     tokens = {split: sum(shard_length(p) for p in shard_paths(directory, split)) for split in SPLITS}
     if seq_len is not None:
         if (tokens["train"] - 1) // seq_len < 1:
-            raise DataError(f"{directory}: the train split has {tokens['train']} tokens, fewer than one sequence "
-                            f"of {seq_len + 1}; prepare more data with `{prepare_hint(Path(directory))}`")
-        for split, n, what in (("val", val_sequences, "eval.val_sequences"), ("test", test_sequences, "eval.test_sequences")):
+            raise DataError(
+                f"{directory}: the train split has {tokens['train']} tokens, fewer than one sequence "
+                f"of {seq_len + 1}; prepare more data with `{prepare_hint(Path(directory))}`"
+            )
+        for split, n, what in (
+            ("val", val_sequences, "eval.val_sequences"),
+            ("test", test_sequences, "eval.test_sequences"),
+        ):
             have = max(0, (tokens[split] - 1) // seq_len)
             if have < n:
-                raise DataError(f"{directory}: the {split} split holds {have} sequences of {seq_len} tokens, but {what} "
-                                f"asks for {n}; lower {what} or prepare more data (a larger --{split}-fraction or more input)")
+                raise DataError(
+                    f"{directory}: the {split} split holds {have} sequences of {seq_len} tokens, but {what} "
+                    f"asks for {n}; lower {what} or prepare more data (a larger --{split}-fraction or more input)"
+                )
     return tokens
 
 
@@ -179,7 +191,8 @@ class TrainOrder:
         if self.n == 0:
             raise DataError(f"train split has {split.n_tokens} tokens, fewer than one sequence of {seq_len + 1}")
 
-    @functools.lru_cache(maxsize=2)
+    # One TrainOrder per run, alive as long as the trainer: caching on the method holds nothing longer.
+    @functools.lru_cache(maxsize=2)  # noqa: B019
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 

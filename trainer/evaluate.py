@@ -41,8 +41,17 @@ def exact_fp32():
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, split: Split, seq_len: int, n_sequences: int, batch_size: int,
-              device: torch.device, amp: str = "fp32", rank: int = 0, world: int = 1) -> float:
+def mean_loss(
+    model: torch.nn.Module,
+    split: Split,
+    seq_len: int,
+    n_sequences: int,
+    batch_size: int,
+    device: torch.device,
+    amp: str = "fp32",
+    rank: int = 0,
+    world: int = 1,
+) -> float:
     """Mean next-token cross-entropy over the first n_sequences windows of `split`, shared across ranks."""
     was_training = model.training
     model.eval()
@@ -67,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.config import ConfigError, TrainConfig
     from trainer.model import GPT
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/step_*.pt file")
     parser.add_argument("--data", help="dataset directory (default: the one the run trained on)")
     parser.add_argument("--split", default="test", choices=["test", "val"])
@@ -94,8 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, ConfigError) as exc:
         sys.exit(f"error: {exc}")
     loss = mean_loss(model, split, cfg.model.context_length, n, cfg.eval.batch_size, device, cfg.eval.amp)
-    out = {"checkpoint": str(args.checkpoint), "step": state["step"], "split": args.split, "sequences": n,
-           "loss": loss}
+    out = {"checkpoint": str(args.checkpoint), "step": state["step"], "split": args.split, "sequences": n, "loss": loss}
     print(json.dumps(out) if args.json else f"{args.split} loss {loss:.6f} over {n} sequences (step {state['step']})")
 
 

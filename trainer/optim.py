@@ -39,7 +39,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(
         [g for g in param_groups(model, cfg) if g["params"]],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=fused,
     )
 
 

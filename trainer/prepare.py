@@ -38,6 +38,7 @@ FINEWEB_SAMPLE = "sample/10BT"
 # ---------------------------------------------------------------------------------------------------------
 # Sources: each yields documents (strings).
 
+
 def embedded_corpus() -> Iterator[str]:
     """English prose that exists on any machine with Python and no network (~1.2M GPT-2 tokens on 3.11).
 
@@ -100,8 +101,10 @@ def file_corpus(paths: Iterable[str], text_field: str = "text") -> Iterator[str]
                         try:
                             yield json.loads(line)[text_field]
                         except (json.JSONDecodeError, KeyError, TypeError):
-                            raise SystemExit(f"error: {f}:{n} is not a JSON object with a {text_field!r} field "
-                                             "(choose the field with --text-field)") from None
+                            raise SystemExit(
+                                f"error: {f}:{n} is not a JSON object with a {text_field!r} field "
+                                "(choose the field with --text-field)"
+                            ) from None
         else:
             yield f.read_text(encoding="utf-8", errors="replace")
 
@@ -123,8 +126,11 @@ def fineweb_corpus(sample: str = FINEWEB_SAMPLE, cache_dir: str | None = None) -
         from huggingface_hub import HfApi, hf_hub_download
     except ImportError:
         raise SystemExit("error: the FineWeb download needs huggingface_hub: pip install 'orch[hub]'") from None
-    files = sorted(f for f in HfApi().list_repo_files(FINEWEB_REPO, repo_type="dataset")
-                   if f.startswith(sample + "/") and f.endswith(".parquet"))
+    files = sorted(
+        f
+        for f in HfApi().list_repo_files(FINEWEB_REPO, repo_type="dataset")
+        if f.startswith(sample + "/") and f.endswith(".parquet")
+    )
     if not files:
         raise SystemExit(f"error: no Parquet files under {sample!r} in {FINEWEB_REPO}")
     for name in files:
@@ -134,6 +140,7 @@ def fineweb_corpus(sample: str = FINEWEB_SAMPLE, cache_dir: str | None = None) -
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokenise and shard.
+
 
 def split_of(text: str, val_fraction: float, test_fraction: float) -> str:
     u = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "big") / 2**64
@@ -166,9 +173,19 @@ class ShardWriter:
             self.fill = 0
 
 
-def prepare(documents: Iterable[str], out: str | Path, *, source: str, command: str, val_fraction: float,
-            test_fraction: float, shard_tokens: int = 100_000_000, max_tokens: int | None = None,
-            batch_docs: int = 256, progress: bool = True) -> dict:
+def prepare(
+    documents: Iterable[str],
+    out: str | Path,
+    *,
+    source: str,
+    command: str,
+    val_fraction: float,
+    test_fraction: float,
+    shard_tokens: int = 100_000_000,
+    max_tokens: int | None = None,
+    batch_docs: int = 256,
+    progress: bool = True,
+) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten at the end
@@ -199,8 +216,12 @@ def prepare(documents: Iterable[str], out: str | Path, *, source: str, command: 
             tokens += len(ids)
         if progress and time.time() - shown > 2:
             shown = time.time()
-            print(f"\r{docs:,} documents, {tokens:,} tokens, {tokens / (time.time() - t0 + 1e-9):,.0f} tokens/s",
-                  end="", file=sys.stderr, flush=True)
+            print(
+                f"\r{docs:,} documents, {tokens:,} tokens, {tokens / (time.time() - t0 + 1e-9):,.0f} tokens/s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         if max_tokens is not None and tokens >= max_tokens:
             break
     if progress:
@@ -228,8 +249,9 @@ def prepare(documents: Iterable[str], out: str | Path, *, source: str, command: 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m trainer.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("source", choices=["embedded", "files", "fineweb"])
     parser.add_argument("inputs", nargs="*", help="files or directories (for 'files')")
     parser.add_argument("--out", required=True, help="output directory")
@@ -255,8 +277,16 @@ def main(argv: list[str] | None = None) -> None:
     else:
         docs = fineweb_corpus(args.sample)
     command = shlex.join(["python", "-m", "trainer.prepare", *argv])
-    meta = prepare(docs, args.out, source=args.source, command=command, val_fraction=val, test_fraction=test,
-                   shard_tokens=args.shard_tokens, max_tokens=args.max_tokens)
+    meta = prepare(
+        docs,
+        args.out,
+        source=args.source,
+        command=command,
+        val_fraction=val,
+        test_fraction=test,
+        shard_tokens=args.shard_tokens,
+        max_tokens=args.max_tokens,
+    )
     print(f"wrote {args.out}: " + ", ".join(f"{s} {n:,} tokens" for s, n in meta["tokens"].items()))
 
 

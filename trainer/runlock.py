@@ -124,20 +124,27 @@ class TrainerLock:
             except OSError:
                 record = _record(fd)
                 waited = time.monotonic() - started
-                who = (f"pid {record.get('pid')} on {record.get('host')} (launch {record.get('launch')})"
-                       if record else "another trainer")
+                who = (
+                    f"pid {record.get('pid')} on {record.get('host')} (launch {record.get('launch')})"
+                    if record
+                    else "another trainer"
+                )
                 if waited >= wait_s:
                     os.close(fd)
-                    raise RunDirBusy(f"{self.path.parent} is being trained by {who}; stop it first, or use "
-                                     "another --run-dir") from None
+                    raise RunDirBusy(
+                        f"{self.path.parent} is being trained by {who}; stop it first, or use another --run-dir"
+                    ) from None
                 if signalled is None:
                     echo(f"waiting for {who} to checkpoint and release {self.path.parent}", flush=True)
                     signalled = signal.SIGTERM
                     if _launch_number(record.get("launch")) < _launch_number(self.launch):  # never a newer one
                         stop_holder(record, signal.SIGTERM)
-                elif (signalled == signal.SIGTERM and waited >= kill_after_s
-                      and _launch_number(record.get("launch")) < _launch_number(self.launch)
-                      and stop_holder(record, signal.SIGKILL)):
+                elif (
+                    signalled == signal.SIGTERM
+                    and waited >= kill_after_s
+                    and _launch_number(record.get("launch")) < _launch_number(self.launch)
+                    and stop_holder(record, signal.SIGKILL)
+                ):
                     echo(f"killed {who}: it did not stop within {kill_after_s:.0f} s", flush=True)
                     signalled = signal.SIGKILL
                 time.sleep(0.1)

@@ -58,9 +58,15 @@ class TrainState:
 
     def state_dict(self, d: Dist) -> dict[str, Any]:
         """The checkpoint's share of this state. A collective: every rank calls it, for every rank's RNG."""
-        counters = {"train_time": self.train_time, "wall_time": self.wall_time,
-                    "clipped_steps": self.clipped_steps(), "launches": self.launches,
-                    "train_loss": self.train_loss, "val_loss": self.val_loss, "rates": self.rates[-KEPT_RATES:]}
+        counters = {
+            "train_time": self.train_time,
+            "wall_time": self.wall_time,
+            "clipped_steps": self.clipped_steps(),
+            "launches": self.launches,
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "rates": self.rates[-KEPT_RATES:],
+        }
         return {"step": self.step, "counters": counters, "rng": all_gather(d, checkpoint.rng_state())}
 
     def load_state_dict(self, state: dict[str, Any], d: Dist) -> None:

@@ -45,13 +45,14 @@ from trainer.evaluate import autocast, mean_loss
 from trainer.model import GPT, cross_entropy
 from trainer.optim import build_optimizer, lr_at
 from trainer.perf import batch_layout, environment, peak_flops  # bench/trainer.py takes Dist, batch_layout from here
-from trainer.rundir import CONFIG, METRICS, RESULT, EXIT_CODES, Metrics, Status, write_json
+from trainer.rundir import CONFIG, EXIT_CODES, METRICS, RESULT, Metrics, Status, write_json
 from trainer.state import TrainState
 
 
 @dataclass
 class Data:
     """The dataset as training reads it: the train split in its configured order, the held-out splits."""
+
     order: TrainOrder  # which training windows each step reads
     val: Split
     test: Split
@@ -60,6 +61,7 @@ class Data:
 @dataclass
 class Setup:
     """What a launch builds before its first step, unchanged from then on (what changes is TrainState)."""
+
     cfg: TrainConfig
     run_dir: Path
     d: Dist
@@ -117,6 +119,7 @@ def training_model(model: GPT, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
 @dataclass
 class StepOut:
     """One optimizer step's numbers, still on the device."""
+
     loss_sum: torch.Tensor  # sum of the micro-batch losses (divide by accum for the mean)
     grad_norm: torch.Tensor  # the global gradient norm before clipping
     lr: float
@@ -125,6 +128,7 @@ class StepOut:
 @dataclass
 class Window:
     """The steps since the last sync point: throughput and the clipped fraction are measured over them."""
+
     clipped_before: int  # clipped steps counted when the window opened
     start: float = field(default_factory=time.perf_counter)
     steps: int = 0
@@ -196,15 +200,31 @@ def set_up(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState]
     if d.master and (run_dir / METRICS).stat().st_size > 0:
         metrics.log(event="resume", step=state.step, launch=os.environ.get("ORCH_LAUNCH_ID"), time=time.time())
     if d.master:
-        print(f"{model.num_params():,} parameters | {d.world} × {d.device.type} | micro-batch {micro} × {accum} "
-              f"accumulation | steps {state.step}→{total_steps}", flush=True)
+        print(
+            f"{model.num_params():,} parameters | {d.world} × {d.device.type} | micro-batch {micro} × {accum} "
+            f"accumulation | steps {state.step}→{total_steps}",
+            flush=True,
+        )
 
     train_model = training_model(model, cfg, d)
-    setup = Setup(cfg=cfg, run_dir=run_dir, d=d, data=data, model=model, train_model=train_model, opt=opt,
-                  scaler=scaler, micro=micro, accum=accum, metrics=metrics, stopper=StopRequest(run_dir, d.master),
-                  flops_per_token=model.flops_per_token(),
-                  peak=peak_flops(d.device, cfg.precision.amp, cfg.precision.tf32, cfg.run.peak_tflops),
-                  total_steps=total_steps, started=started)
+    setup = Setup(
+        cfg=cfg,
+        run_dir=run_dir,
+        d=d,
+        data=data,
+        model=model,
+        train_model=train_model,
+        opt=opt,
+        scaler=scaler,
+        micro=micro,
+        accum=accum,
+        metrics=metrics,
+        stopper=StopRequest(run_dir, d.master),
+        flops_per_token=model.flops_per_token(),
+        peak=peak_flops(d.device, cfg.precision.amp, cfg.precision.tf32, cfg.run.peak_tflops),
+        total_steps=total_steps,
+        started=started,
+    )
     return setup, state
 
 
@@ -224,8 +244,15 @@ def open_data(cfg: TrainConfig) -> Data:
     return Data(TrainOrder(train_split, T, cfg.data.order, cfg.data.seed), val_split, test_split)
 
 
-def resume(cfg: TrainConfig, run_dir: Path, d: Dist, model: GPT, opt: torch.optim.Optimizer,
-           scaler: torch.amp.GradScaler, state: TrainState) -> None:
+def resume(
+    cfg: TrainConfig,
+    run_dir: Path,
+    d: Dist,
+    model: GPT,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    state: TrainState,
+) -> None:
     """Load the newest checkpoint of the run directory, if any, into model, optimizer, scaler and state."""
     path = checkpoint.latest(run_dir)
     if path is None:
@@ -274,8 +301,9 @@ def train_step(s: Setup, state: TrainState) -> StepOut:
     return StepOut(loss_sum, norm, lr)
 
 
-def sync_point(s: Setup, state: TrainState, out: StepOut, window: Window, due_eval: bool,
-               due_ckpt: bool) -> Status | None:
+def sync_point(
+    s: Setup, state: TrainState, out: StepOut, window: Window, due_eval: bool, due_ckpt: bool
+) -> Status | None:
     """Read the step's numbers on the host, log, evaluate and checkpoint if due, and take the stop decision.
     Returns the status that ends the run here, or None to go on."""
     d = s.d
@@ -302,26 +330,48 @@ def log_step(s: Setup, state: TrainState, out: StepOut, window: Window, elapsed:
     rate = window.steps * s.cfg.run.batch_size * s.cfg.model.context_length / elapsed
     state.rates.append(rate)
     clipped = (state.clipped_steps() - window.clipped_before) / window.steps if s.cfg.optim.grad_clip else 0.0
-    s.metrics.log(step=state.step, tokens=s.tokens(state.step), loss=state.train_loss, lr=out.lr,
-                  grad_norm=float(out.grad_norm), clipped=clipped, tokens_per_s=rate, mfu=s.mfu(rate),
-                  loss_scale=s.scaler.get_scale() if s.scaler.is_enabled() else None, time=time.time())
+    s.metrics.log(
+        step=state.step,
+        tokens=s.tokens(state.step),
+        loss=state.train_loss,
+        lr=out.lr,
+        grad_norm=float(out.grad_norm),
+        clipped=clipped,
+        tokens_per_s=rate,
+        mfu=s.mfu(rate),
+        loss_scale=s.scaler.get_scale() if s.scaler.is_enabled() else None,
+        time=time.time(),
+    )
     if s.d.master:
-        print(f"step {state.step:>6}/{s.total_steps} | loss {state.train_loss:.4f} | lr {out.lr:.3e} | "
-              f"norm {float(out.grad_norm):.3f} | {rate:,.0f} tok/s", flush=True)
+        print(
+            f"step {state.step:>6}/{s.total_steps} | loss {state.train_loss:.4f} | lr {out.lr:.3e} | "
+            f"norm {float(out.grad_norm):.3f} | {rate:,.0f} tok/s",
+            flush=True,
+        )
 
 
 def evaluate(s: Setup, split: Split, n_sequences: int) -> float:
     """The mean loss over a split's fixed slice (its first n_sequences windows), shared across ranks."""
-    return mean_loss(s.model, split, s.cfg.model.context_length, n_sequences, s.cfg.eval.batch_size, s.d.device,
-                     s.cfg.eval.amp, s.d.rank, s.d.world)
+    return mean_loss(
+        s.model,
+        split,
+        s.cfg.model.context_length,
+        n_sequences,
+        s.cfg.eval.batch_size,
+        s.d.device,
+        s.cfg.eval.amp,
+        s.d.rank,
+        s.d.world,
+    )
 
 
 def final_evaluation(s: Setup, state: TrainState) -> float:
     """Validation and test loss of the finished model, logged together; returns the test loss."""
     state.val_loss = evaluate(s, s.data.val, s.cfg.eval.val_sequences)
     test_loss = evaluate(s, s.data.test, s.cfg.eval.test_sequences)
-    s.metrics.log(step=state.step, tokens=s.tokens(state.step), val_loss=state.val_loss, test_loss=test_loss,
-                  time=time.time())
+    s.metrics.log(
+        step=state.step, tokens=s.tokens(state.step), val_loss=state.val_loss, test_loss=test_loss, time=time.time()
+    )
     return test_loss
 
 
@@ -329,8 +379,13 @@ def save_checkpoint(s: Setup, state: TrainState) -> None:
     """Write checkpoints/step_N.pt: weights, optimizer, scaler, config, and the TrainState (every rank's RNG)."""
     train_state = state.state_dict(s.d)  # a collective: every rank takes part
     if s.d.master:
-        ckpt = {"model": s.model.state_dict(), "optimizer": s.opt.state_dict(), "scaler": s.scaler.state_dict(),
-                "config": s.cfg.model_dump(mode="json"), **train_state}
+        ckpt = {
+            "model": s.model.state_dict(),
+            "optimizer": s.opt.state_dict(),
+            "scaler": s.scaler.state_dict(),
+            "config": s.cfg.model_dump(mode="json"),
+            **train_state,
+        }
         checkpoint.save(s.run_dir, state.step, ckpt, s.cfg.run.keep_checkpoints)
 
 
@@ -393,8 +448,10 @@ def _write_or_check_config(cfg: TrainConfig, run_dir: Path) -> None:
         except json.JSONDecodeError:
             same = False
         if not same:
-            raise ConfigError(f"{path} holds a different config than the one given; use a new --run-dir, "
-                              f"or relaunch with --config {path} to resume that run")
+            raise ConfigError(
+                f"{path} holds a different config than the one given; use a new --run-dir, "
+                f"or relaunch with --config {path} to resume that run"
+            )
     else:
         write_json(path, cfg.model_dump(mode="json"))
 

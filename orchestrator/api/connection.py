@@ -17,8 +17,12 @@ from sqlalchemy.engine import Engine
 RUN_PREFIX = re.compile(r"[0-9a-z]{1,16}")
 # The error classes whose messages are written for users (the module, the class). Looked up only in modules
 # already imported: a command that never loaded one cannot have raised it.
-USER_ERRORS = (("orchestrator.specs", "SpecError"), ("trainer.config", "ConfigError"),
-               ("orchestrator.db", "SchemaError"), ("trainer.data", "DataError"))
+USER_ERRORS = (
+    ("orchestrator.specs", "SpecError"),
+    ("trainer.config", "ConfigError"),
+    ("orchestrator.db", "SchemaError"),
+    ("trainer.data", "DataError"),
+)
 # The database this process opened last: an error found in the middle of a command (a damaged page, a
 # server gone) is described with its URL.
 opened: dict = {}
@@ -49,8 +53,10 @@ def refuse_password(db: str | Engine | None) -> None:
     except (sa.exc.ArgumentError, ValueError):  # connect() says what is wrong with it, unless it shows a password
         has_password = redact(db) != db
     if has_password:
-        raise ValueError("--db holds a password, which anyone on this machine can read in `ps`: put the password "
-                         "in ~/.pgpass or $PGPASSWORD (libpq reads both), or in $ORCH_DB, not on the command line")
+        raise ValueError(
+            "--db holds a password, which anyone on this machine can read in `ps`: put the password "
+            "in ~/.pgpass or $PGPASSWORD (libpq reads both), or in $ORCH_DB, not on the command line"
+        )
 
 
 def user_message(exc: BaseException) -> str | None:
@@ -72,8 +78,9 @@ def user_message(exc: BaseException) -> str | None:
 
 def at_least(option: str, value: float, minimum: float = 1, example: str = "") -> None:
     if not value >= minimum:  # `not >=` also refuses NaN
-        raise ValueError(f"{option} must be at least {minimum:g}, not {value:g}"
-                         + (f"; e.g. {option} {example}" if example else ""))
+        raise ValueError(
+            f"{option} must be at least {minimum:g}, not {value:g}" + (f"; e.g. {option} {example}" if example else "")
+        )
 
 
 def check_alpha(alpha: float) -> None:

@@ -38,8 +38,9 @@ def table(experiments: str | Sequence[str] | None = None, *, alpha: float = 0.05
     check_alpha(alpha)
     names = [experiments] if isinstance(experiments, str) else list(experiments or [])
     engine = connect(db)
-    boards = tbl.build(queries.runs_of(engine, noise_.with_studies(engine, names) if names else None),
-                       queries.specs(engine), alpha)
+    boards = tbl.build(
+        queries.runs_of(engine, noise_.with_studies(engine, names) if names else None), queries.specs(engine), alpha
+    )
     known_experiments(engine, names)
     if not boards:
         raise ValueError("no runs yet: queue some with `orch submit experiments/quickstart.py`")
@@ -53,8 +54,16 @@ def noise(experiment: str, *, repeats: int = 8, vary: str = "init", db: Db = Non
     return Submitted.of(noise_.study_name(experiment, vary), report)
 
 
-def more_seeds(experiment: str, *, max_seeds: int = 8, alpha: float = 0.05, until_decided: bool = False,
-               poll: float = 10.0, db: Db = None, on_round: Callable[[Round], None] | None = None) -> list[Round]:
+def more_seeds(
+    experiment: str,
+    *,
+    max_seeds: int = 8,
+    alpha: float = 0.05,
+    until_decided: bool = False,
+    poll: float = 10.0,
+    db: Db = None,
+    on_round: Callable[[Round], None] | None = None,
+) -> list[Round]:
     """Queue extra seeds only where a verdict is still open and more seeds could still close it; with
     `until_decided`, wait for them and look again until no verdict is open (workers must be running)."""
     check_alpha(alpha)
@@ -67,8 +76,9 @@ class ImportReport:
     count: int
 
 
-def import_results(path: str | Path, *, experiment: str | None = None, baseline: str = "baseline",
-                   db: Db = None) -> ImportReport:
+def import_results(
+    path: str | Path, *, experiment: str | None = None, baseline: str = "baseline", db: Db = None
+) -> ImportReport:
     """Add results measured elsewhere (CSV or JSON: name, test_loss and optional seed, stack "a+b") to the
     table as experiment `experiment` (default: the file's name), marked as imported."""
     from orchestrator import imports
@@ -79,8 +89,16 @@ def import_results(path: str | Path, *, experiment: str | None = None, baseline:
     return ImportReport(name, imports.import_results(connect(db, create=True), path, name, baseline))
 
 
-def report(experiment: str, *, out: str | Path = "report", alpha: float = 0.05, runs_dir: str | Path = "runs",
-           mlflow: str | None = None, track: bool = True, db: Db = None) -> Path:
+def report(
+    experiment: str,
+    *,
+    out: str | Path = "report",
+    alpha: float = 0.05,
+    runs_dir: str | Path = "runs",
+    mlflow: str | None = None,
+    track: bool = True,
+    db: Db = None,
+) -> Path:
     """One self-contained HTML page (and PNGs) with loss curves, improvements with CIs and the table, also
     attached to the experiment in MLflow unless `track` is False; returns the page's path."""
     from orchestrator.report import write_report
@@ -88,8 +106,9 @@ def report(experiment: str, *, out: str | Path = "report", alpha: float = 0.05, 
     check_alpha(alpha)
     engine = connect(db)
     known_experiments(engine, [experiment])
-    return write_report(engine, experiment, Path(out), alpha=alpha, tracker=open_tracker(mlflow, track),
-                        runs_dir=Path(runs_dir))
+    return write_report(
+        engine, experiment, Path(out), alpha=alpha, tracker=open_tracker(mlflow, track), runs_dir=Path(runs_dir)
+    )
 
 
 @dataclass
@@ -108,9 +127,17 @@ class Suggestions:
         return scaling.to_json(self.items)
 
 
-def suggest(*, params: int | None = None, preset: str | None = None, tokens: int | None = None,
-            batch: int | None = None, lr: float | None = None, context: int | None = None,
-            flops: float | None = None, emit: str | Path | None = None) -> Suggestions:
+def suggest(
+    *,
+    params: int | None = None,
+    preset: str | None = None,
+    tokens: int | None = None,
+    batch: int | None = None,
+    lr: float | None = None,
+    context: int | None = None,
+    flops: float | None = None,
+    emit: str | Path | None = None,
+) -> Suggestions:
     """Scaling-law suggestions (Chinchilla, DeepSeek, Cerebras), each with its formula, inputs and source;
     N, shape and batch come from `preset` unless given. With `emit`, also write an experiment file."""
     from orchestrator import scaling
@@ -126,6 +153,9 @@ def suggest(*, params: int | None = None, preset: str | None = None, tokens: int
         # λ was computed for the η given (keep that η: emit λ alone) or for DeepSeek's η_opt (emit both).
         which = ("weight_decay",) if lr is not None else ("lr", "weight_decay")
         out.emitted = Path(emit)
-        out.emitted.write_text(scaling.emit_experiment_file(out.items, name=out.emitted.stem.replace("_", "-"),
-                                                            preset=preset or "gpt2-small", which=which))
+        out.emitted.write_text(
+            scaling.emit_experiment_file(
+                out.items, name=out.emitted.stem.replace("_", "-"), preset=preset or "gpt2-small", which=which
+            )
+        )
     return out

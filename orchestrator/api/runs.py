@@ -43,8 +43,16 @@ class Submitted:
         return f"{self.experiment}: {len(self.queued)} queued, {len(self.reused)} reused"
 
 
-def submit(path: str | Path, *, preset: str | None = None, seeds: int | None = None, overrides: dict | None = None,
-           dry_run: bool = False, check_data_here: bool = True, db: Db = None) -> Submitted:
+def submit(
+    path: str | Path,
+    *,
+    preset: str | None = None,
+    seeds: int | None = None,
+    overrides: dict | None = None,
+    dry_run: bool = False,
+    check_data_here: bool = True,
+    db: Db = None,
+) -> Submitted:
     """Queue an experiment file's runs; runs that exist already (same config, seed, repeat) are reused. Each
     data.path is checked first (shard headers, evaluation slices) unless `check_data_here` is False."""
     if seeds is not None:
@@ -67,10 +75,22 @@ class WorkerReport:
     finished: int
 
 
-def worker(*, gpus: str | Sequence[str] | None = None, gpus_per_run: int = 1, nproc_per_node: int = 1,
-           parallel: int = 1, until_empty: bool = False, runs_dir: str | Path = "runs", heartbeat: float = 5.0,
-           grace: float = 60.0, mlflow: str | None = None, track: bool = True, db: Db = None,
-           echo: Callable[[str], None] = print) -> WorkerReport:
+def worker(
+    *,
+    gpus: str | Sequence[str] | None = None,
+    gpus_per_run: int = 1,
+    nproc_per_node: int = 1,
+    parallel: int = 1,
+    until_empty: bool = False,
+    runs_dir: str | Path = "runs",
+    heartbeat: float = 5.0,
+    grace: float = 60.0,
+    mlflow: str | None = None,
+    track: bool = True,
+    slurm_requeue: bool = False,
+    db: Db = None,
+    echo: Callable[[str], None] = print,
+) -> WorkerReport:
     """Claim queued runs and train them, one per free GPU slot (all GPUs unless `gpus` lists some; none: CPU
     slots, `parallel` of them), until stopped or, with `until_empty`, until nothing is queued or running."""
     at_least("--gpus-per-run", gpus_per_run, example="2")
@@ -79,24 +99,42 @@ def worker(*, gpus: str | Sequence[str] | None = None, gpus_per_run: int = 1, np
     if not heartbeat > 0:
         raise ValueError(f"--heartbeat must be a positive number of seconds, not {heartbeat:g}; e.g. --heartbeat 5")
     if not grace > heartbeat:
-        raise ValueError(f"--grace ({grace:g} s) must be longer than --heartbeat ({heartbeat:g} s), or live runs "
-                         f"would be requeued between two beats; e.g. --grace {max(60, 12 * heartbeat):g}")
+        raise ValueError(
+            f"--grace ({grace:g} s) must be longer than --heartbeat ({heartbeat:g} s), or live runs "
+            f"would be requeued between two beats; e.g. --grace {max(60, 12 * heartbeat):g}"
+        )
     if isinstance(gpus, str):
         text = gpus.replace(" ", "")
         gpus = [g for g in text.split(",") if g]
         if not all(g.isdigit() for g in gpus) or len(set(gpus)) < len(gpus):
-            raise ValueError(f"--gpus takes distinct GPU indices separated by commas, e.g. --gpus 0,1,2,3; got {text!r}")
+            raise ValueError(
+                f"--gpus takes distinct GPU indices separated by commas, e.g. --gpus 0,1,2,3; got {text!r}"
+            )
     refuse_password(db)
     from orchestrator.worker import Worker, detect_gpus, plan_slots
 
     gpu_list = list(gpus) if gpus is not None else detect_gpus()
     slots = plan_slots(gpu_list, gpus_per_run, parallel)
     engine = connect(db, create=True)
-    w = Worker(engine, runs_dir=runs_dir, slots=slots, nproc_per_node=nproc_per_node,
-               tracker=open_tracker(mlflow, track), heartbeat_s=heartbeat, grace_s=grace, echo=echo)
+    w = Worker(
+        engine,
+        runs_dir=runs_dir,
+        slots=slots,
+        nproc_per_node=nproc_per_node,
+        tracker=open_tracker(mlflow, track),
+        heartbeat_s=heartbeat,
+        grace_s=grace,
+        echo=echo,
+    )
     where = f"{len(slots)} GPU slot(s)" if gpu_list else f"{len(slots)} CPU slot(s)"
     echo(f"worker {w.name}: {where}" + (", until the queue is empty" if until_empty else ""))
-    return WorkerReport(w.name, w.run(until_empty=until_empty))
+    finished = w.run(until_empty=until_empty)
+    # A Slurm pilot warned of its walltime has handed its runs back; while work remains, it comes back.
+    if slurm_requeue and w.warned and queries.counts(engine).get(RunState.QUEUED):
+        from orchestrator import slurm
+
+        slurm.requeue_self(echo)
+    return WorkerReport(w.name, finished)
 
 
 @dataclass
@@ -119,6 +157,7 @@ class Running:
 class Status:
     counts: dict[str, int]  # every state, 0 where no run is in it
     running: list[Running]
+    pilots: list = field(default_factory=list)  # slurm.Pilot: this user's pilot jobs, where Slurm is installed
 
 
 def eta_s(run: Run) -> float | None:
@@ -130,12 +169,19 @@ def eta_s(run: Run) -> float | None:
 
 
 def status(db: Db = None) -> Status:
-    """Queued / running / done counts, and each running run's step, loss, tokens/s and ETA."""
+    """Queued / running / done counts, each running run's step, loss, tokens/s and ETA, and Slurm pilots."""
+    from orchestrator import slurm
+
     engine = connect(db)
     counts = queries.counts(engine)
-    return Status({str(s): counts.get(s, 0) for s in RunState},
-                  [Running(r.id, e, a, r.seed, r.step, r.total_steps, r.train_loss, r.tokens_per_s, eta_s(r), r.worker)
-                   for e, a, r in queries.running(engine)])
+    return Status(
+        {str(s): counts.get(s, 0) for s in RunState},
+        [
+            Running(r.id, e, a, r.seed, r.step, r.total_steps, r.train_loss, r.tokens_per_s, eta_s(r), r.worker)
+            for e, a, r in queries.running(engine)
+        ],
+        slurm.pilots(),
+    )
 
 
 def known_experiments(engine: Engine, names: Sequence[str]) -> list[str]:
@@ -177,6 +223,8 @@ class Log:
     path: Path
     text: str | None  # the last lines of the trainer's log; None where there is none yet
     error: str | None  # the stored error of a failed run
+    node: str | None = None  # where its latest launch trained
+    slurm_job: str | None = None
 
 
 def logs(run: str, *, lines: int = 50, db: Db = None) -> Log:
@@ -185,7 +233,7 @@ def logs(run: str, *, lines: int = 50, db: Db = None) -> Log:
     r = find_run(run, db=db)
     path = Path(r.run_dir or f"runs/{r.id}") / "train.log"
     text = "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else None
-    return Log(r.id, r.state, path, text, r.error)
+    return Log(r.id, r.state, path, text, r.error, r.node, r.slurm_job)
 
 
 @dataclass
@@ -249,8 +297,9 @@ def ui(*, port: int = 5000, mlflow: str | None = None, echo: Callable[[str], Non
         raise ValueError(f"--port must be between 1 and 65535, not {port}")
     uri = resolve_uri(mlflow)
     echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--host", "127.0.0.1", "--port", str(port)])
+    return subprocess.call(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    )
 
 
 def upgrade(db: Db = None) -> tuple[str | None, str]:

@@ -10,9 +10,19 @@ from orchestrator.api.runs import Db, Submitted
 from orchestrator.tracking import open_tracker
 
 
-def sweep_run(path: str | Path, *, preset: str | None = None, overrides: dict | None = None, poll: float = 2.0,
-              grace: float = 60.0, mlflow: str | None = None, track: bool = True, check_data_here: bool = True,
-              db: Db = None, echo: Callable[[str], None] = print):
+def sweep_run(
+    path: str | Path,
+    *,
+    preset: str | None = None,
+    overrides: dict | None = None,
+    poll: float = 2.0,
+    grace: float = 60.0,
+    mlflow: str | None = None,
+    track: bool = True,
+    check_data_here: bool = True,
+    db: Db = None,
+    echo: Callable[[str], None] = print,
+):
     """Create or resume the study of a sweep file and drive it until its budget is spent (`orch worker`s
     train the trials meanwhile). A second driver of the same study waits as a standby and takes over once
     the first has not renewed its lease for `grace` seconds. Returns the sweep's status at the end."""
@@ -21,23 +31,37 @@ def sweep_run(path: str | Path, *, preset: str | None = None, overrides: dict | 
     from trainer.config import TrainConfig
 
     if not Path(path).is_file():
-        raise ValueError(f"no sweep file {str(path)!r}: run `orch sweep FILE` (e.g. experiments/sweep_lr_wd.py), "
-                         "or `orch sweep status|plot|confirm NAME`")
+        raise ValueError(
+            f"no sweep file {str(path)!r}: run `orch sweep FILE` (e.g. experiments/sweep_lr_wd.py), "
+            "or `orch sweep status|plot|confirm NAME`"
+        )
     if not poll > 0:
         raise ValueError(f"--poll must be a positive number of seconds, not {poll:g}")
     if not grace >= 3 * poll:
-        raise ValueError(f"--grace ({grace:g} s) must be at least 3 polls ({3 * poll:g} s), or a live driver would "
-                         "lose its sweep between two passes")
+        raise ValueError(
+            f"--grace ({grace:g} s) must be at least 3 polls ({3 * poll:g} s), or a live driver would "
+            "lose its sweep between two passes"
+        )
     refuse_password(db)
     spec = specs.load_sweep(path)
     base = specs.sweep_base(spec, preset, overrides)
     if check_data_here:
         check_data([TrainConfig.model_validate(base)])
     engine = connect(db, create=True)
-    driver = Driver(engine, spec, preset=preset, overrides=overrides, tracker=open_tracker(mlflow, track),
-                    poll_s=poll, echo=echo, lease_grace_s=grace)
-    echo(f"sweep {spec.name}: {spec.trials} trials, {spec.in_flight} in flight, {spec.sampler} sampler, "
-         f"{spec.pruner} pruner (needs `orch worker` running)")
+    driver = Driver(
+        engine,
+        spec,
+        preset=preset,
+        overrides=overrides,
+        tracker=open_tracker(mlflow, track),
+        poll_s=poll,
+        echo=echo,
+        lease_grace_s=grace,
+    )
+    echo(
+        f"sweep {spec.name}: {spec.trials} trials, {spec.in_flight} in flight, {spec.sampler} sampler, "
+        f"{spec.pruner} pruner (needs `orch worker` running)"
+    )
     driver.run()
     return sweep_views.status(engine, spec.name)
 

@@ -5,6 +5,7 @@ its options and one-line errors)."""
 from orchestrator.cli import runs  # noqa: F401  isort: skip
 from orchestrator.cli import results  # noqa: F401  isort: skip
 from orchestrator.cli import sweep  # noqa: F401  isort: skip
+from orchestrator.cli import slurm  # noqa: F401  isort: skip
 from orchestrator.cli.common import app
 
 __all__ = ["app"]

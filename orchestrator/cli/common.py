@@ -50,13 +50,22 @@ class Commands(TyperGroup):
             fail(message)
 
 
-app = typer.Typer(help="Queue, train and compare GPT-2 pre-training interventions.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False, cls=Commands)
+app = typer.Typer(
+    help="Queue, train and compare GPT-2 pre-training interventions.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    cls=Commands,
+)
 
 DbOpt = Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL (default $ORCH_DB or sqlite:///results.db)")]
-MlflowOpt = Annotated[Optional[str], typer.Option("--mlflow", help="MLflow tracking URI (default $ORCH_MLFLOW or sqlite:///mlflow.db)")]
+MlflowOpt = Annotated[
+    Optional[str], typer.Option("--mlflow", help="MLflow tracking URI (default $ORCH_MLFLOW or sqlite:///mlflow.db)")
+]
 NoMlflowOpt = Annotated[bool, typer.Option("--no-mlflow", help="do not track in MLflow")]
-NoCheckDataOpt = Annotated[bool, typer.Option("--no-check-data", help="do not check data.path here (the data lives only on the worker nodes)")]
+NoCheckDataOpt = Annotated[
+    bool, typer.Option("--no-check-data", help="do not check data.path here (the data lives only on the worker nodes)")
+]
 AlphaOpt = Annotated[float, typer.Option(help="significance level of the verdicts")]
 
 

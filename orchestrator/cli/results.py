@@ -44,7 +44,9 @@ def noise(
 def more_seeds(
     experiment: Annotated[str, typer.Argument()],
     max_seeds: Annotated[int, typer.Option(help="never more runs than this per arm")] = 8,
-    until_decided: Annotated[bool, typer.Option("--until-decided", help="wait for the runs and repeat until no verdict is open")] = False,
+    until_decided: Annotated[
+        bool, typer.Option("--until-decided", help="wait for the runs and repeat until no verdict is open")
+    ] = False,
     alpha: AlphaOpt = 0.05,
     poll: Annotated[float, typer.Option(help="seconds between checks with --until-decided")] = 10.0,
     db: DbOpt = None,
@@ -61,8 +63,16 @@ def more_seeds(
         elif until_decided:
             typer.echo("every verdict is decided or at --max-seeds")
 
-    call(api.more_seeds, experiment, max_seeds=max_seeds, alpha=alpha, until_decided=until_decided, poll=poll,
-         db=db, on_round=show)
+    call(
+        api.more_seeds,
+        experiment,
+        max_seeds=max_seeds,
+        alpha=alpha,
+        until_decided=until_decided,
+        poll=poll,
+        db=db,
+        on_round=show,
+    )
 
 
 @app.command("import")
@@ -92,15 +102,18 @@ def report(
     """One self-contained HTML page with loss curves, improvements with CIs and the table (also in MLflow)."""
     from orchestrator import api
 
-    path = call(api.report, experiment, out=out, alpha=alpha, runs_dir=runs_dir, mlflow=mlflow, track=not no_mlflow,
-                db=db)
+    path = call(
+        api.report, experiment, out=out, alpha=alpha, runs_dir=runs_dir, mlflow=mlflow, track=not no_mlflow, db=db
+    )
     typer.echo(f"wrote {path}")
 
 
 @app.command()
 def suggest(
     params: Annotated[Optional[int], typer.Option(help="parameters N (default: from --preset)")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="take N, shape and batch from a preset, e.g. gpt2-small")] = None,
+    preset: Annotated[
+        Optional[str], typer.Option(help="take N, shape and batch from a preset, e.g. gpt2-small")
+    ] = None,
     tokens: Annotated[Optional[int], typer.Option(help="training tokens D (default: Chinchilla's 20·N)")] = None,
     batch: Annotated[Optional[int], typer.Option(help="batch B in sequences")] = None,
     lr: Annotated[Optional[float], typer.Option(help="peak learning rate η for λ (default: DeepSeek's η_opt)")] = None,
@@ -113,8 +126,17 @@ def suggest(
     from orchestrator import api
 
     check_format(format, ("text", "json"))
-    out = call(api.suggest, params=params, preset=preset, tokens=tokens, batch=batch, lr=lr, context=context,
-               flops=flops, emit=emit)
+    out = call(
+        api.suggest,
+        params=params,
+        preset=preset,
+        tokens=tokens,
+        batch=batch,
+        lr=lr,
+        context=context,
+        flops=flops,
+        emit=emit,
+    )
     typer.echo(out.to_json() if format == "json" else out.text())
     if out.emitted:
         typer.echo(f"wrote {out.emitted}: orch submit {out.emitted}", err=format == "json")

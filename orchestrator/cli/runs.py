@@ -27,8 +27,16 @@ def submit(
     data.path is checked first (shard headers, evaluation slices) unless --no-check-data."""
     from orchestrator import api
 
-    out = call(api.submit, file, preset=preset, seeds=seeds, overrides=parse_sets(set_), dry_run=dry_run,
-               check_data_here=not no_check_data, db=db)
+    out = call(
+        api.submit,
+        file,
+        preset=preset,
+        seeds=seeds,
+        overrides=parse_sets(set_),
+        dry_run=dry_run,
+        check_data_here=not no_check_data,
+        db=db,
+    )
     for a, b in out.identical:
         typer.secho(f"warning: {b!r} is identical to {a!r} at this preset; they share runs", fg="yellow", err=True)
     if out.dry_run:
@@ -45,7 +53,9 @@ def submit(
 
 @app.command()
 def worker(
-    gpus: Annotated[Optional[str], typer.Option(help="GPU indices to use, e.g. 0,1,2,3 (default: all; none → CPU)")] = None,
+    gpus: Annotated[
+        Optional[str], typer.Option(help="GPU indices to use, e.g. 0,1,2,3 (default: all; none → CPU)")
+    ] = None,
     gpus_per_run: Annotated[int, typer.Option(help="GPUs per run (torchrun processes)")] = 1,
     nproc_per_node: Annotated[int, typer.Option(help="processes per run on CPU")] = 1,
     parallel: Annotated[int, typer.Option(help="CPU runs at once (no GPUs)")] = 1,
@@ -54,15 +64,34 @@ def worker(
     heartbeat: Annotated[float, typer.Option(help="seconds between heartbeats")] = 5.0,
     grace: Annotated[float, typer.Option(help="seconds without heartbeat before a run is requeued")] = 60.0,
     no_mlflow: NoMlflowOpt = False,
+    slurm_requeue: Annotated[
+        bool,
+        typer.Option(
+            "--slurm-requeue", help="in a Slurm job: requeue it on the walltime warning while work remains (pilots)"
+        ),
+    ] = False,
     db: DbOpt = None,
     mlflow: MlflowOpt = None,
 ):
     """Claim queued runs and train them with torchrun, one per free GPU slot (or CPU slot)."""
     from orchestrator import api
 
-    out = call(api.worker, gpus=gpus, gpus_per_run=gpus_per_run, nproc_per_node=nproc_per_node, parallel=parallel,
-               until_empty=until_empty, runs_dir=runs_dir, heartbeat=heartbeat, grace=grace, mlflow=mlflow,
-               track=not no_mlflow, db=db, echo=typer.echo)
+    out = call(
+        api.worker,
+        gpus=gpus,
+        gpus_per_run=gpus_per_run,
+        nproc_per_node=nproc_per_node,
+        parallel=parallel,
+        until_empty=until_empty,
+        runs_dir=runs_dir,
+        heartbeat=heartbeat,
+        grace=grace,
+        mlflow=mlflow,
+        track=not no_mlflow,
+        slurm_requeue=slurm_requeue,
+        db=db,
+        echo=typer.echo,
+    )
     typer.echo(f"worker {out.name}: {out.finished} run(s) finished")
 
 
@@ -99,10 +128,25 @@ def status_view(db: str | None):
     for col in ("run", "experiment/arm", "seed", "step", "loss", "tokens/s", "ETA", "worker"):
         t.add_column(col)
     for r in now.running:
-        t.add_row(r.id, f"{r.experiment}/{r.arm}", str(r.seed), f"{r.step or 0}/{r.total_steps or '?'}",
-                  f"{r.train_loss:.4f}" if r.train_loss else "—", f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
-                  f"{r.eta_s:,.0f}s" if r.eta_s is not None else "—", r.worker or "")
-    return Group(summary, t) if t.row_count else Group(summary, "nothing running")
+        t.add_row(
+            r.id,
+            f"{r.experiment}/{r.arm}",
+            str(r.seed),
+            f"{r.step or 0}/{r.total_steps or '?'}",
+            f"{r.train_loss:.4f}" if r.train_loss else "—",
+            f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
+            f"{r.eta_s:,.0f}s" if r.eta_s is not None else "—",
+            r.worker or "",
+        )
+    parts = [summary, t if t.row_count else "nothing running"]
+    if now.pilots:
+        p = Table(title="Slurm pilots")
+        for col in ("job", "state", "nodes", "nodelist", "elapsed", "limit"):
+            p.add_column(col)
+        for pilot in now.pilots:
+            p.add_row(pilot.job_id, pilot.state, str(pilot.nodes), pilot.nodelist, pilot.elapsed, pilot.time_limit)
+        parts.append(p)
+    return Group(*parts)
 
 
 @app.command()
@@ -111,22 +155,29 @@ def ls(
     state: Annotated[Optional[str], typer.Option(help="only runs in this state")] = None,
     db: DbOpt = None,
 ):
-    """List runs: id, experiment, arm, seed, state, attempts, test loss."""
+    """List runs: id, experiment, arm, seed, state, attempts, test loss, and where it last trained."""
     from orchestrator import api
 
     for exp, arm, r in call(api.ls, experiments, state=state, db=db):
         loss = f"{r.test_loss:.4f}" if r.test_loss is not None else "—"
-        typer.echo(f"{r.id}  {exp:<24} {arm:<20} seed {r.seed:<4} {r.state:<10} attempts {r.attempts}  {loss}")
+        where = f"  on {r.node}" + (f" (slurm job {r.slurm_job})" if r.slurm_job else "") if r.node else ""
+        typer.echo(f"{r.id}  {exp:<24} {arm:<20} seed {r.seed:<4} {r.state:<10} attempts {r.attempts}  {loss}{where}")
 
 
 @app.command()
-def logs(run: Annotated[str, typer.Argument(help="run id (a unique prefix is enough)")],
-         lines: Annotated[int, typer.Option("-n", help="last N lines")] = 50,
-         db: DbOpt = None):
+def logs(
+    run: Annotated[str, typer.Argument(help="run id (a unique prefix is enough)")],
+    lines: Annotated[int, typer.Option("-n", help="last N lines")] = 50,
+    db: DbOpt = None,
+):
     """The trainer's log of a run (and its error, if it failed)."""
     from orchestrator import api
 
     log = call(api.logs, run, lines=lines, db=db)
+    if log.node:
+        typer.echo(
+            f"--- {log.run}: last launched on {log.node}" + (f", slurm job {log.slurm_job}" if log.slurm_job else "")
+        )
     typer.echo(log.text if log.text is not None else f"(no log at {log.path} yet: state {log.state})")
     if log.error:
         typer.echo(f"--- last error ---\n{log.error}")
@@ -135,7 +186,9 @@ def logs(run: Annotated[str, typer.Argument(help="run id (a unique prefix is eno
 @app.command()
 def cancel(
     target: Annotated[str, typer.Argument(help="a run id prefix or an experiment name")],
-    include_shared: Annotated[bool, typer.Option("--include-shared", help="also cancel an experiment's runs that other experiments share")] = False,
+    include_shared: Annotated[
+        bool, typer.Option("--include-shared", help="also cancel an experiment's runs that other experiments share")
+    ] = False,
     db: DbOpt = None,
 ):
     """Cancel queued and running runs of a run or an experiment (running trainers checkpoint and stop).
@@ -145,12 +198,15 @@ def cancel(
     from orchestrator import api
 
     out = call(api.cancel, target, include_shared=include_shared, db=db)
-    typer.echo(f"cancelled {len(out.cancelled)} run(s)"
-               + (f"; {out.already_final} were already finished" if out.already_final else ""))
+    typer.echo(
+        f"cancelled {len(out.cancelled)} run(s)"
+        + (f"; {out.already_final} were already finished" if out.already_final else "")
+    )
     if out.kept:
         names = sorted({n for v in out.kept.values() for n in v})
-        typer.echo(f"kept {len(out.kept)} run(s) that {', '.join(names)} also use(s); add --include-shared to "
-                   "cancel them too")
+        typer.echo(
+            f"kept {len(out.kept)} run(s) that {', '.join(names)} also use(s); add --include-shared to cancel them too"
+        )
 
 
 @app.command()
@@ -172,7 +228,9 @@ def sync(
     from orchestrator import api
 
     out = call(api.sync, runs_dir=runs_dir, mlflow=mlflow, db=db)
-    typer.echo(f"synced {out.synced} run(s) to MLflow" + (f"; {len(out.pending)} still pending:" if out.pending else ""))
+    typer.echo(
+        f"synced {out.synced} run(s) to MLflow" + (f"; {len(out.pending)} still pending:" if out.pending else "")
+    )
     for run_id, why in out.pending:
         typer.echo(f"  {run_id}  {why}")
     if out.pending:

@@ -32,10 +32,14 @@ class Verbs(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-sweep_app = typer.Typer(cls=Verbs, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
-                        help="Optuna search through the queue: `orch sweep FILE` runs (or resumes) it while `orch "
-                             "worker`s train the trials. optuna-dashboard works on the same database: "
-                             "optuna-dashboard sqlite:///results.db")
+sweep_app = typer.Typer(
+    cls=Verbs,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Optuna search through the queue: `orch sweep FILE` runs (or resumes) it while `orch "
+    "worker`s train the trials. optuna-dashboard works on the same database: "
+    "optuna-dashboard sqlite:///results.db",
+)
 app.add_typer(sweep_app, name="sweep")
 NameArg = Annotated[Optional[str], typer.Argument(help="the sweep's name (the `name` in its file)", show_default=False)]
 
@@ -53,7 +57,9 @@ def run(
     preset: Annotated[Optional[str], typer.Option(help="scale preset for the trials")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config key of every trial")] = [],
     poll: Annotated[float, typer.Option(help="seconds between checks of the queue")] = 2.0,
-    grace: Annotated[float, typer.Option(help="seconds without a beat after which a standby `orch sweep` takes over")] = 60.0,
+    grace: Annotated[
+        float, typer.Option(help="seconds without a beat after which a standby `orch sweep` takes over")
+    ] = 60.0,
     no_mlflow: NoMlflowOpt = False,
     no_check_data: NoCheckDataOpt = False,
     db: DbOpt = None,
@@ -63,16 +69,31 @@ def run(
     from orchestrator import api
 
     if name is not None and Path(file).is_file():
-        fail(f"orch sweep FILE takes no name (got {name!r}); the name is in the file. Did you mean "
-             f"`orch sweep status {name}`?")
-    call(api.sweep_run, file, preset=preset, overrides=parse_sets(set_), poll=poll, grace=grace, mlflow=mlflow,
-         track=not no_mlflow, check_data_here=not no_check_data, db=db, echo=typer.echo)
+        fail(
+            f"orch sweep FILE takes no name (got {name!r}); the name is in the file. Did you mean "
+            f"`orch sweep status {name}`?"
+        )
+    call(
+        api.sweep_run,
+        file,
+        preset=preset,
+        overrides=parse_sets(set_),
+        poll=poll,
+        grace=grace,
+        mlflow=mlflow,
+        track=not no_mlflow,
+        check_data_here=not no_check_data,
+        db=db,
+        echo=typer.echo,
+    )
 
 
 @sweep_app.command()
-def status(name: NameArg = None,
-           format: Annotated[str, typer.Option("--format", help="text | json")] = "text",
-           db: DbOpt = None):
+def status(
+    name: NameArg = None,
+    format: Annotated[str, typer.Option("--format", help="text | json")] = "text",
+    db: DbOpt = None,
+):
     """Trials, best so far, pruned count."""
     from orchestrator import api
 
@@ -82,9 +103,9 @@ def status(name: NameArg = None,
 
 
 @sweep_app.command()
-def plot(name: NameArg = None,
-         out: Annotated[str, typer.Option(help="output folder")] = "sweep-plots",
-         db: DbOpt = None):
+def plot(
+    name: NameArg = None, out: Annotated[str, typer.Option(help="output folder")] = "sweep-plots", db: DbOpt = None
+):
     """Optimisation history, λ × η contour and importances (HTML + PNG)."""
     from orchestrator import api
 
@@ -93,9 +114,11 @@ def plot(name: NameArg = None,
 
 
 @sweep_app.command()
-def confirm(name: NameArg = None,
-            seeds: Annotated[int, typer.Option(help="seeds for the best configuration and the baseline")] = 4,
-            db: DbOpt = None):
+def confirm(
+    name: NameArg = None,
+    seeds: Annotated[int, typer.Option(help="seeds for the best configuration and the baseline")] = 4,
+    db: DbOpt = None,
+):
     """Queue the best parameters against the baseline: a verdict in `orch table NAME.confirm`."""
     from orchestrator import api
 

@@ -24,11 +24,25 @@ if TYPE_CHECKING:
 LOG = "train.log"
 # Never handed to a trainer: it talks to no database or tracking server (the worker does that for it), and
 # a child's environment is readable by any process of the same user (/proc/PID/environ).
-SECRET_ENV = ("ORCH_DB", "ORCH_MLFLOW", "DATABASE_URL", "PGPASSWORD", "PGPASSFILE", "PGSERVICEFILE",
-              "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-              # an MLflow artifact store's credentials: the worker uploads artifacts, never the trainer
-              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_CONNECTION_STRING",
-              "AZURE_STORAGE_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "DATABRICKS_TOKEN")
+SECRET_ENV = (
+    "ORCH_DB",
+    "ORCH_MLFLOW",
+    "DATABASE_URL",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICEFILE",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    # an MLflow artifact store's credentials: the worker uploads artifacts, never the trainer
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "DATABRICKS_TOKEN",
+)
 
 
 @dataclass

@@ -58,8 +58,19 @@ def trainer_command(run_dir: Path, nproc: int) -> list[str]:
     # The agent dies with us, by SIGKILL: on SIGTERM it would SIGKILL its ranks 30 s later, checkpoint or
     # not. Its ranks get SIGTERM from the kernel as it dies, and all stop at their next sync point with a
     # checkpoint (their collectives need no agent).
-    return [sys.executable, "-m", "trainer.runlock", "--signal", "KILL", sys.executable, "-m",
-            "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *trainer]
+    return [
+        sys.executable,
+        "-m",
+        "trainer.runlock",
+        "--signal",
+        "KILL",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *trainer,
+    ]
 
 
 class LocalLauncher:

@@ -53,13 +53,16 @@ def ensure_current(engine: sa.Engine, create: bool = True) -> None:
     if rev is None:
         tables = [t for t in sa.inspect(engine).get_table_names() if t in ("runs", "memberships", "experiments")]
         if tables:
-            raise SchemaError(f"{url} holds orch's tables ({', '.join(sorted(tables))}) but no orch schema version; "
-                              "point --db at a new database file or an empty PostgreSQL database")
+            raise SchemaError(
+                f"{url} holds orch's tables ({', '.join(sorted(tables))}) but no orch schema version; "
+                "point --db at a new database file or an empty PostgreSQL database"
+            )
         if create:
             upgrade(engine)
         return
     known = {s.revision for s in ScriptDirectory.from_config(alembic_config(engine)).walk_revisions()}
     if rev not in known:
         raise SchemaError(f"{url} was written by a newer orch (schema {rev}); upgrade orch: pip install -U orch")
-    raise SchemaError(f"{url} has schema {rev}, this orch needs {want}: back it up, then run "
-                      f"`orch db upgrade --db {url}`")
+    raise SchemaError(
+        f"{url} has schema {rev}, this orch needs {want}: back it up, then run `orch db upgrade --db {url}`"
+    )

@@ -7,8 +7,9 @@ from orchestrator.migrations import VERSION_TABLE
 
 engine = context.config.attributes["engine"]
 with engine.connect() as connection:
-    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
-                      version_table=VERSION_TABLE)
+    context.configure(
+        connection=connection, target_metadata=Base.metadata, render_as_batch=True, version_table=VERSION_TABLE
+    )
     with context.begin_transaction():
         context.run_migrations()
     connection.commit()

@@ -15,10 +15,12 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table("leases",
-                    sa.Column("name", sa.String(200), primary_key=True),
-                    sa.Column("holder", sa.String(200), nullable=False),
-                    sa.Column("heartbeat_at", sa.Float(), nullable=False))
+    op.create_table(
+        "leases",
+        sa.Column("name", sa.String(200), primary_key=True),
+        sa.Column("holder", sa.String(200), nullable=False),
+        sa.Column("heartbeat_at", sa.Float(), nullable=False),
+    )
 
 
 def downgrade() -> None:
