@@ -158,6 +158,8 @@ class Outbox:
             self.placed[run.id] = where
 
     def _send_points(self, cur: Cursor, metrics: Path) -> int:
+        # Its own offset rather than a tail.MetricsTail: it may advance only once MLflow holds the points,
+        # where a tail's read advances at once (an outage mid-send must resend, not skip).
         events, end = read_events(metrics, cur.offset)
         sent = self.tracker.log_events(cur.mlflow_id, events, cur.last_steps) if events else 0
         cur.offset = end

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer import checkpoint
 from trainer.config import ConfigError, TrainConfig, same_run
 from trainer.data import Split, TrainOrder, fixed_slice
-from trainer.distributed import Dist, StopRequest, distributed
+from trainer.distributed import Dist, StopRequest, all_gather, distributed
 from trainer.evaluate import autocast, mean_loss
 from trainer.model import GPT, cross_entropy
 from trainer.optim import build_optimizer, lr_at
@@ -253,10 +253,19 @@ def resume(
     scaler: torch.amp.GradScaler,
     state: TrainState,
 ) -> None:
-    """Load the newest checkpoint of the run directory, if any, into model, optimizer, scaler and state."""
-    path = checkpoint.latest(run_dir)
+    """Load the newest checkpoint of the run directory, if any, into model, optimizer, scaler and state.
+
+    Rank 0 chooses it and every rank loads that file: a node whose view of a shared filesystem lags (NFS
+    caches directory listings) must not resume from an older step than the others, which would train on
+    silently wrong or hang in a collective. A node that cannot see the chosen file stops with that said."""
+    path = all_gather(d, checkpoint.latest(run_dir))[0]
     if path is None:
         return
+    if not Path(path).exists():
+        raise ConfigError(
+            f"rank {d.rank} cannot see {path}, which rank 0 resumes from: put the run directory on "
+            "a filesystem every node shares"
+        )
     ckpt = checkpoint.load(path)
     if not same_run(ckpt["config"], cfg):
         raise ConfigError(f"{path} was written with a different config; use a new --run-dir")
