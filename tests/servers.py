@@ -82,11 +82,18 @@ class Postgres:
 
 
 class MlflowServer:
-    """`mlflow server` over a SQLite store, on 127.0.0.1, for reading runs back through the REST API."""
+    """`mlflow server` over a store (SQLite, PostgreSQL), on 127.0.0.1, for reading runs back through the REST
+    API. serve_artifacts: clients send artifacts to the server, which keeps them under `artifacts` (no disk
+    shared with the clients); otherwise clients write them to `artifacts` themselves."""
 
-    def __init__(self, store_uri: str, artifacts: Path):
+    def __init__(self, store_uri: str, artifacts: Path, serve_artifacts: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        where = (
+            ["--serve-artifacts", "--artifacts-destination", artifacts.as_uri()]
+            if serve_artifacts
+            else ["--default-artifact-root", artifacts.as_uri()]
+        )
         self.cmd = [
             sys.executable,
             "-m",
@@ -94,8 +101,7 @@ class MlflowServer:
             "server",
             "--backend-store-uri",
             store_uri,
-            "--default-artifact-root",
-            artifacts.as_uri(),
+            *where,
             "--host",
             "127.0.0.1",
             "--port",

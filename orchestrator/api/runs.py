@@ -88,11 +88,19 @@ def worker(
     mlflow: str | None = None,
     track: bool = True,
     slurm_requeue: bool = False,
+    nodes: int | None = None,
     db: Db = None,
     echo: Callable[[str], None] = print,
 ) -> WorkerReport:
     """Claim queued runs and train them, one per free GPU slot (all GPUs unless `gpus` lists some; none: CPU
-    slots, `parallel` of them), until stopped or, with `until_empty`, until nothing is queued or running."""
+    slots, `parallel` of them), until stopped or, with `until_empty`, until nothing is queued or running.
+
+    `nodes` (default: $SLURM_JOB_NUM_NODES inside a Slurm allocation, else 1): above 1, the worker has one slot
+    spanning that many nodes of its allocation and claims only runs asking for as many (launchers/slurm.py);
+    each node trains one rank per GPU of the slot, or `nproc_per_node` CPU ranks."""
+    if nodes is None:
+        nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    at_least("--nodes", nodes, example="2")
     at_least("--gpus-per-run", gpus_per_run, example="2")
     at_least("--nproc-per-node", nproc_per_node, example="2")
     at_least("--parallel", parallel, example="2")
@@ -105,7 +113,7 @@ def worker(
         )
     if isinstance(gpus, str):
         text = gpus.replace(" ", "")
-        gpus = [g for g in text.split(",") if g]
+        gpus = [] if text.lower() in ("none", "cpu") else [g for g in text.split(",") if g]  # none: CPU slots
         if not all(g.isdigit() for g in gpus) or len(set(gpus)) < len(gpus):
             raise ValueError(
                 f"--gpus takes distinct GPU indices separated by commas, e.g. --gpus 0,1,2,3; got {text!r}"
@@ -114,23 +122,27 @@ def worker(
     from orchestrator.worker import Worker, detect_gpus, plan_slots
 
     gpu_list = list(gpus) if gpus is not None else detect_gpus()
-    slots = plan_slots(gpu_list, gpus_per_run, parallel)
+    # Over several nodes: one slot of every GPU this node has (each node the same), or one CPU slot.
+    slots = plan_slots(gpu_list, len(gpu_list) or 1, 1) if nodes > 1 else plan_slots(gpu_list, gpus_per_run, parallel)
     engine = connect(db, create=True)
     w = Worker(
         engine,
         runs_dir=runs_dir,
         slots=slots,
         nproc_per_node=nproc_per_node,
+        nodes=nodes,
         tracker=open_tracker(mlflow, track),
         heartbeat_s=heartbeat,
         grace_s=grace,
         echo=echo,
     )
     where = f"{len(slots)} GPU slot(s)" if gpu_list else f"{len(slots)} CPU slot(s)"
+    if nodes > 1:
+        where = f"one slot over {nodes} nodes ({len(gpu_list) or nproc_per_node} rank(s) per node), {nodes}-node runs"
     echo(f"worker {w.name}: {where}" + (", until the queue is empty" if until_empty else ""))
     finished = w.run(until_empty=until_empty)
     # A Slurm pilot warned of its walltime has handed its runs back; while work remains, it comes back.
-    if slurm_requeue and w.warned and queries.counts(engine).get(RunState.QUEUED):
+    if slurm_requeue and w.warned and queries.claimable(engine, nodes=nodes):
         from orchestrator import slurm
 
         slurm.requeue_self(echo)
