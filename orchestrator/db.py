@@ -68,6 +68,8 @@ class Run(Base):
     # Where the latest launch's trainer started (migration 0006): its node, and its Slurm job if a pilot's.
     node: Mapped[str | None] = mapped_column(String(200))
     slurm_job: Mapped[str | None] = mapped_column(String(64))
+    # Nodes it trains on (migration 0006): only a worker spanning as many nodes claims it (queue.claim).
+    nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     def launch_id(self, n: int | None = None) -> str:
         return f"{self.id}.{self.launches if n is None else n}"

@@ -91,7 +91,7 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
             continue
         for s in range(target):
             cfg, repeat = seeded(templates[arm], spec.vary if spec.vary != "none" else "init", s, 0, 1, source=arm)
-            new.append(RunSpec(run_id(cfg, repeat), experiment, arm, cfg, repeat))
+            new.append(RunSpec(run_id(cfg, repeat), experiment, arm, cfg, repeat, spec.nodes))
     report = queue.SubmitReport()
     if new:
         spec.seeds = max(spec.seeds, *targets.values())

@@ -30,10 +30,13 @@ def counts(engine: Engine) -> dict[str, int]:
         return dict(conn.execute(sa.select(Run.state, sa.func.count()).group_by(Run.state)).all())
 
 
-def claimable(engine: Engine, skip: Sequence[str] = ()) -> int:
-    """How many queued runs there are, not counting `skip` (runs a worker cannot train where it is)."""
+def claimable(engine: Engine, skip: Sequence[str] = (), nodes: int | None = None) -> int:
+    """How many queued runs there are, not counting `skip` (runs a worker cannot train where it is), and, given
+    `nodes`, only those asking for that many nodes (what a worker of that span can claim)."""
     with engine.connect() as conn:
         q = sa.select(sa.func.count()).select_from(Run).where(Run.state == RunState.QUEUED)
+        if nodes is not None:
+            q = q.where(Run.nodes == nodes)
         return conn.execute(q.where(Run.id.not_in(list(skip))) if skip else q).scalar_one()
 
 

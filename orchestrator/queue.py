@@ -103,6 +103,9 @@ def submit(
         new_runs, new_members = [], []
         for r in runs:
             if r.id in existing:
+                # A run is its config: submitted again with another `nodes` (launch resources, not part of its
+                # id), it keeps the node count it was first queued with, as it keeps its results. Refusing would
+                # break every other experiment sharing the run; re-placing it would strand a half-trained run.
                 report.reused.append((r, existing[r.id]))
             else:
                 new_runs.append(
@@ -116,6 +119,7 @@ def submit(
                         priority=priority,
                         attempts=0,
                         max_attempts=max_attempts,
+                        nodes=r.nodes,
                         created_at=now + len(new_runs) * 1e-6,
                     )
                 )
@@ -195,9 +199,11 @@ def add_imported(engine: Engine, spec: Experiment, source: str, runs: Sequence[I
     return added
 
 
-def claim(engine: Engine, worker: str, limit: int = 1, skip: Collection[str] = ()) -> list[Run]:
+def claim(engine: Engine, worker: str, limit: int = 1, skip: Collection[str] = (), nodes: int = 1) -> list[Run]:
     """Atomically move up to `limit` queued runs to running for this worker and return them; never one of
-    `skip` (runs this worker has found it cannot train: their checkpoints are on another host)."""
+    `skip` (runs this worker has found it cannot train: their checkpoints are on another host). Only runs
+    asking for exactly `nodes` nodes (the worker's span): a one-node worker never takes a two-node run, and a
+    two-node pilot never spends its allocation on a one-node run."""
     with Session(engine, expire_on_commit=False) as conn, conn.begin():
         # Two statements: the SELECT locks (and skips locked) candidate rows; the UPDATE takes them. (One
         # UPDATE … WHERE id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED) can take more than n rows on
@@ -205,7 +211,7 @@ def claim(engine: Engine, worker: str, limit: int = 1, skip: Collection[str] = (
         candidates = (
             conn.execute(
                 sa.select(Run.id)
-                .where(_in(Event.CLAIM), Run.id.not_in(list(skip)) if skip else sa.true())
+                .where(_in(Event.CLAIM), Run.nodes == nodes, Run.id.not_in(list(skip)) if skip else sa.true())
                 .order_by(Run.priority.desc(), Run.created_at, Run.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)  # SQLite ignores this; BEGIN IMMEDIATE serialises

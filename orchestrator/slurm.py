@@ -125,13 +125,13 @@ def validate(spec: PilotSpec) -> None:
             raise SlurmError(f"{flag} must be at least 1, not {value}; e.g. {flag} 1")
     if spec.gpus_per_node < 0:
         raise SlurmError(f"--gpus-per-node must be 0 (CPU pilots) or more, not {spec.gpus_per_node}")
+    if spec.nodes_per_job > 1 and spec.parallel > 1:
+        raise SlurmError(
+            f"--parallel {spec.parallel} with --nodes-per-job {spec.nodes_per_job}: a pilot over several nodes "
+            "trains one run at a time across all of them; drop --parallel"
+        )
     if spec.cpus_per_node is not None and spec.cpus_per_node < 1:
         raise SlurmError(f"--cpus-per-node must be at least 1, not {spec.cpus_per_node}")
-    if spec.nodes_per_job > 1:
-        raise SlurmError(
-            "--nodes-per-job above 1 (runs that span nodes) is not supported by pilots yet: submit pilots of "
-            "one node each, e.g. --nodes-per-job 1 --jobs 4"
-        )
     if not TIME_FORMS.match(spec.time):
         raise SlurmError(
             f"--time {spec.time!r} is not a Slurm time: use minutes, HH:MM:SS or D-HH:MM:SS, e.g. --time 24:00:00"
@@ -178,7 +178,10 @@ def worker_command(spec: PilotSpec) -> list[str]:
         "--grace",
         f"{spec.grace:g}",
     ]
-    if spec.gpus_per_node == 0:
+    # A pilot of N nodes is one worker with one slot over them: it claims only N-node runs (Experiment.nodes)
+    # and trains each with one torchrun agent per node, one rank per GPU of each node (one on CPU).
+    cmd += ["--nodes", str(spec.nodes_per_job)]
+    if spec.gpus_per_node == 0 and spec.nodes_per_job == 1:
         cmd += ["--parallel", str(spec.parallel)]
     if spec.db:
         cmd += ["--db", spec.db]

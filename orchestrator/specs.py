@@ -103,6 +103,10 @@ class Experiment(BaseModel):
     repeats: int = Field(1, ge=1, description="identical repeats per seed (measure nondeterminism alone)")
     include_baseline: bool = True
     looks: Looks | None = None  # set by `orch more-seeds`: verdicts are sequential tests from then on
+    # Nodes each run trains on (a Slurm pilot of as many nodes, one torchrun agent per node): launch
+    # resources, not training semantics (the trainer's numbers depend on the world size only), so not a
+    # config key and not part of a run's id.
+    nodes: int = Field(1, ge=1, description="nodes per run (Slurm pilots of --nodes-per-job N claim it)")
 
     @field_validator("name")
     @classmethod
@@ -273,6 +277,7 @@ class RunSpec:
     arm: str  # "baseline" or an intervention name
     config: TrainConfig
     repeat: int
+    nodes: int = 1  # launch resources (Experiment.nodes), stored on the run row; not in its id
 
     @property
     def seed(self) -> int:
@@ -337,7 +342,7 @@ def expand(
         for s in range(seeds or exp.seeds):
             for r in range(exp.repeats):
                 cfg, repeat = seeded(arm_data, exp.vary, s, r, exp.repeats, source=f"{source}: intervention {arm!r}")
-                runs.append(RunSpec(run_id(cfg, repeat), exp.name, arm, cfg, repeat))
+                runs.append(RunSpec(run_id(cfg, repeat), exp.name, arm, cfg, repeat, exp.nodes))
     return runs
 
 

@@ -4,7 +4,9 @@ One worker per node. It splits the node's GPUs into slots (`--gpus 0,1,2,3 --gpu
 of two), or runs `--parallel N` CPU slots, and keeps every slot busy: the moment a trainer exits, its slot
 claims the next run in the same loop iteration, so the GPU-idle gap is one poll interval plus the trainer's
 start-up (measured in bench/orchestrator.py). A launcher (launchers/) starts the trainers; each claimed run
-is a `Launch` holding the launcher's handle once its trainer has started.
+is a `Launch` holding the launcher's handle once its trainer has started. In a Slurm allocation of N > 1
+nodes, the worker (on the first node) has one slot spanning all of them, claims only N-node runs, and starts
+each with one srun task per node (launchers/slurm.py).
 
 The loop never blocks on a trainer or on MLflow: it polls the handles, follows each run's metrics.jsonl for
 its progress (tail.py), and beats for all its runs on the database's clock; MLflow is fed by a background
@@ -113,6 +115,7 @@ class Worker:
         runs_dir: str | Path = "runs",
         slots: list[Slot],
         nproc_per_node: int = 1,
+        nodes: int = 1,
         tracker=None,
         heartbeat_s: float = 5.0,
         grace_s: float = 60.0,
@@ -129,6 +132,15 @@ class Worker:
         self.node, self.slurm_job = socket.gethostname(), slurm_job_id()
         pilot = f"slurm-{self.slurm_job}:" if self.slurm_job else ""
         self.name = name or f"{self.node}:{pilot}{os.getpid()}:{uuid.uuid4().hex[:4]}"
+        # A worker spanning several nodes of a Slurm allocation has one slot over all of them: each run it
+        # claims (only runs asking for exactly `nodes` nodes) trains on every node, one srun task per node.
+        self.nodes = nodes
+        if nodes > 1 and len(slots) != 1:
+            raise ValueError(f"a worker over {nodes} nodes has one slot spanning them, not {len(slots)}")
+        if launcher is None and nodes > 1:
+            from orchestrator.launchers.slurm import SlurmLauncher
+
+            launcher = SlurmLauncher(self.name, nodes, nproc_per_node)
         self.launcher = launcher or LocalLauncher(self.name, nproc_per_node, cpu_slots=len(slots))
         self.echo = echo
         self.active: dict[str, Launch] = {}
@@ -229,7 +241,7 @@ class Worker:
         busy = {launch.slot.index for launch in self.active.values()}
         free = [s for s in self.slots if s.index not in busy]
         if free and now >= self._due["claim"]:
-            claimed = queue.claim(self.engine, self.name, len(free), skip=self.unreachable)
+            claimed = queue.claim(self.engine, self.name, len(free), skip=self.unreachable, nodes=self.nodes)
             for run, slot in zip(claimed, free):
                 if run.id not in self.active:  # ours already: requeued while we were late
                     self._open(run, slot)
@@ -239,7 +251,7 @@ class Worker:
         if until_empty and not self.active:
             # Runs whose checkpoints only another host sees are not this worker's work: it may go.
             running = queries.counts(self.engine).get(RunState.RUNNING)
-            return not running and not queries.claimable(self.engine, sorted(self.unreachable))
+            return not running and not queries.claimable(self.engine, sorted(self.unreachable), nodes=self.nodes)
         return False
 
     def _open(self, run: Run, slot: Slot) -> None:

@@ -15,6 +15,8 @@ import sqlalchemy.orm
 
 from orchestrator import queue, slurm, specs
 from orchestrator.db import Run, connect
+from orchestrator.launchers import Slot
+from orchestrator.launchers.slurm import SlurmLauncher, srun_command
 from orchestrator.worker import Worker, detect_gpus, plan_slots
 from tests.conftest import FAST, subprocess_env
 
@@ -85,7 +87,7 @@ def test_the_dry_run_prints_the_exact_batch_script(tmp_path):
         (["--sbatch-arg=-t5"], "sets what the pilot sets itself"),
         (["--sbatch-arg=qos=high"], "is not an sbatch option"),
         (["--sbatch-arg=--comment=two words"], "whitespace"),
-        (["--nodes-per-job", "2"], "not supported by pilots yet"),
+        (["--nodes-per-job", "2", "--parallel", "2"], "drop --parallel"),
         (["--warn", "5"], "at least 10 s"),
         (["--db", "postgresql+psycopg://orch:pw@host/orch"], "password"),
     ],
@@ -130,3 +132,105 @@ def test_a_run_whose_checkpoint_another_host_holds_is_not_restarted_from_step_0(
     assert "no checkpoint of it is visible here" in run.error and "node-a" in run.error
     assert any("not restarting it from step 0" in line for line in said)
     assert not (tmp_path / "runs" / run.id / "metrics.jsonl").exists()  # no trainer started
+
+
+def test_a_pilot_of_two_nodes_runs_one_worker_over_both(tmp_path):
+    out = orch("slurm", "workers", "--dry-run", "--nodes-per-job", "2", "--runs-dir", str(tmp_path / "runs"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "#SBATCH --nodes=2" in lines and "#SBATCH --ntasks-per-node=1" in lines
+    argv = shlex.split(lines[-1].removeprefix("exec "))
+    assert argv[argv.index("--nodes") + 1] == "2" and "--parallel" not in argv
+
+
+def test_runs_are_claimed_only_by_workers_spanning_as_many_nodes(tmp_path, data_dir):
+    """An experiment's `nodes` is stored on its runs (not in their ids); a one-node worker never takes a
+    two-node run, a two-node worker never a one-node run, and a resubmission keeps the stored count."""
+    engine = connect(f"sqlite:///{tmp_path / 'results.db'}")
+    base = {**FAST, "data.path": str(data_dir), "run.steps": 12}
+    one = specs.Experiment(name="one", preset="tiny", base=base, seeds=2)
+    two = specs.Experiment(name="two", preset="tiny", base={**base, "run.steps": 14}, seeds=2, nodes=2)
+    runs_one, runs_two = specs.expand(one), specs.expand(two)
+    assert {r.nodes for r in runs_one} == {1} and {r.nodes for r in runs_two} == {2}
+    # nodes is launch resources: the same config on two nodes is the same run
+    assert [r.id for r in specs.expand(one.model_copy(update={"nodes": 2}))] == [r.id for r in runs_one]
+    queue.submit(engine, one, runs_one)
+    queue.submit(engine, two, runs_two)
+    queue.submit(engine, two.model_copy(update={"nodes": 3}), specs.expand(two.model_copy(update={"nodes": 3})))
+    assert queue.claim(engine, "w3", 10, nodes=3) == []  # the reused runs kept nodes=2
+    got2 = queue.claim(engine, "w2", 10, nodes=2)
+    assert sorted(r.id for r in got2) == sorted(r.id for r in runs_two) and {r.nodes for r in got2} == {2}
+    assert queue.claim(engine, "w2b", 10, nodes=2) == []
+    got1 = queue.claim(engine, "w1", 10)
+    assert sorted(r.id for r in got1) == sorted(r.id for r in runs_one) and {r.nodes for r in got1} == {1}
+    with pytest.raises(ValueError, match="nodes"):
+        specs.Experiment(name="zero", nodes=0)
+
+
+def test_the_slurm_launcher_starts_one_torchrun_agent_per_node(tmp_path, monkeypatch):
+    """The exact command of a 2-node launch: srun, one task per node, torchrun with a c10d rendezvous at the
+    first node's NodeAddr (read with scontrol: node names need not resolve), the trainer on the run directory."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        'if [ "$1 $2" = "show hostnames" ]; then printf "gpu-a7\\ngpu-a8\\n"; exit 0; fi\n'
+        'echo "NodeName=$3 Arch=x86_64 CoresPerSocket=1"\n'
+        'echo "   NodeAddr=10.1.2.7 NodeHostName=$3 Version=22.05"\n'
+    )
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{subprocess_env()['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu-a[7-8]")
+    run = Run(id="abc", launches=3)
+    run_dir = tmp_path / "runs" / "abc"
+    cmd = SlurmLauncher("w", nodes=2, nproc_per_node=1).command(run, Slot(0, ["0", "1", "2", "3"]), run_dir)
+    assert calls.read_text().splitlines() == ["show hostnames gpu-a[7-8]", "show node gpu-a7"]
+    endpoint = next(a for a in cmd if a.startswith("--rdzv-endpoint=")).split("=", 1)[1]
+    assert endpoint.startswith("10.1.2.7:") and int(endpoint.rsplit(":", 1)[1]) > 0
+    py = sys.executable
+    assert cmd == [
+        py, "-m", "trainer.runlock", str(bin_dir / "srun"),
+        "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--quit-on-interrupt",
+        "--job-name=abc.3", "--gpus-per-node=4",
+        py, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}", "--rdzv-id=abc.3",
+        "-m", "trainer", "--config", str(run_dir / "config.json"), "--run-dir", str(run_dir),
+    ]  # fmt: skip
+    # A CPU slot: nproc_per_node ranks per node, no GPUs asked of srun.
+    cpu = srun_command(run_dir, "abc.3", 3, 2, "10.0.0.1:29500", srun="srun")
+    assert "--gpus-per-node" not in " ".join(cpu) and "--nproc-per-node=2" in cpu and "--nnodes=3" in cpu
+
+
+def test_a_worker_over_two_nodes_has_one_slot_and_claims_two_node_runs(tmp_path, monkeypatch):
+    from orchestrator.launchers.slurm import SlurmLauncher as Launcher
+
+    engine = connect(f"sqlite:///{tmp_path / 'results.db'}")
+    w = Worker(engine, runs_dir=tmp_path / "runs", slots=plan_slots(None, 1, 1), nodes=2, echo=lambda _: None)
+    assert isinstance(w.launcher, Launcher) and w.launcher.nodes == 2
+    with pytest.raises(ValueError, match="one slot"):
+        Worker(engine, runs_dir=tmp_path / "runs", slots=plan_slots(None, 1, 2), nodes=2)
+
+
+def test_the_slurm_handle_stops_its_step_by_name_and_kills_through_srun(tmp_path, monkeypatch):
+    """stop(): SIGTERM to the tasks of the launch's own step (srun would end the step on SIGTERM, leaving no
+    checkpoint); kill(): SIGINT to srun (--quit-on-interrupt ends the step), then SIGKILL."""
+    from orchestrator.launchers.slurm import SlurmHandle
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "squeue").write_text('#!/bin/sh\nprintf "7.0|abc.3\\n7.1|other.1\\n"\n')
+    (bin_dir / "scancel").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{subprocess_env()['PATH']}")
+    handle = SlurmHandle(subprocess.Popen(["sleep", "30"]), "abc.3", "7")
+    handle.stop()
+    assert calls.read_text().splitlines() == ["--signal=TERM 7.0"]
+    assert handle.poll() is None and "job 7" in handle.describe()
+    handle.kill()
+    assert handle.proc.wait(timeout=10) == -2  # SIGINT

@@ -53,12 +53,14 @@ class Site:
         assert out.returncode == code, f"exit {out.returncode}\n{out.stdout}\n{out.stderr}"
         return out
 
-    def experiment(self, data_dir: Path, name: str, steps: int, seeds: int, arms: str = "", **base) -> Path:
+    def experiment(
+        self, data_dir: Path, name: str, steps: int, seeds: int, arms: str = "", nodes: int = 1, **base
+    ) -> Path:
         path = self.root / f"{name}.py"
         base = {**FAST, "data.path": str(data_dir), "run.steps": steps, **base}
         path.write_text(
             "from orchestrator.specs import Experiment, Intervention\n"
-            f"experiment = Experiment(name={name!r}, preset='tiny', base={base!r}, seeds={seeds},\n"
+            f"experiment = Experiment(name={name!r}, preset='tiny', base={base!r}, seeds={seeds}, nodes={nodes},\n"
             f"    interventions=[{arms}])\n"
         )
         return path

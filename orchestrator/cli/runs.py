@@ -70,6 +70,13 @@ def worker(
             "--slurm-requeue", help="in a Slurm job: requeue it on the walltime warning while work remains (pilots)"
         ),
     ] = False,
+    nodes: Annotated[
+        Optional[int],
+        typer.Option(
+            help="nodes each run spans (one slot over the Slurm allocation; claims only runs of as many nodes); "
+            "default: $SLURM_JOB_NUM_NODES in an allocation, else 1"
+        ),
+    ] = None,
     db: DbOpt = None,
     mlflow: MlflowOpt = None,
 ):
@@ -89,6 +96,7 @@ def worker(
         mlflow=mlflow,
         track=not no_mlflow,
         slurm_requeue=slurm_requeue,
+        nodes=nodes,
         db=db,
         echo=typer.echo,
     )

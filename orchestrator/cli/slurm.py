@@ -20,7 +20,9 @@ app.add_typer(slurm_app, name="slurm")
 @slurm_app.command()
 def workers(
     jobs: Annotated[int, typer.Option(help="pilot jobs to submit")] = 1,
-    nodes_per_job: Annotated[int, typer.Option(help="nodes per pilot (1 for now)")] = 1,
+    nodes_per_job: Annotated[
+        int, typer.Option(help="nodes per pilot; above 1, it trains runs whose experiment asks for as many nodes")
+    ] = 1,
     gpus_per_node: Annotated[int, typer.Option(help="GPUs per node, one run per GPU; 0: a CPU pilot")] = 0,
     cpus_per_node: Annotated[Optional[int], typer.Option(help="CPUs to ask for (sbatch --cpus-per-task)")] = None,
     parallel: Annotated[int, typer.Option(help="runs at once on a CPU pilot")] = 1,
