@@ -109,23 +109,26 @@ def wait_for_pilots(cluster: SlurmCluster, jobs: list[str], site: Site, timeout:
     )
 
 
-def test_pilots_finish_a_study_with_the_numbers_of_a_local_worker(cluster, tmp_path, data_dir):
-    arms = "Intervention(name='clip', set={'optim.grad_clip': 0.5})"
+@pytest.mark.timeout(2400)  # 20 runs on 2 cores: ~8 minutes alone, 20 beside another suite
+def test_pilots_finish_the_quickstart_study_with_the_leaderboard_of_a_local_worker(cluster, tmp_path, data_dir):
+    """experiments/quickstart.py itself (10 runs), on the session's synthetic corpus: two 1-CPU pilots reach
+    the leaderboard that `orch worker` (as `make demo` runs it) reaches, number for number."""
+    quickstart = str(Path(__file__).resolve().parent.parent / "experiments" / "quickstart.py")
     local, pilot = Site(tmp_path, cluster, "local"), Site(tmp_path, cluster, "pilots")
     for site in (local, pilot):
-        site.orch("submit", str(site.experiment(data_dir, "study", steps=12, seeds=2, arms=arms)))
-    local.orch("worker", "--until-empty", "--runs-dir", str(local.runs), "--no-mlflow", timeout=600)
-    jobs = pilot.pilots("--jobs", "2", "--time", "10", "--warn", "60", "--no-mlflow")
+        site.orch("submit", quickstart, "--set", f"data.path={data_dir}")
+    local.orch("worker", "--until-empty", "--parallel", "2", "--runs-dir", str(local.runs), "--no-mlflow", timeout=900)
+    jobs = pilot.pilots("--jobs", "2", "--time", "20", "--warn", "60", "--no-mlflow")
     assert len(jobs) == 2
-    wait_for_pilots(cluster, jobs, pilot, timeout=420)
+    wait_for_pilots(cluster, jobs, pilot, timeout=1500)
     assert set(pilot.states().values()) == {"succeeded"}, pilot.pilot_log()
     got, want = pilot.run_rows(), local.run_rows()
-    assert sorted(got) == sorted(want)  # the same run ids: the same configs
+    assert len(got) == 10 and sorted(got) == sorted(want)  # the same run ids: the same configs
     assert {i: r.test_loss for i, r in got.items()} == {i: r.test_loss for i, r in want.items()}
     assert all(r.slurm_job in jobs and r.node for r in got.values())  # where each trained is recorded
-    table = json.loads(pilot.orch("table", "study", "--format", "json").stdout)
-    assert table == json.loads(local.orch("table", "study", "--format", "json").stdout)
-    listing = pilot.orch("ls", "study").stdout
+    table = json.loads(pilot.orch("table", "quickstart", "--format", "json").stdout)
+    assert table == json.loads(local.orch("table", "quickstart", "--format", "json").stdout)
+    listing = pilot.orch("ls", "quickstart").stdout
     assert all(f"slurm job {r.slurm_job}" in listing for r in got.values())
 
 
