@@ -14,6 +14,7 @@ after a `log_header` line, so that `clean_tail` finds the part of the log that b
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -70,6 +71,21 @@ class Handle(Protocol):
 
     def describe(self) -> str:
         """Where it runs, for messages: "pid 1234", "job 5678"."""
+
+
+class ProcessHandle:
+    """What every handle over a local process (the trainer, torchrun's agent, srun) shares: its pid and its
+    exit code, read without blocking."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
 
 
 class Launcher(Protocol):

@@ -17,25 +17,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.launchers import LOG, Slot, log_header
+from orchestrator.launchers import LOG, ProcessHandle, Slot, log_header
 from trainer.rundir import CONFIG
 
 if TYPE_CHECKING:
     from orchestrator.db import Run
 
 
-class LocalHandle:
+class LocalHandle(ProcessHandle):
     """A launch's process group: the trainer, or torchrun's agent and its ranks."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.proc = proc
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
 
     def stop(self) -> None:
         self._signal(signal.SIGTERM)

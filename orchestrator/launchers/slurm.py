@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.launchers import LOG, Slot, log_header
+from orchestrator.launchers import LOG, ProcessHandle, Slot, log_header
 from trainer.rundir import CONFIG
 
 if TYPE_CHECKING:
@@ -49,20 +49,14 @@ class SlurmLaunchError(RuntimeError):
     """The allocation cannot be read (no Slurm job, scontrol missing or not answering)."""
 
 
-class SlurmHandle:
+class SlurmHandle(ProcessHandle):
     """One launch's srun: its exit is the step's (the highest exit code of its tasks). The step is named after
     the launch (`--job-name`), which is how stop() finds it."""
 
     def __init__(self, proc: subprocess.Popen, name: str, job: str | None):
-        self.proc, self.name, self.job = proc, name, job
+        super().__init__(proc)
+        self.name, self.job = name, job
         self.killed = False
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
 
     def stop(self) -> None:
         """SIGTERM to every task of the step (`scancel --signal=TERM JOB.STEP`): srun itself would not forward
