@@ -234,3 +234,11 @@ def test_the_slurm_handle_stops_its_step_by_name_and_kills_through_srun(tmp_path
     assert handle.poll() is None and "job 7" in handle.describe()
     handle.kill()
     assert handle.proc.wait(timeout=10) == -2  # SIGINT
+
+
+def test_a_worker_over_several_nodes_outside_such_an_allocation_is_refused(tmp_path):
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("SLURM_")}
+    db = tmp_path / "results.db"
+    out = orch("worker", "--nodes", "2", "--db", f"sqlite:///{db}", "--no-mlflow", env=env)
+    assert out.returncode == 2 and out.stderr.startswith("error: --nodes 2 needs a Slurm allocation"), out.stderr
+    assert "Traceback" not in out.stderr and not db.exists()

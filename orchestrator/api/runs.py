@@ -99,8 +99,17 @@ def worker(
     spanning that many nodes of its allocation and claims only runs asking for as many (launchers/slurm.py);
     each node trains one rank per GPU of the slot, or `nproc_per_node` CPU ranks."""
     if nodes is None:
-        nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+        found = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or "1"
+        nodes = int(found) if found.isdigit() else 1
     at_least("--nodes", nodes, example="2")
+    allocated = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
+    if nodes > 1 and not (allocated and allocated.isdigit() and int(allocated) >= nodes):
+        # Refused here, not at each launch: outside such an allocation every claimed run would fail to start.
+        raise ValueError(
+            f"--nodes {nodes} needs a Slurm allocation of at least {nodes} nodes (this process has "
+            f"{allocated or 'none'}): run it inside `salloc -N {nodes}`, or use `orch slurm workers "
+            f"--nodes-per-job {nodes}`"
+        )
     at_least("--gpus-per-run", gpus_per_run, example="2")
     at_least("--nproc-per-node", nproc_per_node, example="2")
     at_least("--parallel", parallel, example="2")
