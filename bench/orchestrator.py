@@ -268,7 +268,8 @@ def worker_gaps(
     time, between consecutive runs A -> B: A's result.json mtime, A's process exit (pidfd), the worker's echo
     of A's finish and of B's Popen, and B's first step start (its first metrics event minus one median step).
     Returns those gaps, and per run the time from Popen to the end of its first step (start-up, compile)."""
-    from orchestrator.worker import Worker, plan_slots
+    from orchestrator.node import plan_slots
+    from orchestrator.worker import Worker
 
     engine = connect(f"sqlite:///{root / 'results.db'}")
     queue.submit(engine, exp, specs.expand(exp))

@@ -279,7 +279,7 @@ def pilots() -> list[Pilot]:
 
 def requeue_self(echo=print) -> bool:
     """Requeue the Slurm job this process runs in (a pilot warned of its walltime while work remains)."""
-    from orchestrator.worker import slurm_job_id
+    from orchestrator.node import slurm_job_id
 
     job = os.environ.get("SLURM_JOB_ID") or slurm_job_id()
     scontrol = shutil.which("scontrol")

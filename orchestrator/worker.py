@@ -28,10 +28,8 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import exc as sa_exc
@@ -39,8 +37,10 @@ from sqlalchemy.engine import Engine
 
 from orchestrator import queries, queue
 from orchestrator.db import Run
-from orchestrator.launchers import LOG, Handle, Launcher, Slot, clean_tail, trainer_env
+from orchestrator.launch import STOP_TIMEOUT_S, Launch
+from orchestrator.launchers import LOG, Launcher, Slot, clean_tail, trainer_env
 from orchestrator.launchers.local import LocalLauncher
+from orchestrator.node import disk_full, slurm_job_id
 from orchestrator.outbox import Outbox, OutboxThread
 from orchestrator.progress import Progress
 from orchestrator.states import RunState
@@ -50,61 +50,8 @@ from trainer.config import TrainConfig
 from trainer.provenance import git_commit
 from trainer.rundir import CONFIG, EXIT_NO_SPACE, NO_SPACE_LINE, RESULT, STOP, Status, checkpoint_paths, write_json
 
-STOP_TIMEOUT_S = 120  # how long a trainer gets to checkpoint after STOP before it is killed
 IDLE_CLAIM_S = 1.0  # how often an idle worker asks an empty queue for work
 NO_SPACE_PAUSE_S = 10.0  # after a full disk, claim nothing for this long (each launch would fail again)
-
-
-@dataclass
-class Launch:
-    """One claimed run on one slot, from the claim to the recorded ending.
-
-    Phases: waiting (no handle: a previous trainer still holds the directory), training (the handle's
-    trainer running), draining (it exited, but a trainer it started still holds the lock: a killed
-    torchrun agent's orphan, checkpointing after the kernel's SIGTERM)."""
-
-    run: Run
-    slot: Slot
-    run_dir: Path
-    progress: Progress
-    tail: MetricsTail
-    handle: Handle | None = None
-    since: float = field(default_factory=time.monotonic)  # when the current phase began
-    signalled: int | None = None  # the signal last sent to a stale lock holder
-    stop_sent_at: float | None = None
-    lost: str | None = None  # why the database took the run away: "cancelled" or "taken over"
-    killed: bool = False  # by us, on a second Ctrl-C: its ending is a preemption, not a crash
-
-    def stop_overdue(self) -> bool:
-        """Its trainer was asked to stop more than STOP_TIMEOUT_S ago: time to kill it."""
-        return (
-            self.handle is not None
-            and self.stop_sent_at is not None
-            and time.monotonic() - self.stop_sent_at > STOP_TIMEOUT_S
-        )
-
-
-def plan_slots(gpus: list[str] | None, gpus_per_run: int, parallel: int) -> list[Slot]:
-    if gpus:
-        if len(gpus) % gpus_per_run:
-            raise ValueError(f"--gpus lists {len(gpus)} GPUs, not a multiple of --gpus-per-run {gpus_per_run}")
-        return [Slot(i, gpus[i * gpus_per_run : (i + 1) * gpus_per_run]) for i in range(len(gpus) // gpus_per_run)]
-    return [Slot(i, None) for i in range(parallel)]
-
-
-def detect_gpus() -> list[str]:
-    """The GPUs this worker may use: those CUDA_VISIBLE_DEVICES names where it is set (Slurm sets it to a job's
-    GPUs, and nvidia-smi would list the whole node's), else every GPU nvidia-smi sees."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [g.strip() for g in visible.split(",") if g.strip()]
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
 class Worker:
@@ -419,7 +366,7 @@ class Worker:
             code = result.get("exit_code", code)  # the trainer's own code, not torchrun's 1
         else:
             status, error = Status.FAILED, clean_tail(launch.run_dir / LOG)
-            if code == EXIT_NO_SPACE or NO_SPACE_LINE in error or _disk_full(launch.run_dir):
+            if code == EXIT_NO_SPACE or NO_SPACE_LINE in error or disk_full(launch.run_dir):
                 self._pause_for_space(run.id, error.splitlines()[-1] if error else "")
                 return
             if launch.killed:
@@ -483,23 +430,8 @@ class Worker:
         launch.stop_sent_at = time.monotonic()
 
 
-def _disk_full(run_dir: Path, min_free: int = 1 << 20) -> bool:
-    """Under torchrun a full disk may leave neither a result nor the trainer's message in the log."""
-    try:
-        st = os.statvfs(run_dir)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < min_free
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def slurm_job_id() -> str | None:
-    """The Slurm job this process runs in (an array task as JOB_TASK), or None outside Slurm."""
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")

@@ -17,7 +17,8 @@ from orchestrator import queue, slurm, specs
 from orchestrator.db import Run, connect
 from orchestrator.launchers import Slot
 from orchestrator.launchers.slurm import SlurmLauncher, srun_command
-from orchestrator.worker import Worker, detect_gpus, plan_slots
+from orchestrator.node import detect_gpus, plan_slots
+from orchestrator.worker import Worker
 from tests.conftest import FAST, subprocess_env
 
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
@@ -242,3 +243,17 @@ def test_a_worker_over_several_nodes_outside_such_an_allocation_is_refused(tmp_p
     out = orch("worker", "--nodes", "2", "--db", f"sqlite:///{db}", "--no-mlflow", env=env)
     assert out.returncode == 2 and out.stderr.startswith("error: --nodes 2 needs a Slurm allocation"), out.stderr
     assert "Traceback" not in out.stderr and not db.exists()
+
+
+def test_status_asks_squeue_only_when_told(tmp_path, monkeypatch):
+    """`orch status --watch` reads the database every second but squeue only every SQUEUE_EVERY_S."""
+    from orchestrator import api
+
+    asked = []
+    monkeypatch.setattr(
+        slurm, "pilots", lambda: asked.append(1) or [slurm.Pilot("7", "RUNNING", 1, "n1", "1:00", "2:00")]
+    )
+    db = f"sqlite:///{tmp_path / 'results.db'}"
+    connect(db)  # an empty queue
+    assert api.status(db, pilots=False).pilots == [] and asked == []
+    assert [p.job_id for p in api.status(db).pilots] == ["7"] and asked == [1]

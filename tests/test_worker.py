@@ -248,7 +248,7 @@ def test_failures_keep_the_error_and_are_retried_only_when_a_retry_can_help(tmp_
 
 
 def test_gpu_slots_split_the_listed_gpus():
-    from orchestrator.worker import plan_slots
+    from orchestrator.node import plan_slots
 
     slots = plan_slots(["0", "1", "2", "3"], 2, 1)
     assert [s.gpus for s in slots] == [["0", "1"], ["2", "3"]]

@@ -128,7 +128,8 @@ def worker(
                 f"--gpus takes distinct GPU indices separated by commas, e.g. --gpus 0,1,2,3; got {text!r}"
             )
     refuse_password(db)
-    from orchestrator.worker import Worker, detect_gpus, plan_slots
+    from orchestrator.node import detect_gpus, plan_slots
+    from orchestrator.worker import Worker
 
     gpu_list = list(gpus) if gpus is not None else detect_gpus()
     # Over several nodes: one slot of every GPU this node has (each node the same), or one CPU slot.
@@ -189,8 +190,9 @@ def eta_s(run: Run) -> float | None:
     return (run.total_steps - run.step) * tokens_per_step / run.tokens_per_s
 
 
-def status(db: Db = None) -> Status:
-    """Queued / running / done counts, each running run's step, loss, tokens/s and ETA, and Slurm pilots."""
+def status(db: Db = None, *, pilots: bool = True) -> Status:
+    """Queued / running / done counts, each running run's step, loss, tokens/s and ETA, and Slurm pilots
+    (`pilots=False` skips the squeue call: a refreshing view asks Slurm less often than the database)."""
     from orchestrator import slurm
 
     engine = connect(db)
@@ -201,7 +203,7 @@ def status(db: Db = None) -> Status:
             Running(r.id, e, a, r.seed, r.step, r.total_steps, r.train_loss, r.tokens_per_s, eta_s(r), r.worker)
             for e, a, r in queries.running(engine)
         ],
-        slurm.pilots(),
+        slurm.pilots() if pilots else [],
     )
 
 

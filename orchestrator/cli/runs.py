@@ -112,25 +112,38 @@ def status(
     from rich.console import Console
     from rich.live import Live
 
+    from orchestrator import api
+
+    now = call(api.status, db)
     if not watch:
-        Console().print(status_view(db))
+        Console().print(status_view(now))
         return
-    with Live(status_view(db), refresh_per_second=1) as live:
+    asked_slurm = time.monotonic()
+    with Live(status_view(now), refresh_per_second=1) as live:
         try:
             while True:
                 time.sleep(1)
-                live.update(status_view(db))
+                # The database every second, squeue every SQUEUE_EVERY_S: slurmctld serves the whole cluster,
+                # and Slurm's own guidance is not to poll it in tight loops.
+                ask_slurm = time.monotonic() - asked_slurm >= SQUEUE_EVERY_S
+                fresh = call(api.status, db, pilots=ask_slurm)
+                if ask_slurm:
+                    asked_slurm = time.monotonic()
+                else:
+                    fresh.pilots = now.pilots
+                now = fresh
+                live.update(status_view(now))
         except KeyboardInterrupt:
             pass
 
 
-def status_view(db: str | None):
+SQUEUE_EVERY_S = 30
+
+
+def status_view(now):
     from rich.console import Group
     from rich.table import Table
 
-    from orchestrator import api
-
-    now = call(api.status, db)
     summary = "  ".join(f"{k}: {n}" for k, n in now.counts.items())
     t = Table(title="running")
     for col in ("run", "experiment/arm", "seed", "step", "loss", "tokens/s", "ETA", "worker"):
