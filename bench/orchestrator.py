@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import sqlalchemy as sa  # noqa: E402
 
-from orchestrator import queries, queue, specs  # noqa: E402
+from orchestrator import queries, queue, specs, table_render  # noqa: E402
 from orchestrator import table as tbl  # noqa: E402
 from orchestrator.db import Run, connect  # noqa: E402
 from orchestrator.states import RunState  # noqa: E402
@@ -174,7 +174,7 @@ def queue_benchmarks(args, backends: dict[str, callable]) -> None:
             finish_all_bulk(engine, random.Random(r))
             t_rows, rows = clock(queries.runs_of, engine)
             t_build, boards = clock(tbl.build, rows)
-            t_render, md = clock(tbl.render, boards, fmt="markdown")
+            t_render, md = clock(table_render.render, boards, fmt="markdown")
             assert all(f"| {i.name}" in md for i in exp.interventions[-1:]) and "| baseline" in md, "table lacks rows"
             rec(f"table over {n:,} runs: runs_of", backend, "s", t_rows)
             rec("  table.build", backend, "s", t_build)

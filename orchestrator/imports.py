@@ -1,6 +1,12 @@
 """Results measured elsewhere: test losses from a CSV or JSON of name, test_loss[, seed][, stack] join the
 table as imported runs of an experiment, so published numbers and new runs sit in one view. Every row is
 checked before anything is stored (plan_import), so a bad file imports nothing.
+
+Imports never invent structure. Every row is its own run and counts in n: rows with the same name (and the
+same seed, or no seed) are repeats, never merged. Only a given seed pairs runs: an arm's seed-3 row pairs with
+the baseline's seed-3 row (and the k-th repeat of a seed with the baseline's k-th), so arms that share their
+seeds get a paired test. Rows without a seed pair with nothing, and their arms get Welch's test; a seed is
+never made up from the order of the rows.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from trainer.rundir import Status
 
 
 def read_results(path: str | Path) -> list[dict]:
-    """Rows of name, test_loss and optionally seed and stack ("a+b"), from CSV or JSON (a list of objects).
+    """Rows of name, test_loss and optionally seed and stack ("a+b"), from CSV or JSON (a list of objects),
+    in file order. A row without a seed has seed None; several rows may share a name and seed (repeats).
     Any bad row is an error naming it (file:line, or the JSON item) and its value: nothing is imported then."""
     path = Path(path)
     if not path.is_file():
@@ -44,7 +51,6 @@ def read_results(path: str | Path) -> list[dict]:
     except csv.Error as exc:
         raise SpecError(f"{path} is not valid CSV: {exc}") from None
     out = []
-    seen: set[tuple[str, int]] = set()
     for where, row in rows:
         if "name" not in row or "test_loss" not in row:
             columns = sorted(str(k) for k in row if k is not None)
@@ -68,10 +74,6 @@ def read_results(path: str | Path) -> list[dict]:
             seed = -1
         if seed is not None and seed < 0:
             raise SpecError(f"{where}: seed must be a whole number ≥ 0, got {raw_seed!r}")
-        if seed is not None:
-            if (name, seed) in seen:
-                raise SpecError(f"{where}: a second row for {name!r} with seed {seed}; give each run its own seed")
-            seen.add((name, seed))
         stack = [p for p in str(row.get("stack") or "").split("+") if p]
         out.append({"name": name, "test_loss": loss, "seed": seed, "stack": stack})
     if not out:
@@ -106,32 +108,63 @@ def plan_import(path: str | Path, experiment: str, baseline: str = BASELINE) -> 
 
 
 def import_results(engine: Engine, path: str | Path, experiment: str, baseline: str = BASELINE) -> int:
-    """Store imported results as finished runs of `experiment` (the row named `baseline` is the baseline)."""
+    """Store imported results as finished runs of `experiment` (the row named `baseline` is the baseline); one
+    run per row, so the count returned is the number of this file's runs in the experiment afterwards. The
+    same file imported again adds nothing: a run's id hashes its experiment, arm, seed, test loss (and repeat)."""
     rows, spec = plan_import(path, experiment, baseline)
-    seen: dict[str, int] = {}
+    runs = imported_runs(rows, str(path), experiment, baseline)
+    queue.add_imported(engine, spec, str(path), runs)
+    return len(runs)
+
+
+def imported_runs(rows: list[dict], source: str, experiment: str, baseline: str = BASELINE) -> list[queue.Imported]:
+    """One run per row, each with its own id. `repeat` counts the arm's earlier rows with the same given seed
+    (without a seed: the arm's earlier seedless rows); result["seed"] is the given seed or None, and only a
+    given seed pairs runs in the table (table.pairing_key). Run.seed, a required column, holds the given seed,
+    or for a seedless row an index within its arm that pairs nothing."""
+    next_index: dict[str, int] = {}  # the seedless row's Run.seed, numbered as before seed-aware imports
+    repeats: dict[tuple[str, int | None], int] = {}
+    ids: set[str] = set()
     runs = []
     for r in rows:
         arm = BASELINE if r["name"] == baseline else arm_name(r["name"])
-        seed = r["seed"] if r["seed"] is not None else seen.get(arm, 0)
-        seen[arm] = seed + 1
-        rid = "imp" + hashlib.sha256(json.dumps([experiment, arm, seed, r["test_loss"]]).encode()).hexdigest()[:13]
+        given = r["seed"]
+        seed = given if given is not None else next_index.get(arm, 0)
+        next_index[arm] = seed + 1
+        repeat = repeats.get((arm, given), 0)
+        repeats[(arm, given)] = repeat + 1
+        # The id of a given seed's first row and of every seedless row is the one imports had before repeats
+        # were kept, so a file imported by older code is not stored twice; further repeats hash their number.
+        key: list = [experiment, arm, seed, r["test_loss"]]
+        if given is not None and repeat:
+            key.append(repeat)
+        rid = _run_id(key)
+        while rid in ids:  # a seedless row whose index equals another row's given seed, at the same loss
+            key.append(len(ids))
+            rid = _run_id(key)
+        ids.add(rid)
         runs.append(
             queue.Imported(
                 id=rid,
                 arm=arm,
                 seed=seed,
+                repeat=repeat,
                 test_loss=r["test_loss"],
                 result={
                     "imported": True,
-                    "source": str(path),
+                    "source": source,
                     "name": r["name"],
+                    "seed": given,
                     "test_loss": r["test_loss"],
                     "status": Status.SUCCEEDED.value,
                 },
             )
         )
-    queue.add_imported(engine, spec, str(path), runs)
-    return len(rows)
+    return runs
+
+
+def _run_id(key: list) -> str:
+    return "imp" + hashlib.sha256(json.dumps(key).encode()).hexdigest()[:13]
 
 
 def arm_name(name: str) -> str:

@@ -1,9 +1,12 @@
-"""More seeds where the answer is open: add seeds only to arms whose verdict is still open and could still
-close with more runs (stats.could_decide), and to the baseline as far as they need; new runs jump the queue.
+"""More seeds where the answer is open: add seeds only to arms whose verdict is still undecided and could
+still be decided with more runs (stats.could_decide), and to the baseline as far as they need; new runs jump
+the queue.
 
 Looking at the verdicts after every added seed is a sequential test, so each call records its looks on the
-experiment, whose verdicts from then on need the sequential level (stats.sequential_alpha). `grow` repeats
-the call until no verdict is open, waiting for the workers in between.
+experiment, whose verdicts from then on are calibrated for them (sequential.py). Each look judges the board
+exactly as `orch table` then shows it — the same pairing, correction across arms and equivalence margin
+(table.Options) — so a decision printed here is the verdict the table prints. `grow` repeats the call until
+no verdict is open, waiting for the workers in between.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import NamedTuple
 
 from sqlalchemy.engine import Engine
 
-from orchestrator import queries, queue, stats
+from orchestrator import queries, queue, stats, table_render
 from orchestrator import table as tbl
 from orchestrator.noise import parent, seed0_configs
 from orchestrator.specs import BASELINE, Looks, RunSpec, SpecError, run_id, seeded
@@ -29,8 +32,12 @@ class Round(NamedTuple):
     active: int = 0
 
 
-def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0.05, step: int = 1) -> Round:
-    """Queue more seeds where a verdict is open and could still close (one look)."""
+def more_seeds(
+    engine: Engine, experiment: str, max_seeds: int, options: tbl.Options | None = None, step: int = 1
+) -> Round:
+    """Queue more seeds where a verdict is open and could still close (one look), judging the board with
+    `options` (table.Options: α, correction, δ) as `orch table` will."""
+    options = options or tbl.Options()
     if max_seeds < 2:
         raise SpecError("--max-seeds must be at least 2 (a verdict needs two runs per side)")
     spec = queries.spec(engine, experiment)
@@ -44,14 +51,14 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
     if not runs:
         raise SpecError(f"experiment {experiment!r} has no runs yet")
     # This call looks at the verdicts, and may look again after every seed it adds: from now on they are
-    # sequential tests (stats.sequential_alpha), from the runs per arm at the first look up to max_seeds.
+    # sequential tests (sequential.py), from the runs per arm at the first look up to max_seeds.
     done: dict[str, int] = {}
     for _, arm, r in runs:
         done[arm] = done.get(arm, 0) + tbl.finished(r)
     first = min((n for arm, n in done.items() if arm != BASELINE), default=2)
     spec.looks = Looks(first=max(2, min(first, max_seeds)), last=max_seeds).union(spec.looks)
     queue.submit(engine, spec, [], source=None)  # records the looks; submit keeps any stored ones too
-    [board] = [b for b in tbl.build(runs, {experiment: spec}, alpha) if b.experiment == experiment]
+    [board] = [b for b in tbl.build(runs, {experiment: spec}, options=options) if b.experiment == experiment]
     targets: dict[str, int] = {}
     reasons: dict[str, str] = {}
     for row in board.rows:
@@ -68,16 +75,25 @@ def more_seeds(engine: Engine, experiment: str, max_seeds: int, alpha: float = 0
             row.p_value,
             row.test,
             row.verdict or stats.UNVERIFIED,
-            row.level or alpha,
+            row.level or options.alpha,
+            row.pairs,
+            board.sesoi,
         )
         if row.pending:
             reasons[row.arm] = f"{row.pending} run(s) still pending"
         elif row.verdict in (stats.BETTER, stats.WORSE):
-            reasons[row.arm] = f"decided: {row.verdict} (p = {row.p_value:.3g} < {row.level:.3g}, the sequential level)"
+            how = table_render.p_method(board) or "uncorrected"
+            reasons[row.arm] = f"decided: {row.verdict} (p = {row.p_adjusted:.3g} < {options.alpha:g}, {how})"
+        elif row.verdict == stats.EQUIVALENT:
+            reasons[row.arm] = (
+                f"decided: equivalent (within ±{board.sesoi:.4g}: TOST p = {row.p_equivalence:.3g} < {row.level:.3g})"
+            )
         elif have >= max_seeds:
             reasons[row.arm] = f"at --max-seeds {max_seeds}: {row.verdict}"
         elif not stats.could_decide(c, max_seeds):
-            reasons[row.arm] = f"decided: within noise (even {max_seeds} seeds could not exclude zero)"
+            reasons[row.arm] = f"stopped: undecided, and even {max_seeds} seeds could not exclude zero" + (
+                f" or show it within ±{board.sesoi:.4g}" if board.sesoi else ""
+            )
         else:
             targets[row.arm] = min(max_seeds, max(2, have + step))
             reasons[row.arm] = f"open: {row.verdict}, adding seeds up to {targets[row.arm]}"
@@ -103,7 +119,7 @@ def grow(
     engine: Engine,
     experiment: str,
     max_seeds: int,
-    alpha: float = 0.05,
+    options: tbl.Options | None = None,
     until_decided: bool = False,
     poll_s: float = 10.0,
     on_round: Callable[[Round], None] | None = None,
@@ -115,7 +131,7 @@ def grow(
         raise ValueError(f"--poll must be a positive number of seconds, not {poll_s:g}")
     rounds = []
     while True:
-        rounds.append(more_seeds(engine, experiment, max_seeds, alpha))
+        rounds.append(more_seeds(engine, experiment, max_seeds, options))
         if on_round is not None:
             on_round(rounds[-1])
         if not until_decided or not rounds[-1].active:

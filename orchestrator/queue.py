@@ -71,13 +71,15 @@ class Moves:
 
 @dataclass
 class Imported:
-    """A result measured elsewhere, to be stored as a finished run of an arm."""
+    """A result measured elsewhere, to be stored as a finished run of an arm. `repeat` tells apart runs of
+    one arm that share a seed (or have none); result["seed"] is the seed the source gave, or None."""
 
     id: str
     arm: str
     seed: int
     test_loss: float
     result: dict
+    repeat: int = 0
 
 
 def submit(
@@ -164,7 +166,12 @@ def add_imported(engine: Engine, spec: Experiment, source: str, runs: Sequence[I
     with engine.begin() as conn:
         now = conn.execute(sa.select(db_now())).scalar_one()
         for r in runs:
-            if conn.execute(sa.select(Run.id).where(Run.id == r.id)).first() is None:
+            stored = conn.execute(sa.select(Run.id, Run.result).where(Run.id == r.id)).first()
+            if stored is not None and "seed" not in (stored.result or {}) and "seed" in r.result:
+                # Imported before imports recorded the seed (so it pairs with nothing): the same file
+                # imported again says whether it had one.
+                conn.execute(sa.update(Run).where(Run.id == r.id).values(result=finite({**stored.result, **r.result})))
+            if stored is None:
                 conn.execute(
                     sa.insert(Run).values(
                         id=r.id,
@@ -172,7 +179,7 @@ def add_imported(engine: Engine, spec: Experiment, source: str, runs: Sequence[I
                         config={"imported": True},
                         seed=r.seed,
                         data_seed=0,
-                        repeat=0,
+                        repeat=r.repeat,
                         priority=0,
                         attempts=0,
                         max_attempts=0,

@@ -21,13 +21,19 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator import noise, queries, stats
+from orchestrator import noise, queries, stats, table_render
 from orchestrator import table as tbl
 from orchestrator.specs import BASELINE
 from orchestrator.states import RunState
 from trainer.rundir import read_metrics
 
-VERDICT_COLOURS = {stats.BETTER: "#2e7d32", stats.WORSE: "#c62828", stats.NOISE: "#9e9e9e", stats.UNVERIFIED: "#cfcfcf"}
+VERDICT_COLOURS = {
+    stats.BETTER: "#2e7d32",
+    stats.WORSE: "#c62828",
+    stats.EQUIVALENT: "#1565c0",
+    stats.UNDECIDED: "#9e9e9e",
+    stats.UNVERIFIED: "#cfcfcf",
+}
 PLOTS = {
     "train_loss.png": "Training loss",
     "val_loss.png": "Validation loss",
@@ -36,7 +42,12 @@ PLOTS = {
 
 
 def write_report(
-    engine, experiment: str, out_dir: Path, alpha: float = 0.05, tracker=None, runs_dir: Path | None = None
+    engine,
+    experiment: str,
+    out_dir: Path,
+    options: tbl.Options | None = None,
+    tracker=None,
+    runs_dir: Path | None = None,
 ) -> Path:
     """Write index.html and its PNGs for `experiment` into out_dir; return the path of index.html."""
     import matplotlib
@@ -44,7 +55,9 @@ def write_report(
     matplotlib.use("Agg")  # no display on a worker node or in CI; Agg renders PNGs anywhere
     # The noise studies of this experiment (`orch noise`) feed its board's summary, as in `orch table`.
     triples = queries.runs_of(engine, noise.with_studies(engine, [experiment]))
-    board = next((b for b in tbl.build(triples, queries.specs(engine), alpha) if b.experiment == experiment), None)
+    board = next(
+        (b for b in tbl.build(triples, queries.specs(engine), options=options) if b.experiment == experiment), None
+    )
     if board is None:
         raise ValueError(f"no runs in experiment {experiment!r}")
     runs = [(arm, run) for exp, arm, run in triples if exp == experiment]
@@ -202,7 +215,7 @@ def _improvement_plot(path: Path, board: tbl.Board) -> None:
             transform=ax.transAxes,
         )
     ax.axvline(0, color="black", lw=1)
-    ci = "sequential CI" if board.looks else f"{100 * (1 - board.alpha):.4g}% CI"
+    ci = table_render.columns(board)[0][4]
     ax.set(
         title=f"Improvement vs baseline (test loss; > 0 = better) with {ci}",
         xlabel="baseline mean − arm mean test loss",
@@ -219,7 +232,8 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; 
 table { border-collapse: collapse; margin: 1em 0; } th, td { padding: 4px 10px; border-bottom: 1px solid #ddd; }
 th { text-align: left; background: #f4f4f4; } td { font-variant-numeric: tabular-nums; }
 tr.baseline { font-weight: bold; } img { max-width: 100%; display: block; margin: 1em 0; }
-.better { color: #2e7d32; } .worse { color: #c62828; } .noise { color: #777; } .meta { color: #666; }
+.better { color: #2e7d32; } .worse { color: #c62828; } .equivalent { color: #1565c0; } .undecided { color: #777; }
+.meta { color: #666; }
 """
 # Lets a headless browser (tests/test_report.py) confirm that every plot decoded: naturalWidth is 0 for a
 # broken image.
@@ -229,6 +243,20 @@ window.addEventListener("load", () => {
   document.body.dataset.imagesLoaded = ok;
 });
 """
+
+
+VERDICT_CLASSES = {
+    stats.BETTER: "better",
+    stats.WORSE: "worse",
+    stats.EQUIVALENT: "equivalent",
+    stats.UNDECIDED: "undecided",
+}
+
+
+def _p_improvement(row: tbl.Row) -> str:
+    if row.p_improvement is None:
+        return ""
+    return f"{row.p_improvement:.2f} [{row.p_improvement_low:.2f}, {row.p_improvement_high:.2f}]"
 
 
 def _page(board: tbl.Board, runs: list[tuple[str, object]], out_dir: Path) -> str:
@@ -250,14 +278,17 @@ def _page(board: tbl.Board, runs: list[tuple[str, object]], out_dir: Path) -> st
         parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{data}'>")
 
     parts.append("<h2>Leaderboard</h2>")
-    parts += [f"<p>{e(line)}</p>" for line in tbl.summary(board)]
+    parts += [f"<p>{e(line)}</p>" for line in table_render.summary(board)]
     if board.rows:
-        header, cells = tbl.columns(board)  # the same cells as `orch table --format markdown`
+        header, cells = table_render.columns(board)  # the same cells as `orch table --format markdown`, and
+        # the probability of improvement (stats.probability_of_improvement), too wide for a terminal
+        header = [*header, "P(better on a fresh seed) [95% CI]"]
+        cells = [[*cs, _p_improvement(row)] for row, cs in zip(board.rows, cells)]
         parts.append(
             "<table id=leaderboard><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>"
         )
         for row, cs in zip(board.rows, cells):
-            cls = {stats.BETTER: "better", stats.WORSE: "worse", stats.NOISE: "noise"}.get(row.verdict, "")
+            cls = VERDICT_CLASSES.get(row.verdict, "")
             cls += " baseline" if row.arm == BASELINE else ""
             parts.append(f"<tr class='{cls.strip()}'>" + "".join(f"<td>{e(c)}</td>" for c in cs) + "</tr>")
         parts.append("</tbody></table>")

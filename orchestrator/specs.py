@@ -103,6 +103,10 @@ class Experiment(BaseModel):
     repeats: int = Field(1, ge=1, description="identical repeats per seed (measure nondeterminism alone)")
     include_baseline: bool = True
     looks: Looks | None = None  # set by `orch more-seeds`: verdicts are sequential tests from then on
+    # The smallest effect of interest δ in test-loss nats: an arm whose improvement is shown to lie within ±δ
+    # is "equivalent" to the baseline (a TOST test, orchestrator/stats.py); without one, an arm that is
+    # neither better nor worse stays "undecided". `orch table --sesoi` overrides it.
+    sesoi: float | None = Field(None, gt=0, description="smallest improvement that matters, in nats (equivalence)")
     # Nodes each run trains on (a Slurm pilot of as many nodes, one torchrun agent per node): launch
     # resources, not training semantics (the trainer's numbers depend on the world size only), so not a
     # config key and not part of a run's id.

@@ -1,32 +1,69 @@
-"""Is an intervention's improvement signal or noise? Every number here comes from scipy / numpy.
+"""Is an intervention's improvement signal, noise, or too small to matter? Every number comes from scipy.
 
-An improvement is baseline mean − arm mean of the test loss (positive = lower loss = better), as in the
-blog series' table. With at least two runs on each side it gets a confidence interval and a p-value:
-- paired t-test (scipy.stats.ttest_rel) when arm and baseline ran the same seeds (seed, data seed, repeat):
-  a seed's luck is shared by both sides and cancels in the difference;
-- otherwise Welch's t-test (scipy.stats.ttest_ind, equal_var=False), which assumes no common variance.
-The verdict is "better" / "worse" when p < α, else "within noise"; with a single run on either side there is
-no variance to test against, and the verdict is "unverified" (the series' single runs per intervention).
+An improvement is baseline − arm test loss (positive = lower loss = better), as in the blog series' table.
+With at least two runs on each side it gets a confidence interval and a p-value, from one rule for pairing:
+- paired t-test (scipy.stats.ttest_rel) on the runs whose seed, data seed and repeat both arms share, when
+  they share at least MIN_PAIRS: a seed's luck is common to both sides and cancels in the difference. Runs
+  the other arm lacks are left out of the test (the table says how many were paired), so a seed added to
+  the baseline alone never switches an arm's test behind a verdict already printed;
+- otherwise Welch's t-test (scipy.stats.ttest_ind, equal_var=False) on all runs, which assumes no common
+  variance and no shared seeds.
 
-Adding seeds until a verdict appears (`orch more-seeds`) tests the same arm again and again; at p < 0.05 on
-every look, a null intervention from 2 to 10 seeds is called better or worse about 19% of the time, not 5%.
-An experiment grown that way is therefore tested at the sequential level of `sequential_alpha`: one nominal
-level for every look (Pocock's constant boundary), calibrated so that the chance of any look deciding a null
-arm stays α.
+Verdicts (the table's legend says the same):
+- better / worse: the two-sided p-value is below the arm's level (α, lowered for the other arms of the board by
+  multiplicity.py and for repeated looks by sequential.py); the interval at that level excludes zero;
+- equivalent: no effect beyond ±δ, the smallest effect of interest (`sesoi`): both one-sided tests of TOST
+  (Schuirmann 1987; Lakens 2017) reject at the arm's level. An arm both better and equivalent has a real
+  but trivial effect, and says so;
+- undecided: neither — the runs cannot tell (more seeds, or a larger δ, may);
+- unverified: a single run on either side, no variance to test against (the series' single runs).
+
+Two further numbers per arm, neither of which changes the verdict:
+- below a target loss (`--target`, the speed-run records' rule): scipy.stats.ttest_1samp, one-sided, that the
+  arm's mean test loss is below the target, at p < TARGET_ALPHA by default (modded-nanogpt's 0.01);
+- the probability of improvement P(arm < baseline) on a fresh seed: the Mann–Whitney U statistic over all
+  run pairs / (n·m), with a percentile bootstrap interval that resamples each arm on its own (rliable's
+  "probability of improvement", Agarwal et al. 2021; Bouthillier et al. 2021 recommend it beside the mean).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import optimize, stats
 
-Key = tuple  # (seed, data_seed, repeat): which runs pair up
-BETTER, WORSE, NOISE, UNVERIFIED, BASELINE = "better", "worse", "within noise", "unverified", "baseline"
+Key = tuple  # which runs pair up: (seed, data_seed, repeat) for runs trained here (table.pairing_key)
+BETTER, WORSE, EQUIVALENT, UNDECIDED, UNVERIFIED, BASELINE = (
+    "better",
+    "worse",
+    "equivalent",
+    "undecided",
+    "unverified",
+    "baseline",
+)
+MIN_PAIRS = 2  # ttest_rel needs two differences for a variance
 FUTILITY_MIN_RUNS = 3  # more_seeds never calls an arm hopeless on fewer runs per side than this
+TARGET_ALPHA = 0.01  # modded-nanogpt's record rule: mean below the target at p < 0.01
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 20261204  # fixed: the same interval on every read
+
+
+@dataclass
+class Measured:
+    """One arm against the baseline before any verdict: the test that the pairing rule chose, on which runs."""
+
+    n: int  # the arm's finished runs
+    mean: float
+    std: float | None
+    improvement: float | None  # the estimate the test is about: mean paired difference, or difference of means
+    test: str | None = None  # "paired" | "welch" | None (unverified)
+    pairs: int = 0  # runs in the paired test
+    p_value: float | None = None  # two-sided, uncorrected
+    fit: object = field(default=None, repr=False)  # scipy's TtestResult: intervals at any level
+    samples: tuple = field(default=(), repr=False)  # (baseline values, arm values) the test used
+    degenerate: bool = False  # every difference identical: no noise to test against
 
 
 @dataclass
@@ -34,13 +71,17 @@ class Comparison:
     n: int
     mean: float
     std: float | None
-    improvement: float | None  # baseline mean − arm mean
+    improvement: float | None  # see Measured
     ci_low: float | None
     ci_high: float | None
-    p_value: float | None
+    p_value: float | None  # two-sided, uncorrected
     test: str | None  # "paired" | "welch" | None
     verdict: str
-    level: float = 0.05  # the p-value a verdict needs (α, or the sequential level); the CI is at 1 − level
+    level: float = 0.05  # the p-value a verdict needs (after corrections); the CI is at 1 − level
+    pairs: int = 0
+    sesoi: float | None = None  # δ of the equivalence test, where one was asked for
+    p_equivalence: float | None = None  # TOST: the larger of the two one-sided p-values
+    trivial: bool = False  # better or worse, and yet within ±δ
 
 
 def describe(values: list[float]) -> tuple[int, float, float | None]:
@@ -48,94 +89,124 @@ def describe(values: list[float]) -> tuple[int, float, float | None]:
     return len(arr), float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None
 
 
-def compare(
-    arm: dict[Key, float], baseline: dict[Key, float], alpha: float = 0.05, looks: tuple[int, int] | None = None
-) -> Comparison:
-    """Compare one arm's test losses with the baseline's, each keyed by (seed, data seed, repeat).
-
-    `looks` = (first, last): the verdict was looked at after every run added from `first` to `last` runs per
-    side (`orch more-seeds`), so it is tested at `sequential_alpha` for that test instead of α.
-    """
+def measure(arm: dict[Key, float], baseline: dict[Key, float]) -> Measured:
+    """The test the pairing rule picks for one arm against the baseline, each keyed by pairing key."""
     n, mean, std = describe(list(arm.values()))
     if not baseline:
-        return Comparison(n, mean, std, None, None, None, None, None, UNVERIFIED, alpha)
-    b = np.asarray(list(baseline.values()), dtype=float)
-    improvement = float(b.mean() - mean)
-    if n < 2 or len(b) < 2:
-        return Comparison(n, mean, std, improvement, None, None, None, None, UNVERIFIED, alpha)
+        return Measured(n, mean, std, None)
     shared = sorted(set(arm) & set(baseline), key=repr)
-    paired = len(shared) >= 2 and len(shared) == len(arm) == len(baseline)
-    test = "paired" if paired else "welch"
-    level = sequential_alpha(looks[0], looks[1], alpha, paired) if looks else alpha
-    if paired:
-        base_vals = np.array([baseline[k] for k in shared])
-        arm_vals = np.array([arm[k] for k in shared])
-        if np.all(base_vals - arm_vals == base_vals[0] - arm_vals[0]):  # no spread in the differences
-            return _degenerate(n, mean, std, improvement, test, level)
-        result = stats.ttest_rel(base_vals, arm_vals)
-    else:
-        a = np.asarray(list(arm.values()), dtype=float)
-        if np.ptp(a) == 0 and np.ptp(b) == 0:
-            return _degenerate(n, mean, std, improvement, test, level)
-        result = stats.ttest_ind(b, a, equal_var=False)
-    ci = result.confidence_interval(confidence_level=1 - level)
-    p = float(result.pvalue)
-    verdict = (BETTER if improvement > 0 else WORSE) if p < level else NOISE
-    return Comparison(n, mean, std, improvement, float(ci.low), float(ci.high), p, test, verdict, level)
-
-
-@lru_cache(maxsize=64)
-def sequential_alpha(first: int, last: int, alpha: float = 0.05, paired: bool = True) -> float:
-    """The p-value a verdict needs when it is looked at after every added run, from `first` to `last` runs
-    per side, and a study stops at the first look that decides: the level at which a null arm is decided at
-    any look with probability α (Pocock's constant boundary, for the t-tests actually used).
-
-    The level is the α-quantile of the smallest p-value over the looks, read off 100,000 simulated null
-    studies on standard normal losses, with a fixed generator seed so that a table never changes between two
-    reads. Paired: the one-sample t-test of ttest_rel on the differences, whose smallest p is pivotal (it
-    does not depend on σ), so the level is exact. Welch: ttest_ind(equal_var=False) on equal variances, an
-    approximation: with the baseline's variance 2× or 4× the arm's, a null arm is decided ~6% or ~7% of the
-    time instead of 5%. Looking less often than every run only lowers the rate. 2…10 runs, paired: 0.0099.
-    """
-    first = max(first, 2)  # no verdict before two runs per side
-    if last <= first:
-        return alpha
-    rng = np.random.default_rng(20261121)
-    n = np.arange(1, last + 1)
-    looks = slice(first - 1, last)
-    min_p = []
-    for _ in range(4):  # 4 × 25,000 studies: bounded memory for a large `last`
-        # Running moments give every look's t statistic in one pass; scipy's ttest on each prefix would
-        # re-read all runs at every look (quadratic in `last`). tests/test_stats.py checks the result
-        # against scipy's ttest_rel study by study.
-        a = _running(rng.standard_normal((25_000, last)), n)
-        if paired:
-            t, df = a[0] / np.sqrt(a[1] / n), n - 1
+    if len(shared) >= MIN_PAIRS:
+        b, a = np.array([baseline[k] for k in shared]), np.array([arm[k] for k in shared])
+        m = Measured(n, mean, std, float(np.mean(b - a)), "paired", len(shared), samples=(b, a))
+        if np.all(b - a == b[0] - a[0]):
+            m.degenerate = True
         else:
-            b = _running(rng.standard_normal((25_000, last)), n)
-            se2_a, se2_b = a[1] / n, b[1] / n
-            t = (a[0] - b[0]) / np.sqrt(se2_a + se2_b)
-            df = (se2_a + se2_b) ** 2 / (se2_a**2 / (n - 1) + se2_b**2 / (n - 1))  # Welch–Satterthwaite
-        with np.errstate(divide="ignore", invalid="ignore"):
-            p = 2 * stats.t.sf(np.abs(t[:, looks]), df[..., looks])
-        min_p.append(np.nanmin(p, axis=1))
-    return float(np.quantile(np.concatenate(min_p), alpha))
+            m.fit = stats.ttest_rel(b, a)
+    else:
+        b, a = np.asarray(list(baseline.values()), dtype=float), np.asarray(list(arm.values()), dtype=float)
+        m = Measured(n, mean, std, float(b.mean() - a.mean()), samples=(b, a))
+        if len(a) < 2 or len(b) < 2:
+            return m  # unverified
+        m.test = "welch"
+        if np.ptp(a) == 0 and np.ptp(b) == 0:
+            m.degenerate = True
+        else:
+            m.fit = stats.ttest_ind(b, a, equal_var=False)
+    m.p_value = (0.0 if m.improvement else 1.0) if m.degenerate else float(m.fit.pvalue)
+    return m
 
 
-def _running(x: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sample variance (ddof 1) of every prefix x[:, :k], along axis 1."""
-    mean = np.cumsum(x, axis=1) / n
-    with np.errstate(divide="ignore", invalid="ignore"):
-        var = (np.cumsum(x * x, axis=1) - n * mean**2) / (n - 1)
-    return mean, var
+def decide(m: Measured, level: float, sesoi: float | None = None, different: bool | None = None) -> Comparison:
+    """The verdict of a measured arm whose p-value is held to `level` (after corrections), with the
+    equivalence test against ±`sesoi` where one is given. `different`: the board's decision from its
+    adjusted p-value (multiplicity.py), which equals p < level up to the sequential simulation's resolution."""
+    c = Comparison(m.n, m.mean, m.std, m.improvement, None, None, m.p_value, m.test, UNVERIFIED, level, m.pairs)
+    c.sesoi = sesoi
+    if m.test is None:
+        return c
+    if m.degenerate:  # every run on both sides identical (deterministic CPU repeats): no noise to test against
+        c.ci_low = c.ci_high = m.improvement
+        c.p_equivalence = None if sesoi is None else (0.0 if abs(m.improvement) < sesoi else 1.0)
+    else:
+        ci = m.fit.confidence_interval(confidence_level=1 - level)
+        c.ci_low, c.ci_high = float(ci.low), float(ci.high)
+        c.p_equivalence = None if sesoi is None else tost(m, sesoi)
+    different = c.p_value < level if different is None else different
+    c.trivial = c.p_equivalence is not None and c.p_equivalence < level
+    if different:
+        c.verdict = BETTER if m.improvement > 0 else WORSE
+    else:
+        c.verdict = EQUIVALENT if c.trivial else UNDECIDED
+        c.trivial = False
+    return c
 
 
-def _degenerate(n, mean, std, improvement, test, level) -> Comparison:
-    # Every run on both sides identical (deterministic CPU repeats): there is no noise to test against.
-    verdict = NOISE if improvement == 0 else (BETTER if improvement > 0 else WORSE)
-    return Comparison(
-        n, mean, std, improvement, improvement, improvement, 0.0 if improvement else 1.0, test, verdict, level
-    )
+def compare(
+    arm: dict[Key, float],
+    baseline: dict[Key, float],
+    alpha: float = 0.05,
+    looks: tuple[int, int] | None = None,
+    sesoi: float | None = None,
+) -> Comparison:
+    """One arm against the baseline on its own (no other arms to correct for). `looks` = (first, last): the
+    verdict was looked at after every run added from `first` to `last` runs per side (`orch more-seeds`), so
+    it is held to sequential.sequential_alpha instead of α."""
+    from orchestrator.sequential import sequential_alpha
+
+    m = measure(arm, baseline)
+    return decide(m, sequential_alpha(*looks, alpha, m.test == "paired") if looks and m.test else alpha, sesoi)
+
+
+def tost(m: Measured, sesoi: float) -> float:
+    """Two one-sided tests that the improvement lies within ±sesoi: the larger of the two p-values (H0:
+    improvement ≤ −δ, and H0: improvement ≥ δ), with the same paired or Welch test as the difference."""
+    b, a = m.samples
+    if m.test == "paired":
+        low = stats.ttest_rel(b + sesoi, a, alternative="greater").pvalue
+        high = stats.ttest_rel(b - sesoi, a, alternative="less").pvalue
+    else:
+        low = stats.ttest_ind(b + sesoi, a, equal_var=False, alternative="greater").pvalue
+        high = stats.ttest_ind(b - sesoi, a, equal_var=False, alternative="less").pvalue
+    return float(max(low, high))
+
+
+def below_target(values: list[float], target: float) -> float | None:
+    """One-sided p-value that the mean test loss is below `target` (H0: mean ≥ target); None under 2 runs."""
+    if len(values) < 2:
+        return None
+    arr = np.asarray(values, dtype=float)
+    if np.ptp(arr) == 0:
+        return 0.0 if arr[0] < target else 1.0
+    return float(stats.ttest_1samp(arr, target, alternative="less").pvalue)
+
+
+def probability_of_improvement(
+    arm: list[float], baseline: list[float], confidence: float = 0.95
+) -> tuple[float, float, float] | None:
+    """P(an arm run has a lower test loss than a baseline run), both on fresh seeds, with a percentile
+    bootstrap interval; None without a run on each side."""
+    if not arm or not baseline:
+        return None
+    a, b = np.asarray(arm, dtype=float), np.asarray(baseline, dtype=float)
+    estimate = float(stats.mannwhitneyu(b, a).statistic / (len(a) * len(b)))
+    if len(a) < 2 or len(b) < 2:
+        return estimate, 0.0, 1.0  # one run on a side: the bootstrap has nothing to resample there
+
+    def p_improvement(base, arm_, axis=-1):
+        wins = (np.expand_dims(base, -1) > np.expand_dims(arm_, -2)).mean(axis=(-1, -2))
+        ties = (np.expand_dims(base, -1) == np.expand_dims(arm_, -2)).mean(axis=(-1, -2))
+        return wins + 0.5 * ties
+
+    ci = stats.bootstrap(
+        (b, a),
+        p_improvement,
+        confidence_level=confidence,
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        method="percentile",
+        vectorized=True,
+        random_state=np.random.default_rng(BOOTSTRAP_SEED),
+    ).confidence_interval
+    return estimate, float(ci.low), float(ci.high)
 
 
 def _power_at(ncp: float, df: int, alpha: float) -> float:
@@ -163,25 +234,28 @@ def minimum_detectable(
 
 
 def could_decide(c: Comparison, max_runs: int) -> bool:
-    """Could more seeds (up to max_runs per side) still move this arm out of "within noise"?
+    """Could more seeds (up to max_runs per side) still move this undecided arm to a verdict?
 
     Yes when the interval with max_runs per side — the observed standard error shrunk as 1/√n, with the
     t quantile of the test actually used (paired: n − 1 degrees of freedom; Welch: about 2n − 2) at the
-    comparison's own level — would be narrower than the observed improvement, so that it could exclude zero.
+    comparison's own level — would be narrower than the observed improvement, so that it could exclude zero;
+    or, with a smallest effect of interest δ, narrow enough to fit within ±δ around it (equivalence).
     An arm with one run always could, and so could one with fewer than FUTILITY_MIN_RUNS: a spread measured
     on two runs (one degree of freedom when paired) is too uncertain to give up on an arm.
     """
-    if c.verdict not in (NOISE, UNVERIFIED):
+    if c.verdict not in (UNDECIDED, UNVERIFIED):
         return False
     if c.n >= max_runs:
         return False
     if c.verdict == UNVERIFIED or c.ci_low is None or c.n < FUTILITY_MIN_RUNS:
         return True
+    n_now = c.pairs if c.test == "paired" else c.n
 
     def df(n: int) -> int:
         return n - 1 if c.test == "paired" else 2 * n - 2
 
     q = 1 - c.level / 2
-    se_now = (c.ci_high - c.ci_low) / 2 / stats.t.ppf(q, df(c.n))
-    half_max = se_now * math.sqrt(c.n / max_runs) * stats.t.ppf(q, df(max_runs))
-    return abs(c.improvement) > half_max
+    se_now = (c.ci_high - c.ci_low) / 2 / stats.t.ppf(q, df(n_now))
+    half_max = se_now * math.sqrt(n_now / max_runs) * stats.t.ppf(q, df(max_runs))
+    could_equal = c.sesoi is not None and abs(c.improvement) + half_max < c.sesoi
+    return abs(c.improvement) > half_max or could_equal

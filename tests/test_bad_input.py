@@ -38,7 +38,7 @@ def invoke(args: list[str], env: dict | None = None):
 
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory, data_dir) -> dict:
-    """results.db with the quickstart experiment queued (10 runs) and experiment `pub` imported (3 runs)."""
+    """results.db with the quickstart experiment queued (15 runs) and experiment `pub` imported (3 runs)."""
     root = tmp_path_factory.mktemp("seeded")
     url = f"sqlite:///{root / 'results.db'}"
     out = invoke(["submit", QUICKSTART, "--preset", "tiny", "--set", f"data.path={data_dir}", "--db", url])
@@ -49,7 +49,7 @@ def seeded(tmp_path_factory, data_dir) -> dict:
     con = sqlite3.connect(root / "results.db")
     ids = dict(con.execute("SELECT id, state FROM runs").fetchall())
     con.close()
-    assert len(ids) == 13 and sum(i.startswith("imp") for i in ids) == 3
+    assert len(ids) == 18 and sum(i.startswith("imp") for i in ids) == 3
     return {"db": root / "results.db", "ids": ids}
 
 
@@ -329,6 +329,12 @@ CASES = [
     Case("table-alpha-above-one", lambda c: ["table", "--alpha", "1.5"], expect="--alpha"),
     Case("table-alpha-nan", lambda c: ["table", "--alpha", "nan"], expect="--alpha"),
     Case("table-unknown-experiment", lambda c: ["table", "nosuch"], expect="no experiment named 'nosuch'"),
+    Case("table-bad-correction", lambda c: ["table", "--correction", "bonferroni"], expect="holm, bh, none"),
+    Case("table-sesoi-word", lambda c: ["table", "--sesoi", "big"], expect="--sesoi must be a positive number"),
+    Case("table-sesoi-negative", lambda c: ["table", "--sesoi", "-0.01"], expect="--sesoi must be a positive"),
+    Case("table-target-negative", lambda c: ["table", "--target", "-3"], expect="--target must be a positive"),
+    Case("table-target-alpha", lambda c: ["table", "--target", "3.3", "--target-alpha", "2"], expect="--target-alpha"),
+    Case("more-seeds-bad-correction", lambda c: ["more-seeds", "pub", "--correction", "x"], expect="holm, bh, none"),
     # ---- noise, more-seeds --------------------------------------------------------------------------------
     Case("noise-unknown-experiment", lambda c: ["noise", "nosuch"], expect="no experiment named 'nosuch'"),
     Case("noise-bad-vary", lambda c: ["noise", "quickstart", "--vary", "sometimes"], expect="--vary"),
@@ -353,7 +359,6 @@ CASES = [
     csv_case("import-empty-name", "name,test_loss\nbaseline,3.5\n,3.4\n", "name is empty"),
     csv_case("import-bad-seed", "name,test_loss,seed\nbaseline,3.5,x\n", "seed"),
     csv_case("import-negative-seed", "name,test_loss,seed\nbaseline,3.5,-1\n", "seed"),
-    csv_case("import-duplicate-seed", "name,test_loss,seed\nbaseline,3.5,0\nbaseline,3.6,0\n", "res.csv:3"),
     csv_case("import-not-utf8", b"name,test_loss\nb\xe9\xff,3.5\n", "UTF-8"),
     csv_case("import-wrong-extension", IMPORTED, ".csv or .json", name="res.txt"),
     csv_case("import-json-invalid", "[{", "not valid JSON", name="res.json"),
@@ -747,11 +752,11 @@ def test_good_input_still_works_and_no_check_data_skips_the_check(seeded, data_d
     src.close(), dst.close()
     url = f"sqlite:///{tmp_path / 'results.db'}"
     ok = invoke(["submit", QUICKSTART, "--set", f"data.path={data_dir}", "--db", url])
-    assert ok.exit_code == 0 and "0 queued, 10 reused" in ok.stdout, ok.output
+    assert ok.exit_code == 0 and "0 queued, 15 reused" in ok.stdout, ok.output
     refused = invoke(["submit", QUICKSTART, "--set", "data.path=/only/on/workers", "--db", url])
     assert refused.exit_code == 2 and "--no-check-data" in refused.stderr
     ok = invoke(["submit", QUICKSTART, "--set", "data.path=/only/on/workers", "--no-check-data", "--db", url])
-    assert ok.exit_code == 0 and "10 queued, 0 reused" in ok.stdout, ok.output
+    assert ok.exit_code == 0 and "15 queued, 0 reused" in ok.stdout, ok.output
 
 
 def test_the_installed_entry_point_prints_one_line_too(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from orchestrator import queries, queue, report, specs
+from orchestrator import table as tbl
 from orchestrator.db import Run, connect
 from tests.test_worker import Orch, write_experiment
 
@@ -61,7 +62,16 @@ def test_page_and_pngs(study):
         width, height = _png_size(data)
         assert width >= 600 and height >= 150 and len(data) > 10_000
     # The leaderboard: the markdown table's columns, the summary above it, nothing unranked.
-    for column in ("run", "n", "test loss", "improvement", "95% CI", "p", "verdict"):
+    for column in (
+        "intervention",
+        "n",
+        "test loss",
+        "improvement",
+        "95% CI",
+        "p",
+        "verdict",
+        "P(better on a fresh seed) [95% CI]",
+    ):
         assert f"<th>{column}</th>" in page
     assert "baseline σ = " in page and "Not ranked" not in page
     assert re.search(r"<td>2</td><td>\d\.\d{4} ± \d\.\d{4}</td><td>[+-]\d\.\d{4}</td><td>\[", page)
@@ -117,7 +127,7 @@ def test_imported_and_failed_runs(tmp_path):
     queue.submit(engine, exp, runs)
     losses = {
         "baseline": [5.0, 5.1, 5.2],
-        "qkv-bias": [4.8, 4.85, None],
+        "qkv-bias": [4.8, 4.91, None],  # paired on the 2 seeds it shares: p = 0.016
         "no-dropout": [5.35, 5.38, 5.5],
         "tied": [5.0, 5.25, 5.1],
     }
@@ -125,16 +135,19 @@ def test_imported_and_failed_runs(tmp_path):
         for r in runs:
             loss = losses[r.arm][r.seed - runs[0].seed]
             values = (
-                dict(state="succeeded", test_loss=loss, result={"imported": True, "test_loss": loss})
+                dict(state="succeeded", test_loss=loss, result={"imported": True, "seed": r.seed, "test_loss": loss})
                 if loss is not None
                 else dict(state="failed", error="Traceback …\nRuntimeError: boom")
             )
             conn.execute(sa.update(Run).where(Run.id == r.id).values(**values))
-    index = report.write_report(engine, "imp", tmp_path / "out", runs_dir=tmp_path / "runs")
+    # Uncorrected (one arm of each verdict); Holm across the 3 arms is the default (tests/test_verdicts.py).
+    index = report.write_report(
+        engine, "imp", tmp_path / "out", tbl.Options(correction="none"), runs_dir=tmp_path / "runs"
+    )
     page = index.read_text(encoding="utf-8")
     assert "<tr class='baseline'><td>baseline (imported)</td><td>3</td>" in page
     assert "<td>qkv-bias (imported)</td>" in page
-    assert page.count("<td>better</td>") == page.count("<td>worse</td>") == page.count("<td>within noise</td>") == 1
+    assert page.count("<td>better</td>") == page.count("<td>worse</td>") == page.count("<td>undecided</td>") == 1
     assert "RuntimeError: boom" in page and "<h3>Not ranked</h3>" in page
     assert page.count("data:image/png;base64,") == 3
     with pytest.raises(ValueError, match="no runs in experiment 'nope'"):

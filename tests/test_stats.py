@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from orchestrator import imports, more_seeds, noise, queries, queue, specs, stats
+from orchestrator import imports, more_seeds, noise, queries, queue, sequential, specs, stats, table_render
 from orchestrator import table as tbl
 from orchestrator.db import connect
 
@@ -74,16 +74,18 @@ def test_sequential_looks_keep_the_false_positive_rate_at_alpha():
     # A null arm, paired with its baseline, looked at after every seed from 2 to 10 and stopped at the first
     # verdict: at p < 0.05 per look that manufactures a verdict in ~19% of studies; at the sequential level,
     # ~5%. Checked with scipy's own ttest_rel per study, on draws independent of the level's calibration.
-    level = stats.sequential_alpha(2, 10, 0.05, paired=True)
+    level = sequential.sequential_alpha(2, 10, 0.05, paired=True)
     assert 0.005 < level < 0.02
-    assert stats.sequential_alpha(2, 10, 0.05, paired=False) > level  # Welch's df are larger: a milder level
-    assert stats.sequential_alpha(2, 2) == 0.05 and stats.sequential_alpha(5, 20) > stats.sequential_alpha(2, 20)
+    assert sequential.sequential_alpha(2, 10, 0.05, paired=False) > level  # Welch's df are larger: a milder level
+    assert sequential.sequential_alpha(2, 2) == 0.05 and sequential.sequential_alpha(
+        5, 20
+    ) > sequential.sequential_alpha(2, 20)
     rng = np.random.default_rng(11)
     studies_ = rng.normal(0, 0.01, (2000, 2, 10))  # (study, baseline|arm, seed)
     first_p = np.array([[sps.ttest_rel(b[:n], a[:n]).pvalue for n in range(2, 11)] for b, a in studies_])
-    naive, sequential = np.mean(first_p.min(1) < 0.05), np.mean(first_p.min(1) < level)
+    naive, rate = np.mean(first_p.min(1) < 0.05), np.mean(first_p.min(1) < level)
     assert naive > 0.14
-    assert 0.035 <= sequential <= 0.065
+    assert 0.035 <= rate <= 0.065
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,8 +108,9 @@ def simulate(eng, loss_of=lambda run, arm: TRUE_LOSS[arm]):
             queue.finish(eng, r.id, "sim", "succeeded", result={"test_loss": loss, "step": 1, "status": "succeeded"})
 
 
-def board(eng, name, alpha=0.05):
-    [b] = [b for b in tbl.build(queries.runs_of(eng), queries.specs(eng), alpha) if b.experiment == name]
+def board(eng, name, alpha=0.05, options=None):
+    boards = tbl.build(queries.runs_of(eng), queries.specs(eng), alpha, options)
+    [b] = [b for b in boards if b.experiment == name]
     return {r.arm: r for r in b.rows}, b
 
 
@@ -134,7 +137,7 @@ def test_a_planted_effect_is_found_and_a_null_is_within_noise(eng):
     rows, b = board(eng, "planted")
     assert rows["effect"].verdict == stats.BETTER and rows["effect"].test == "paired"
     assert rows["effect"].ci_low <= 0.04 <= rows["effect"].ci_high
-    assert rows["null"].verdict == stats.NOISE
+    assert rows["null"].verdict == stats.UNDECIDED
     assert b.baseline_sigma == pytest.approx(SIGMA, rel=0.6) and b.detectable is not None
     assert [r.arm for r in b.rows][0] == "effect"  # ranked by mean loss
 
@@ -154,16 +157,17 @@ def test_more_seeds_spends_runs_where_the_answer_is_open_and_stops_when_decided(
         assert rounds < 20
     rows, _ = board(eng, "planted")
     assert rows["effect"].verdict == stats.BETTER and rows["effect"].n < 10  # decided early
-    assert rows["null"].verdict == stats.NOISE
+    assert rows["null"].verdict == stats.UNDECIDED
     assert "decided" in reasons["effect"]
     # Once decided, a further call queues nothing.
     again, _, _ = more_seeds.more_seeds(eng, "planted", max_seeds=10)
     assert not again.queued
     # The verdicts were sequential tests, and say so; resubmitting the file does not make them fixed-sample.
     _, b = board(eng, "planted")
-    assert b.looks == (2, 10) and rows["effect"].level == pytest.approx(stats.sequential_alpha(2, 10))
-    assert rows["effect"].p_value < rows["effect"].level
-    assert any(line.startswith("sequential:") for line in tbl.summary(b))
+    # Holm over the 2 arms: the effect, ranked first, is held to α/2, calibrated for the looks.
+    assert b.looks == (2, 10) and rows["effect"].level == pytest.approx(sequential.sequential_alpha(2, 10, 0.025))
+    assert rows["effect"].p_value < rows["effect"].level and rows["effect"].p_adjusted < 0.05
+    assert any(line.startswith("sequential:") for line in table_render.summary(b))
     queue.submit(eng, planted(2), specs.expand(planted(2)))
     assert board(eng, "planted")[1].looks == (2, 10)
 
@@ -183,7 +187,7 @@ def test_a_sequential_board_with_one_baseline_run_says_both(eng):
     queue.submit(eng, exp, specs.expand(exp))
     simulate(eng)
     more_seeds.more_seeds(eng, "planted", max_seeds=4)
-    lines = tbl.summary(board(eng, "planted")[1])
+    lines = table_render.summary(board(eng, "planted")[1])
     assert any(line.startswith("one baseline run") for line in lines)
     assert any(line.startswith("sequential:") for line in lines)
 
@@ -208,7 +212,7 @@ def test_noise_study_varies_one_source_at_a_time(eng):
     simulate(eng, loss)
     _, b = board(eng, "base")
     assert set(b.noise) == set(noise.VARY) and all(v["n"] == 4 for v in b.noise.values())
-    md = tbl.render([b], "markdown")
+    md = table_render.render([b], "markdown")
     assert "noise by source" in md and "init σ" in md and "none σ" in md
     with pytest.raises(specs.SpecError, match="--vary must be"):
         noise.noise(eng, "base", 4, "weather")
@@ -307,7 +311,7 @@ def test_imported_published_numbers_rank_as_published(eng, tmp_path):
     )
     imports.import_results(eng, seeded, "seeded")
     rows, _ = board(eng, "seeded")
-    assert rows["clipping"].verdict == stats.BETTER and rows["same"].verdict == stats.NOISE
+    assert rows["clipping"].verdict == stats.BETTER and rows["same"].verdict == stats.UNDECIDED
 
 
 @pytest.mark.parametrize(
@@ -324,3 +328,25 @@ def test_bad_imports_are_clear_and_store_nothing(eng, tmp_path, content, message
     with pytest.raises(specs.SpecError, match=message):
         imports.import_results(eng, path, "bad")
     assert queries.counts(eng) == {}
+
+
+def test_a_more_seeds_decision_is_the_verdict_the_table_then_shows(eng):
+    # Every look's decision is printed with the p and the method that `orch table` shows afterwards, even once
+    # the baseline has seeds a decided arm lacks (it stays paired on the seeds it shares).
+    exp = planted(2)
+    queue.submit(eng, exp, specs.expand(exp))
+    simulate(eng)
+    for _ in range(12):
+        look = more_seeds.more_seeds(eng, "planted", max_seeds=8, options=tbl.Options(sesoi=0.02))
+        simulate(eng)
+        rows, b = board(eng, "planted", options=tbl.Options(sesoi=0.02))
+        for arm, why in look.reasons.items():
+            if why.startswith("decided: better") or why.startswith("decided: worse"):
+                assert why.startswith(f"decided: {rows[arm].verdict} (p = {rows[arm].p_adjusted:.3g} < 0.05, Holm")
+                assert rows[arm].test == "paired" and rows[arm].pairs == rows[arm].n
+            if why.startswith("decided: equivalent"):
+                assert rows[arm].verdict == stats.EQUIVALENT
+        if not look.report.queued:
+            break
+    assert rows["effect"].verdict == stats.BETTER and rows["effect"].n < rows["baseline"].n
+    assert rows["null"].verdict in (stats.EQUIVALENT, stats.UNDECIDED)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from orchestrator import more_seeds as seeds_
 from orchestrator import noise as noise_
-from orchestrator import queries
+from orchestrator import queries, table_render
 from orchestrator import table as tbl
 from orchestrator.api.connection import check_alpha, connect, refuse_password
 from orchestrator.api.runs import Db, Submitted, known_experiments
@@ -25,26 +25,44 @@ class Leaderboard:
 
     def render(self, fmt: str = "markdown") -> str | None:
         """markdown | csv | json as text; rich prints to the terminal itself and returns None."""
-        return tbl.render(self.boards, fmt)
+        return table_render.render(self.boards, fmt)
 
     def __str__(self) -> str:
         return self.render("markdown")
 
 
-def table(experiments: str | Sequence[str] | None = None, *, alpha: float = 0.05, db: Db = None) -> Leaderboard:
+def table(
+    experiments: str | Sequence[str] | None = None,
+    *,
+    alpha: float = 0.05,
+    correction: str = "holm",
+    sesoi: float | str | None = None,
+    target: float | None = None,
+    target_alpha: float = 0.01,
+    db: Db = None,
+) -> Leaderboard:
     """The leaderboard of the named experiments (default: all), each with its noise studies: arms ranked by
-    mean test loss, improvement vs baseline with a CI, p-value and verdict (sequential levels once
-    more_seeds has looked at an experiment)."""
-    check_alpha(alpha)
+    mean test loss, improvement vs baseline with a CI, p-value and verdict — better, worse, equivalent (within
+    ±`sesoi` nats; "auto": the baseline's σ; default: the experiment's own sesoi) or undecided — corrected
+    across each board's arms (`correction`: holm | bh | none) and for more_seeds' looks. With `target`, each
+    arm is also tested for a mean test loss below it (one-sided, p < `target_alpha`)."""
+    options = _options(alpha, correction, sesoi, target, target_alpha)
     names = [experiments] if isinstance(experiments, str) else list(experiments or [])
     engine = connect(db)
     boards = tbl.build(
-        queries.runs_of(engine, noise_.with_studies(engine, names) if names else None), queries.specs(engine), alpha
+        queries.runs_of(engine, noise_.with_studies(engine, names) if names else None),
+        queries.specs(engine),
+        options=options,
     )
     known_experiments(engine, names)
     if not boards:
         raise ValueError("no runs yet: queue some with `orch submit experiments/quickstart.py`")
     return Leaderboard(boards)
+
+
+def _options(alpha: float, correction: str, sesoi, target=None, target_alpha: float = 0.01) -> tbl.Options:
+    check_alpha(alpha)
+    return tbl.Options(alpha, correction, sesoi, target, target_alpha)
 
 
 def noise(experiment: str, *, repeats: int = 8, vary: str = "init", db: Db = None) -> Submitted:
@@ -59,15 +77,18 @@ def more_seeds(
     *,
     max_seeds: int = 8,
     alpha: float = 0.05,
+    correction: str = "holm",
+    sesoi: float | str | None = None,
     until_decided: bool = False,
     poll: float = 10.0,
     db: Db = None,
     on_round: Callable[[Round], None] | None = None,
 ) -> list[Round]:
     """Queue extra seeds only where a verdict is still open and more seeds could still close it; with
-    `until_decided`, wait for them and look again until no verdict is open (workers must be running)."""
-    check_alpha(alpha)
-    return seeds_.grow(connect(db), experiment, max_seeds, alpha, until_decided, poll, on_round)
+    `until_decided`, wait for them and look again until no verdict is open (workers must be running).
+    Judge with the same `alpha`, `correction` and `sesoi` as the `table` you will read."""
+    options = _options(alpha, correction, sesoi)
+    return seeds_.grow(connect(db), experiment, max_seeds, options, until_decided, poll, on_round)
 
 
 @dataclass
@@ -94,6 +115,8 @@ def report(
     *,
     out: str | Path = "report",
     alpha: float = 0.05,
+    correction: str = "holm",
+    sesoi: float | str | None = None,
     runs_dir: str | Path = "runs",
     mlflow: str | None = None,
     track: bool = True,
@@ -103,11 +126,11 @@ def report(
     attached to the experiment in MLflow unless `track` is False; returns the page's path."""
     from orchestrator.report import write_report
 
-    check_alpha(alpha)
+    options = _options(alpha, correction, sesoi)
     engine = connect(db)
     known_experiments(engine, [experiment])
     return write_report(
-        engine, experiment, Path(out), alpha=alpha, tracker=open_tracker(mlflow, track), runs_dir=Path(runs_dir)
+        engine, experiment, Path(out), options, tracker=open_tracker(mlflow, track), runs_dir=Path(runs_dir)
     )
 
 

@@ -67,6 +67,30 @@ NoCheckDataOpt = Annotated[
     bool, typer.Option("--no-check-data", help="do not check data.path here (the data lives only on the worker nodes)")
 ]
 AlphaOpt = Annotated[float, typer.Option(help="significance level of the verdicts")]
+CorrectionOpt = Annotated[
+    str,
+    typer.Option(
+        help="across a board's interventions: holm (no false verdict on the board, 1 − α of the time), "
+        "bh (Benjamini–Hochberg: at most α of the verdicts false, on average) or none"
+    ),
+]
+SesoiOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="smallest improvement that matters, in nats (e.g. 0.01), or auto (the baseline's σ): arms shown "
+        "within ± it are equivalent; default: the experiment's sesoi"
+    ),
+]
+
+
+def parse_sesoi(value: str | None) -> float | str | None:
+    """--sesoi: a number of nats or "auto"; the API refuses what is neither, with the fix."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        fail(f"--sesoi must be a positive number of nats (e.g. 0.01) or auto, not {value!r}")
 
 
 def fail(message: str) -> None:

@@ -6,7 +6,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from orchestrator.cli.common import AlphaOpt, DbOpt, MlflowOpt, app, call, check_format
+from orchestrator.cli.common import (
+    AlphaOpt,
+    CorrectionOpt,
+    DbOpt,
+    MlflowOpt,
+    SesoiOpt,
+    app,
+    call,
+    check_format,
+    parse_sesoi,
+)
 
 
 @app.command()
@@ -14,14 +24,30 @@ def table(
     experiments: Annotated[Optional[list[str]], typer.Argument(help="experiment names (default: all)")] = None,
     format: Annotated[str, typer.Option("--format", help="rich | markdown | csv | json")] = "rich",
     alpha: AlphaOpt = 0.05,
+    correction: CorrectionOpt = "holm",
+    sesoi: SesoiOpt = None,
+    target: Annotated[
+        Optional[float], typer.Option(help="also test each arm's mean test loss below this (e.g. 3.28), one-sided")
+    ] = None,
+    target_alpha: Annotated[float, typer.Option(help="level of the --target test (the records' rule)")] = 0.01,
     db: DbOpt = None,
 ):
-    """The leaderboard: arms ranked by mean test loss; improvement vs baseline with a CI (95% at --alpha 0.05),
-    p-value and verdict; sequential levels once `orch more-seeds` has looked at an experiment."""
+    """The leaderboard: arms ranked by mean test loss; improvement vs baseline with a CI, p-value and verdict
+    (better, worse, equivalent within ±--sesoi, undecided), corrected across the board's interventions and
+    for `orch more-seeds`' looks."""
     from orchestrator import api
 
     check_format(format, ("rich", "markdown", "csv", "json"))
-    out = call(api.table, experiments, alpha=alpha, db=db).render(format)
+    out = call(
+        api.table,
+        experiments,
+        alpha=alpha,
+        correction=correction,
+        sesoi=parse_sesoi(sesoi),
+        target=target,
+        target_alpha=target_alpha,
+        db=db,
+    ).render(format)
     if out is not None:
         typer.echo(out)
 
@@ -48,6 +74,8 @@ def more_seeds(
         bool, typer.Option("--until-decided", help="wait for the runs and repeat until no verdict is open")
     ] = False,
     alpha: AlphaOpt = 0.05,
+    correction: CorrectionOpt = "holm",
+    sesoi: SesoiOpt = None,
     poll: Annotated[float, typer.Option(help="seconds between checks with --until-decided")] = 10.0,
     db: DbOpt = None,
 ):
@@ -68,6 +96,8 @@ def more_seeds(
         experiment,
         max_seeds=max_seeds,
         alpha=alpha,
+        correction=correction,
+        sesoi=parse_sesoi(sesoi),
         until_decided=until_decided,
         poll=poll,
         db=db,
@@ -94,6 +124,8 @@ def report(
     experiment: Annotated[str, typer.Argument()],
     out: Annotated[str, typer.Option(help="folder for index.html and the PNGs")] = "report",
     alpha: AlphaOpt = 0.05,
+    correction: CorrectionOpt = "holm",
+    sesoi: SesoiOpt = None,
     runs_dir: Annotated[str, typer.Option(help="where the workers' run directories are")] = "runs",
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="do not attach the report to MLflow")] = False,
     db: DbOpt = None,
@@ -103,7 +135,16 @@ def report(
     from orchestrator import api
 
     path = call(
-        api.report, experiment, out=out, alpha=alpha, runs_dir=runs_dir, mlflow=mlflow, track=not no_mlflow, db=db
+        api.report,
+        experiment,
+        out=out,
+        alpha=alpha,
+        correction=correction,
+        sesoi=parse_sesoi(sesoi),
+        runs_dir=runs_dir,
+        mlflow=mlflow,
+        track=not no_mlflow,
+        db=db,
     )
     typer.echo(f"wrote {path}")
 
