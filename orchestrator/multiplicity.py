@@ -29,9 +29,9 @@ from orchestrator.stats import Comparison, Measured, decide
 
 CORRECTIONS = ("holm", "bh", "none")
 DESCRIBED = {
-    "holm": "Holm-corrected across the {m} interventions (chance of any false verdict on the board ≤ α)",
-    "bh": "Benjamini–Hochberg across the {m} interventions (expected share of false verdicts ≤ α)",
-    "none": "not corrected for the {m} interventions (each arm at α on its own)",
+    "holm": "Holm across the {m} interventions: any false verdict on the board ≤ α",
+    "bh": "Benjamini–Hochberg across the {m} interventions: share of false verdicts ≤ α",
+    "none": "not corrected for the {m} interventions",
 }
 
 

@@ -23,9 +23,10 @@ class Leaderboard:
 
     boards: list[tbl.Board]
 
-    def render(self, fmt: str = "markdown") -> str | None:
-        """markdown | csv | json as text; rich prints to the terminal itself and returns None."""
-        return table_render.render(self.boards, fmt)
+    def render(self, fmt: str = "markdown", stats_columns: bool = False) -> str | None:
+        """markdown | blog | csv | json as text (blog: the blog series' table; `stats_columns` adds CI, p and
+        verdict to it); rich prints to the terminal itself, compact where it is narrow, and returns None."""
+        return table_render.render(self.boards, fmt, stats_columns=stats_columns)
 
     def __str__(self) -> str:
         return self.render("markdown")

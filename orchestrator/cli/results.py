@@ -22,7 +22,12 @@ from orchestrator.cli.common import (
 @app.command()
 def table(
     experiments: Annotated[Optional[list[str]], typer.Argument(help="experiment names (default: all)")] = None,
-    format: Annotated[str, typer.Option("--format", help="rich | markdown | csv | json")] = "rich",
+    format: Annotated[
+        str, typer.Option("--format", help="rich | markdown | blog (the blog series' table) | csv | json")
+    ] = "rich",
+    stats_columns: Annotated[
+        bool, typer.Option("--stats", help="with --format blog: add the CI, p and verdict columns")
+    ] = False,
     alpha: AlphaOpt = 0.05,
     correction: CorrectionOpt = "holm",
     sesoi: SesoiOpt = None,
@@ -37,7 +42,7 @@ def table(
     for `orch more-seeds`' looks."""
     from orchestrator import api
 
-    check_format(format, ("rich", "markdown", "csv", "json"))
+    check_format(format, ("rich", "markdown", "blog", "csv", "json"))
     out = call(
         api.table,
         experiments,
@@ -47,7 +52,7 @@ def table(
         target=target,
         target_alpha=target_alpha,
         db=db,
-    ).render(format)
+    ).render(format, stats_columns)
     if out is not None:
         typer.echo(out)
 
