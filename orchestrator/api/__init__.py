@@ -13,6 +13,8 @@ its subclass SpecError), a database problem with a SchemaError, each one line na
 """
 
 from orchestrator.api.connection import connect, user_message
+from orchestrator.api.describe import RunDiff, RunView, diff, show
+from orchestrator.api.plan import ArmPower, Design, Plan, SigmaSource, plan
 from orchestrator.api.results import (
     ImportReport,
     Leaderboard,
@@ -50,6 +52,15 @@ from orchestrator.api.sweeps import sweep_confirm, sweep_plot, sweep_run, sweep_
 from orchestrator.more_seeds import Round
 
 __all__ = [
+    "RunDiff",
+    "RunView",
+    "diff",
+    "show",
+    "ArmPower",
+    "Design",
+    "Plan",
+    "SigmaSource",
+    "plan",
     "CancelReport",
     "ImportReport",
     "Leaderboard",

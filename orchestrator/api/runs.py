@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 
@@ -18,6 +19,9 @@ from orchestrator.db import Run
 from orchestrator.queries import Member
 from orchestrator.states import RunState
 from orchestrator.tracking import open_tracker
+
+if TYPE_CHECKING:
+    from orchestrator.plan import Plan
 
 Db = str | Engine | None
 
@@ -32,6 +36,7 @@ class Submitted:
     runs: list[specs.RunSpec] = field(default_factory=list)  # every run of the experiment, queued or not
     identical: list[tuple[str, str]] = field(default_factory=list)  # arms that are the same runs at this preset
     dry_run: bool = False
+    plan: Plan | None = None  # how --seeds auto chose the seeds per arm
 
     @classmethod
     def of(cls, experiment: str, report: queue.SubmitReport) -> Submitted:
@@ -47,26 +52,98 @@ def submit(
     path: str | Path,
     *,
     preset: str | None = None,
-    seeds: int | None = None,
+    seeds: int | str | None = None,
     overrides: dict | None = None,
     dry_run: bool = False,
     check_data_here: bool = True,
+    effect: float | None = None,
+    power: float | None = None,
+    sigma: float | None = None,
     db: Db = None,
 ) -> Submitted:
     """Queue an experiment file's runs; runs that exist already (same config, seed, repeat) are reused. Each
-    data.path is checked first (shard headers, evaluation slices) unless `check_data_here` is False."""
-    if seeds is not None:
-        at_least("--seeds", seeds, example="3")
+    data.path is checked first (shard headers, evaluation slices) unless `check_data_here` is False.
+
+    `seeds`: per arm, overriding the file; "auto" (with `effect`) takes the paired count of `plan` for the
+    file's experiment: the seeds per arm that detect a true improvement `effect` (test-loss nats) with `power`
+    (default 0.8), from the σ the database measured for it or `sigma` (orchestrator/plan.py); `.plan` says how."""
+    seeds = _seeds(seeds)
+    if seeds != "auto" and (effect, power, sigma) != (None, None, None):
+        given = [f"--{k}" for k, v in dict(effect=effect, power=power, sigma=sigma).items() if v is not None]
+        raise ValueError(
+            f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for --seeds auto only: add --seeds auto "
+            f"(seeds planned for that effect), or drop {' and '.join(given)}"
+        )
+    if seeds == "auto":
+        from orchestrator import plan as plan_
+
+        if effect is None:
+            raise ValueError(
+                "--seeds auto needs --effect, the true improvement to detect in test-loss nats: e.g. "
+                "--seeds auto --effect 0.01 (or give a number: --seeds 3)"
+            )
+        plan_.check(effect, 0.8 if power is None else power, 0.05, sigma, "holm")
     refuse_password(db)
     exp = specs.load_experiment(path)
+    plan = None
+    if seeds == "auto":
+        plan = _auto_seeds(exp, path, effect, 0.8 if power is None else power, sigma, db)
+        seeds = plan.paired.n
     runs = specs.expand(exp, source=str(path), preset=preset, seeds=seeds, overrides=overrides or {})
     if check_data_here:
         check_data([r.config for r in runs])
-    out = Submitted(exp.name, runs=runs, identical=specs.identical_arms(runs), dry_run=dry_run)
+    out = Submitted(exp.name, runs=runs, identical=specs.identical_arms(runs), dry_run=dry_run, plan=plan)
     if not dry_run:
         report = queue.submit(connect(db, create=True), exp, runs, source=str(path))
         out.queued, out.reused = report.queued, report.reused
     return out
+
+
+def _seeds(seeds: int | str | None) -> int | str | None:
+    """--seeds: a number of seeds per arm (as text from the command line, too), "auto", or None (the file's)."""
+    if seeds is None or seeds == "auto":
+        return seeds
+    if isinstance(seeds, str):
+        try:
+            seeds = int(seeds.strip())
+        except ValueError:
+            raise ValueError(
+                f"--seeds takes a number of seeds per arm or auto, e.g. --seeds 3 or --seeds auto --effect 0.01, "
+                f"not {seeds!r}"
+            ) from None
+    at_least("--seeds", seeds, example="3")
+    return seeds
+
+
+def _auto_seeds(exp: specs.Experiment, path: str | Path, effect: float, power: float, sigma: float | None, db: Db):
+    """The plan behind --seeds auto: from the runs the database measured for the experiment, or --sigma alone
+    when it has none (no database at all, even: a dry run must not create one)."""
+    from orchestrator import plan as plan_
+    from orchestrator.db import SchemaError
+
+    arms = [i.name for i in exp.interventions]
+    try:
+        engine = connect(db)
+    except SchemaError:
+        if sigma is None:
+            raise
+        engine = None
+    if engine is not None and exp.name in queries.experiment_names(engine):
+        measured = plan_.measure(engine, exp.name, arms)
+    elif sigma is not None:
+        measured = plan_.Measured(exp.name, exp.vary, interventions=arms)
+    else:
+        raise ValueError(
+            f"--seeds auto plans from the runs the database measured for experiment {exp.name!r}, and it has "
+            f"none: run `orch submit {path} --seeds 2` (then `orch worker`) first, or pass --sigma, e.g. --sigma 0.01"
+        )
+    plan = plan_.make(measured, effect, power, sigma=sigma, fix=f"orch submit {path} --seeds 2")
+    if plan.paired.n is None:
+        raise ValueError(
+            f"--seeds auto: an improvement of {effect:g} needs {plan.paired.seeds} seeds per arm at σ_d "
+            f"{plan.sigma_d:.4g}; plan for a larger --effect (see `orch plan {exp.name} --effect ...`)"
+        )
+    return plan
 
 
 @dataclass

@@ -17,14 +17,25 @@ app.add_typer(db_app, name="db")
 def submit(
     file: Annotated[str, typer.Argument(help="an experiment file, e.g. experiments/quickstart.py")],
     preset: Annotated[Optional[str], typer.Option(help="scale preset: tiny | gpt2-small")] = None,
-    seeds: Annotated[Optional[int], typer.Option(help="seeds per arm (overrides the file)")] = None,
+    seeds: Annotated[
+        Optional[str],
+        typer.Option(help="seeds per arm (overrides the file), or auto: as many as --effect needs (orch plan)"),
+    ] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config key for every run")] = [],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would be queued; queue nothing")] = False,
     no_check_data: NoCheckDataOpt = False,
+    effect: Annotated[
+        Optional[float], typer.Option(help="with --seeds auto: the true improvement to detect, in test-loss nats")
+    ] = None,
+    power: Annotated[Optional[float], typer.Option(help="with --seeds auto: the chance of detecting it (0.8)")] = None,
+    sigma: Annotated[
+        Optional[float], typer.Option(help="with --seeds auto: seed-to-seed std of the test loss (default: measured)")
+    ] = None,
     db: DbOpt = None,
 ):
     """Queue an experiment's runs; runs that exist already (same config, seed, repeat) are reused. Each
-    data.path is checked first (shard headers, evaluation slices) unless --no-check-data."""
+    data.path is checked first (shard headers, evaluation slices) unless --no-check-data. --seeds auto
+    --effect 0.01: as many seeds per arm as `orch plan` says the paired design needs."""
     from orchestrator import api
 
     out = call(
@@ -35,8 +46,13 @@ def submit(
         overrides=parse_sets(set_),
         dry_run=dry_run,
         check_data_here=not no_check_data,
+        effect=effect,
+        power=power,
+        sigma=sigma,
         db=db,
     )
+    if out.plan is not None:
+        typer.echo(out.plan.auto_line())
     for a, b in out.identical:
         typer.secho(f"warning: {b!r} is identical to {a!r} at this preset; they share runs", fg="yellow", err=True)
     if out.dry_run:
