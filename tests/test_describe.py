@@ -79,3 +79,23 @@ def test_bad_input_is_one_line_with_the_fix(db, args, says):
     some = next(iter(runs.values())).id
     out = invoke(*[some if a == "RUN" else a for a in args], "--db", url)
     assert out.exit_code == 2 and says in out.output
+
+
+def test_ls_and_submit_print_json_too(db, tmp_path):
+    url, runs = db
+    listed = json.loads(invoke("ls", "pair", "--format", "json", "--db", url).output)
+    assert {r["id"] for r in listed} == {r.id for r in runs.values()}
+    assert {r["arm"] for r in listed} == {"baseline", "clip"} and all(r["state"] == "succeeded" for r in listed)
+    exp = tmp_path / "more.py"
+    exp.write_text(
+        "from orchestrator.specs import Experiment, Intervention\n"
+        "experiment = Experiment(name='pair', seeds=3, interventions=[Intervention(name='clip', "
+        "set={'optim.grad_clip': 1.0, 'model.dropout': 0.0})])\n"
+    )
+    out = invoke("submit", str(exp), "--no-check-data", "--format", "json", "--db", url)
+    assert out.exit_code == 0, out.output
+    sub = json.loads(out.output)
+    actions = sorted((r["action"], r["state"]) for r in sub["runs"])
+    assert actions == [("queued", "queued")] * 2 + [("reused", "succeeded")] * 4
+    bad = invoke("ls", "--format", "yaml", "--db", url)
+    assert bad.exit_code == 2 and "--format must be text or json" in bad.output

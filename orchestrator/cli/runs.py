@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Optional
 
 import typer
 
-from orchestrator.cli.common import DbOpt, MlflowOpt, NoCheckDataOpt, NoMlflowOpt, app, call, parse_sets
+from orchestrator.cli.common import DbOpt, MlflowOpt, NoCheckDataOpt, NoMlflowOpt, app, call, check_format, parse_sets
 
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -31,6 +32,7 @@ def submit(
     sigma: Annotated[
         Optional[float], typer.Option(help="with --seeds auto: seed-to-seed std of the test loss (default: measured)")
     ] = None,
+    format: Annotated[str, typer.Option("--format", help="text | json")] = "text",
     db: DbOpt = None,
 ):
     """Queue an experiment's runs; runs that exist already (same config, seed, repeat) are reused. Each
@@ -38,6 +40,7 @@ def submit(
     --effect 0.01: as many seeds per arm as `orch plan` says the paired design needs."""
     from orchestrator import api
 
+    check_format(format, ("text", "json"))
     out = call(
         api.submit,
         file,
@@ -51,6 +54,9 @@ def submit(
         sigma=sigma,
         db=db,
     )
+    if format == "json":
+        typer.echo(json.dumps(_submitted_json(out), indent=2))
+        return
     if out.plan is not None:
         typer.echo(out.plan.auto_line())
     for a, b in out.identical:
@@ -65,6 +71,28 @@ def submit(
     for r, state in out.reused:
         typer.echo(f"reused {r.id}  {r.arm}  seed {r.seed}  ({state})")
     typer.echo(str(out))
+
+
+def _submitted_json(out) -> dict:
+    def run(r, action: str, state: str | None) -> dict:
+        return {"id": r.id, "arm": r.arm, "seed": r.seed, "repeat": r.repeat, "action": action, "state": state}
+
+    queued = {r.id for r in out.queued}
+    reused = {r.id: state for r, state in out.reused}
+    return {
+        "experiment": out.experiment,
+        "dry_run": out.dry_run,
+        "seeds_auto": out.plan.auto_line() if out.plan is not None else None,
+        "identical_arms": [list(pair) for pair in out.identical],
+        "runs": [
+            run(r, "would queue", None)
+            if out.dry_run
+            else run(r, "queued", "queued")
+            if r.id in queued
+            else run(r, "reused", str(reused.get(r.id)))
+            for r in out.runs
+        ],
+    }
 
 
 @app.command()
@@ -190,12 +218,20 @@ def status_view(now):
 def ls(
     experiments: Annotated[Optional[list[str]], typer.Argument()] = None,
     state: Annotated[Optional[str], typer.Option(help="only runs in this state")] = None,
+    format: Annotated[str, typer.Option("--format", help="text | json")] = "text",
     db: DbOpt = None,
 ):
     """List runs: id, experiment, arm, seed, state, attempts, test loss, and where it last trained."""
     from orchestrator import api
 
-    for exp, arm, r in call(api.ls, experiments, state=state, db=db):
+    check_format(format, ("text", "json"))
+    members = call(api.ls, experiments, state=state, db=db)
+    if format == "json":
+        keys = ("id", "seed", "data_seed", "repeat", "state", "attempts", "test_loss", "node", "slurm_job")
+        rows = [{"experiment": e, "arm": a, **{k: getattr(r, k) for k in keys}} for e, a, r in members]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for exp, arm, r in members:
         loss = f"{r.test_loss:.4f}" if r.test_loss is not None else "—"
         where = f"  on {r.node}" + (f" (slurm job {r.slurm_job})" if r.slurm_job else "") if r.node else ""
         typer.echo(f"{r.id}  {exp:<24} {arm:<20} seed {r.seed:<4} {r.state:<10} attempts {r.attempts}  {loss}{where}")
