@@ -50,11 +50,42 @@ class Commands(TyperGroup):
             fail(message)
 
 
+KINDS = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH"}
+
+
+def _conventional(display_type_rich):
+    """Help as click tools show it: a flag shows no type, a value its kind in capitals (TEXT, INTEGER,
+    FLOAT), a list its kind and "..." — where typer 0.29 prints Python's `<bool>` or `<list[str]>`."""
+
+    def shown(self, ctx):
+        if getattr(self, "is_flag", False):
+            return None
+        label = display_type_rich(self, ctx)
+        if not (isinstance(label, str) and label.startswith("<") and label.endswith(">")):
+            return label
+        kind = label[1:-1]
+        listed = kind.startswith("list[")
+        kind = kind[5:-1] if listed else kind
+        return KINDS.get(kind, kind.upper()) + ("..." if listed else "")
+
+    return shown
+
+
+for _param in ("TyperOption", "TyperArgument"):
+    _cls = getattr(typer.core, _param, None)
+    if _cls is not None and hasattr(_cls, "display_type_rich"):  # other typer versions: their own help
+        _cls.display_type_rich = _conventional(_cls.display_type_rich)
+
+
+# -h as well as --help on every command; help text as markdown, so a docstring's line breaks do not split
+# its sentences; `orch --install-completion` installs shell completion (bash, zsh, fish, PowerShell).
 app = typer.Typer(
     help="Queue, train and compare GPT-2 pre-training interventions.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
     cls=Commands,
 )
 

@@ -73,7 +73,7 @@ def noise(
 
 @app.command("more-seeds")
 def more_seeds(
-    experiment: Annotated[str, typer.Argument()],
+    experiment: Annotated[str, typer.Argument(help="the experiment to add seeds to")],
     max_seeds: Annotated[int, typer.Option(help="never more runs than this per arm")] = 8,
     until_decided: Annotated[
         bool, typer.Option("--until-decided", help="wait for the runs and repeat until no verdict is open")
@@ -126,7 +126,7 @@ def import_(
 
 @app.command()
 def report(
-    experiment: Annotated[str, typer.Argument()],
+    experiment: Annotated[str, typer.Argument(help="the experiment to report on")],
     out: Annotated[str, typer.Option(help="folder for index.html and the PNGs")] = "report",
     alpha: AlphaOpt = 0.05,
     correction: CorrectionOpt = "holm",

@@ -216,7 +216,7 @@ def status_view(now):
 
 @app.command()
 def ls(
-    experiments: Annotated[Optional[list[str]], typer.Argument()] = None,
+    experiments: Annotated[Optional[list[str]], typer.Argument(help="experiment names (default: all)")] = None,
     state: Annotated[Optional[str], typer.Option(help="only runs in this state")] = None,
     format: Annotated[str, typer.Option("--format", help="text | json")] = "text",
     db: DbOpt = None,
