@@ -49,77 +49,24 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy import stats
 
-MAX_N = 10_000  # seeds per arm: beyond this, "more than 10000"
-CORRECTIONS = ("holm", "bh", "none")
-MIN_PAIRS = 2  # as in stats.py: an arm sharing this many seeds with the baseline is tested paired, on those
+from orchestrator.multiplicity import CORRECTIONS
+from orchestrator.power import (
+    MAX_N,
+    per_arm_level,
+    power_paired,
+    power_unpaired,
+    seeds_paired,
+    seeds_unpaired,
+    upper_factor,
+)
+from orchestrator.stats import MIN_PAIRS
+
 UNCERTAIN_DF = 20  # below this many degrees of freedom behind σ_d, the plan also says what its upper bound needs
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Power and sample size.
-
-
-def _power(ncp: float, df: float, level: float) -> float:
-    """Two-sided power of a t-test at `level` whose statistic is noncentral t(df, ncp), ncp ≥ 0."""
-    if math.isinf(ncp):
-        return 1.0
-    t = stats.t.ppf(1 - level / 2, df)
-    upper = float(stats.nct.sf(t, df, ncp))
-    lower = float(stats.nct.cdf(-t, df, ncp))
-    # scipy returns NaN for the lower tail far out (ncp ≳ 7); it is below P(T < 0) = Φ(−ncp) < 1e-11 there.
-    return upper + (0.0 if math.isnan(lower) else lower)
-
-
-def power_paired(effect: float, sigma_d: float, n: int, level: float = 0.05) -> float:
-    """Power of the paired t-test (ttest_rel) on n pairs whose differences have std σ_d."""
-    ncp = math.inf if sigma_d == 0 else abs(effect) * math.sqrt(n) / sigma_d
-    return _power(ncp, n - 1, level)
-
-
-def power_unpaired(effect: float, sigma: float, n_arm: int, n_base: int | None = None, level: float = 0.05) -> float:
-    """Power of the two-sample t-test with n_arm and n_base runs (default: n_arm) of std σ each."""
-    n_base = n_arm if n_base is None else n_base
-    se = sigma * math.sqrt(1 / n_arm + 1 / n_base)
-    return _power(math.inf if se == 0 else abs(effect) / se, n_arm + n_base - 2, level)
-
-
-def smallest_n(power_at: Callable[[int], float], target: float, max_n: int = MAX_N) -> int | None:
-    """The smallest n in [2, max_n] with power_at(n) ≥ target (power grows with n), or None beyond max_n."""
-    if power_at(2) >= target:
-        return 2
-    if power_at(max_n) < target:
-        return None
-    low, high = 2, 4  # power_at(low) < target ≤ power_at(high), found by doubling, then bisected
-    while high < max_n and power_at(high) < target:
-        low, high = high, min(2 * high, max_n)
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (low, mid) if power_at(mid) >= target else (mid, high)
-    return high
-
-
-def seeds_paired(effect: float, sigma_d: float, target: float = 0.8, level: float = 0.05) -> int | None:
-    return smallest_n(lambda n: power_paired(effect, sigma_d, n, level), target)
-
-
-def seeds_unpaired(effect: float, sigma: float, target: float = 0.8, level: float = 0.05) -> int | None:
-    return smallest_n(lambda n: power_unpaired(effect, sigma, n, n, level), target)
-
-
-def upper_factor(df: int, confidence: float = 0.8) -> float:
-    """σ's upper confidence bound over its estimate s, from (df)·s²/σ² ~ χ²(df): √(df / χ²_{1−confidence}(df))."""
-    return math.sqrt(df / stats.chi2.ppf(1 - confidence, df))
-
-
-def per_arm_level(alpha: float, m: int, correction: str) -> float:
-    """The level one arm is planned at: α/m (holm, bh: their strictest step), α with no correction."""
-    return alpha if correction == "none" else alpha / max(m, 1)
 
 
 def check(effect: float, power: float, alpha: float, sigma: float | None, correction: str) -> None:

@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import stats
 
 Key = tuple  # which runs pair up: (seed, data_seed, repeat) for runs trained here (table.pairing_key)
 BETTER, WORSE, EQUIVALENT, UNDECIDED, UNVERIFIED, BASELINE = (
@@ -207,30 +207,6 @@ def probability_of_improvement(
         random_state=np.random.default_rng(BOOTSTRAP_SEED),
     ).confidence_interval
     return estimate, float(ci.low), float(ci.high)
-
-
-def _power_at(ncp: float, df: int, alpha: float) -> float:
-    t_crit = stats.t.ppf(1 - alpha / 2, df)
-    p = float(stats.nct.sf(t_crit, df, ncp) + stats.nct.cdf(-t_crit, df, ncp))
-    # scipy's noncentral t returns NaN far in the tail (ncp ≳ 10), where the power has long reached 1.
-    return 1.0 if math.isnan(p) else p
-
-
-def power(effect: float, sigma: float, n_arm: int, n_base: int, alpha: float = 0.05) -> float:
-    """Probability that a two-sample t-test at level α detects a true improvement `effect` (noncentral t)."""
-    return _power_at(effect / (sigma * math.sqrt(1 / n_arm + 1 / n_base)), n_arm + n_base - 2, alpha)
-
-
-def minimum_detectable(
-    sigma: float, n_arm: int, n_base: int, alpha: float = 0.05, target_power: float = 0.8
-) -> float | None:
-    """The smallest true improvement detected with `target_power` at these run counts and this σ."""
-    if sigma is None or sigma <= 0 or n_arm < 2 or n_base < 2:
-        return None
-    df = n_arm + n_base - 2
-    # Solve in units of the standard error, where the answer lies in a small bracket for any σ.
-    ncp = optimize.brentq(lambda x: _power_at(x, df, alpha) - target_power, 0.0, 50.0)
-    return float(ncp * sigma * math.sqrt(1 / n_arm + 1 / n_base))
 
 
 def could_decide(c: Comparison, max_runs: int) -> bool:

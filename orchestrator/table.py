@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orchestrator import multiplicity, states, stats
+from orchestrator import multiplicity, power, states, stats
 from orchestrator.noise import NOISE_SEP
 from orchestrator.specs import BASELINE, Experiment
 from orchestrator.states import RunState
@@ -193,7 +193,7 @@ def _board(exp: str, arms: dict[str, list], spec: Experiment | None, options: Op
     board.rows.sort(key=lambda r: (r.mean is None, r.mean if r.mean is not None else 0.0))
     arm_ns = [r.n for r in board.rows if r.arm != BASELINE and r.n]
     if board.baseline_sigma is not None and arm_ns:
-        board.detectable = stats.minimum_detectable(board.baseline_sigma, min(arm_ns), board.baseline_n, board.level)
+        board.detectable = power.minimum_detectable(board.baseline_sigma, min(arm_ns), board.baseline_n, board.level)
     return board
 
 

@@ -17,7 +17,7 @@ import pytest
 from scipy import stats as sps
 from typer.testing import CliRunner
 
-from orchestrator import api, noise, queries, queue
+from orchestrator import api, noise, power, queries, queue
 from orchestrator import plan as plan_
 from orchestrator.cli import app
 from orchestrator.db import connect
@@ -45,12 +45,12 @@ def unpaired_power(effect, sigma, n, level):
 def test_known_sample_sizes():
     # d = 1, two-sided α = 0.05, 80%: 17 per group unpaired, 10 pairs paired (the exact noncentral-t counts,
     # as G*Power gives them; the normal approximation says 16 and 8).
-    assert plan_.seeds_unpaired(1.0, 1.0, 0.8, 0.05) == 17
-    assert plan_.seeds_paired(1.0, 1.0, 0.8, 0.05) == 10
+    assert power.seeds_unpaired(1.0, 1.0, 0.8, 0.05) == 17
+    assert power.seeds_paired(1.0, 1.0, 0.8, 0.05) == 10
     assert unpaired_power(1, 1, 17, 0.05) >= 0.8 > unpaired_power(1, 1, 16, 0.05)
     assert paired_power(1, 1, 10, 0.05) >= 0.8 > paired_power(1, 1, 9, 0.05)
     # In nats: σ 0.01 and an effect of 0.01 is d = 1 too.
-    assert plan_.seeds_unpaired(0.01, 0.01) == 17 and plan_.seeds_paired(0.01, 0.01) == 10
+    assert power.seeds_unpaired(0.01, 0.01) == 17 and power.seeds_paired(0.01, 0.01) == 10
 
 
 @pytest.mark.parametrize(
@@ -64,28 +64,28 @@ def test_known_sample_sizes():
     ],
 )
 def test_sample_size_is_the_smallest_with_the_target_power(effect, sigma, target, level):
-    n = plan_.seeds_paired(effect, sigma, target, level)
+    n = power.seeds_paired(effect, sigma, target, level)
     assert paired_power(effect, sigma, n, level) >= target
     assert n == 2 or paired_power(effect, sigma, n - 1, level) < target
-    assert plan_.power_paired(effect, sigma, n, level) == pytest.approx(paired_power(effect, sigma, n, level))
-    n = plan_.seeds_unpaired(effect, sigma, target, level)
+    assert power.power_paired(effect, sigma, n, level) == pytest.approx(paired_power(effect, sigma, n, level))
+    n = power.seeds_unpaired(effect, sigma, target, level)
     assert unpaired_power(effect, sigma, n, level) >= target
     assert n == 2 or unpaired_power(effect, sigma, n - 1, level) < target
 
 
 def test_beyond_the_cap_says_more_than_10000_and_far_tails_are_not_nan():
-    assert plan_.seeds_paired(1e-5, 0.01) is None and plan_.seeds_unpaired(1e-5, 0.01) is None
+    assert power.seeds_paired(1e-5, 0.01) is None and power.seeds_unpaired(1e-5, 0.01) is None
     assert plan_.Design("paired", 0.01, None, None).seeds == "more than 10000"
     # scipy's noncentral t returns NaN in the far lower tail; the power there is 1, not NaN.
-    assert plan_.power_paired(1.0, 0.01, 3, 0.05) == pytest.approx(1.0)
-    assert plan_.power_unpaired(1.0, 0.01, 3, 3, 1e-5) == pytest.approx(1.0)
+    assert power.power_paired(1.0, 0.01, 3, 0.05) == pytest.approx(1.0)
+    assert power.power_unpaired(1.0, 0.01, 3, 3, 1e-5) == pytest.approx(1.0)
 
 
 def test_simulated_paired_studies_reach_the_planned_power():
     # Each seed's luck (σ 0.02) is common to both arms; what is left, σ_d, is what pairing pays for.
     effect, sigma_d, level = 0.01, 0.008, 0.05 / 2
-    n = plan_.seeds_paired(effect, sigma_d, 0.8, level)
-    planned = plan_.power_paired(effect, sigma_d, n, level)
+    n = power.seeds_paired(effect, sigma_d, 0.8, level)
+    planned = power.power_paired(effect, sigma_d, n, level)
     rng = np.random.default_rng(20260501)
     luck = rng.normal(0, 0.02, (2000, n))
     base = 3.70 + luck + rng.normal(0, sigma_d / math.sqrt(2), (2000, n))
@@ -94,17 +94,17 @@ def test_simulated_paired_studies_reach_the_planned_power():
     assert abs(detected - planned) <= 0.03, (n, planned, detected)
     # Unpaired with Welch's test (the table's), at the unpaired count: about the target too.
     sigma = 0.01
-    n = plan_.seeds_unpaired(effect, sigma, 0.8, level)
+    n = power.seeds_unpaired(effect, sigma, 0.8, level)
     base, arm = rng.normal(3.70, sigma, (2000, n)), rng.normal(3.70 - effect, sigma, (2000, n))
     detected = np.mean(sps.ttest_ind(base, arm, axis=1, equal_var=False).pvalue < level)
-    assert abs(detected - plan_.power_unpaired(effect, sigma, n, n, level)) <= 0.03
+    assert abs(detected - power.power_unpaired(effect, sigma, n, n, level)) <= 0.03
 
 
 def test_levels_per_correction():
-    assert plan_.per_arm_level(0.05, 4, "holm") == pytest.approx(0.0125)
-    assert plan_.per_arm_level(0.05, 4, "bh") == pytest.approx(0.0125)
-    assert plan_.per_arm_level(0.05, 4, "none") == 0.05
-    assert plan_.per_arm_level(0.05, 0, "holm") == 0.05
+    assert power.per_arm_level(0.05, 4, "holm") == pytest.approx(0.0125)
+    assert power.per_arm_level(0.05, 4, "bh") == pytest.approx(0.0125)
+    assert power.per_arm_level(0.05, 4, "none") == 0.05
+    assert power.per_arm_level(0.05, 0, "holm") == 0.05
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,18 +141,18 @@ def test_plan_from_a_database_uses_the_baseline_sigma_and_pooled_pairs(tmp_path)
     assert p.sigma_d == pytest.approx(pooled_sigma_d()) and p.sigma_d_measured
     assert "pooled over a, b" in p.sigma_d_from and "9 per-seed differences" in p.sigma_d_from
     assert p.m == 3 and p.level == pytest.approx(0.05 / 3)
-    assert p.paired.n == plan_.seeds_paired(0.01, p.sigma_d, 0.8, 0.05 / 3)
-    assert p.unpaired.n == plan_.seeds_unpaired(0.01, p.sigma, 0.8, 0.05 / 3)
+    assert p.paired.n == power.seeds_paired(0.01, p.sigma_d, 0.8, 0.05 / 3)
+    assert p.unpaired.n == power.seeds_unpaired(0.01, p.sigma, 0.8, 0.05 / 3)
     now = {a.arm: a for a in p.now}
     assert now["a"].test == "paired" and now["a"].pairs == 5
     assert now["a"].power == pytest.approx(paired_power(0.01, p.sigma_d, 5, 0.05 / 3))
     assert now["c"].test == "unpaired" and now["c"].power == pytest.approx(
-        plan_.power_unpaired(0.01, p.sigma, 3, 5, 0.05 / 3)
+        power.power_unpaired(0.01, p.sigma, 3, 5, 0.05 / 3)
     )
     # --sigma replaces σ (the unpaired count follows it); σ_d stays what the pairs measured.
     given = api.plan("imp", effect=0.01, sigma=0.02, correction="none", db=url)
     assert given.sigma == 0.02 and given.sigma_d == pytest.approx(p.sigma_d) and given.level == 0.05
-    assert given.unpaired.n == plan_.seeds_unpaired(0.01, 0.02, 0.8, 0.05)
+    assert given.unpaired.n == power.seeds_unpaired(0.01, 0.02, 0.8, 0.05)
     assert "given (--sigma)" in given.text() and "also measured: the baseline of imp" in given.text()
 
 
@@ -193,7 +193,7 @@ def test_too_few_baseline_runs_says_how_to_fix_it(tmp_path):
     with pytest.raises(ValueError, match=r"1 finished baseline run.*--seeds 2.*orch noise one.*--sigma"):
         api.plan("one", effect=0.01, db=url)
     p = api.plan("one", effect=0.01, sigma=0.01, db=url)
-    assert p.paired.n == plan_.seeds_paired(0.01, 0.01 * math.sqrt(2), 0.8, 0.05)
+    assert p.paired.n == power.seeds_paired(0.01, 0.01 * math.sqrt(2), 0.8, 0.05)
     assert p.now[0].power is None
 
 
@@ -375,7 +375,7 @@ def test_submit_seeds_auto_with_sigma_needs_no_database(tmp_path):
         + ["--db", url]
     )
     assert out.exit_code == 0, out.output
-    n = plan_.seeds_paired(0.01, 0.01 * math.sqrt(2), 0.8, 0.05 / 2)
+    n = power.seeds_paired(0.01, 0.01 * math.sqrt(2), 0.8, 0.05 / 2)
     assert out.stdout.startswith(f"seeds auto: {n} per arm (paired design, σ_d 0.01414 = σ·√2, assumed")
     assert "σ 0.01 given (--sigma)" in out.stdout and out.stdout.count("would queue") == 3 * n
     assert not (tmp_path / "fresh.db").exists()

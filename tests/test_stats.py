@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from orchestrator import imports, more_seeds, noise, queries, queue, sequential, specs, stats, table_render
+from orchestrator import imports, more_seeds, noise, power, queries, queue, sequential, specs, stats, table_render
 from orchestrator import table as tbl
 from orchestrator.db import connect
 
@@ -59,15 +59,15 @@ def test_intervals_cover_the_true_difference_95_percent_of_the_time():
 
 def test_minimum_detectable_effect_has_the_promised_power():
     sigma, n = 0.01, 4
-    mde = stats.minimum_detectable(sigma, n, n)
-    assert stats.power(mde, sigma, n, n) == pytest.approx(0.8, abs=1e-6)
+    mde = power.minimum_detectable(sigma, n, n)
+    assert power.power_unpaired(mde, sigma, n, n) == pytest.approx(0.8, abs=1e-6)
     # Simulated: a t-test detects an effect of that size about 80% of the time.
     rng = np.random.default_rng(7)
     detected = np.mean(
         [sps.ttest_ind(rng.normal(0, sigma, n), rng.normal(-mde, sigma, n)).pvalue < 0.05 for _ in range(3000)]
     )
     assert 0.76 <= detected <= 0.84
-    assert stats.minimum_detectable(sigma, 8, 8) < mde  # more seeds, finer resolution
+    assert power.minimum_detectable(sigma, 8, 8) < mde  # more seeds, finer resolution
 
 
 def test_sequential_looks_keep_the_false_positive_rate_at_alpha():
