@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db import Experiment as ExperimentRow
 from orchestrator.db import Membership, Run, db_now
-from orchestrator.specs import Experiment, Looks, RunSpec
+from orchestrator.specs import Experiment, Looks, RunSpec, SpecError
 from orchestrator.states import Event, IllegalMove, RunState, ending_event, move, stored_sources, target
 from trainer.rundir import Status
 
@@ -143,6 +143,8 @@ def submit(
             # Looks already taken stay on record: a resubmitted file must not turn sequential verdicts
             # back into fixed-sample ones.
             exp = exp.model_copy(update={"looks": Looks.model_validate(stored).union(exp.looks)})
+        if exists:
+            exp = _keep_annotations(exp, exists.spec or {})
         row = dict(description=exp.description, spec=exp.model_dump(mode="json"), source=source)
         if exists:
             row["source"] = source or exists.source  # a spec change keeps where it first came from
@@ -155,6 +157,31 @@ def submit(
         with engine.begin() as conn:
             conn.exec_driver_sql("ANALYZE runs, memberships")
     return report
+
+
+def _keep_annotations(exp: Experiment, stored: dict) -> Experiment:
+    """Tags and notes added by `orch tag` / `orch note` survive a resubmitted file (the file's tags win)."""
+    notes = [*stored.get("notes", []), *(n for n in exp.notes if n not in stored.get("notes", []))]
+    return exp.model_copy(update={"tags": {**stored.get("tags", {}), **exp.tags}, "notes": notes})
+
+
+def annotate(
+    engine: Engine, experiment: str, note: str | None = None, tags: dict[str, str] | None = None, drop=()
+) -> Experiment:
+    """Add a note, set tags and drop tags on a stored experiment's spec; returns the spec as stored."""
+    with engine.begin() as conn:
+        raw = conn.execute(
+            sa.select(ExperimentRow.spec).where(ExperimentRow.name == experiment).with_for_update()
+        ).scalar()
+        if raw is None:
+            raise SpecError(f"no experiment named {experiment!r}; see `orch ls`")
+        spec = Experiment.model_validate(raw)
+        merged = {k: v for k, v in {**spec.tags, **(tags or {})}.items() if k not in drop}
+        spec = spec.model_copy(update={"tags": merged, "notes": [*spec.notes, *([note] if note else [])]})
+        conn.execute(
+            sa.update(ExperimentRow).where(ExperimentRow.name == experiment).values(spec=spec.model_dump(mode="json"))
+        )
+    return spec
 
 
 def add_imported(engine: Engine, spec: Experiment, source: str, runs: Sequence[Imported]) -> int:

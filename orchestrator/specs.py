@@ -103,6 +103,10 @@ class Experiment(BaseModel):
     repeats: int = Field(1, ge=1, description="identical repeats per seed (measure nondeterminism alone)")
     include_baseline: bool = True
     looks: Looks | None = None  # set by `orch more-seeds`: verdicts are sequential tests from then on
+    # Labels and notes for people (and MLflow, where they become the experiment's tags and note): set in the
+    # file, or added later with `orch tag` / `orch note`, which a resubmitted file keeps.
+    tags: dict[str, str] = Field(default_factory=dict, description="labels, e.g. {'owner': 'ana'}")
+    notes: list[str] = Field(default_factory=list, description="notes added with `orch note`, oldest first")
     # The smallest effect of interest δ in test-loss nats: an arm whose improvement is shown to lie within ±δ
     # is "equivalent" to the baseline (a TOST test, orchestrator/stats.py); without one, an arm that is
     # neither better nor worse stays "undecided". `orch table --sesoi` overrides it.

@@ -252,6 +252,31 @@ class Tracker:
         self.client.set_terminated(run_id)
         return run_id
 
+    # -- experiment tags and notes ----------------------------------------------------------------------
+
+    def describe_experiment(self, spec, removed=()) -> bool:
+        """Carry an experiment spec's tags, description and notes (`orch tag`, `orch note`) to its MLflow
+        experiment where it exists already (False where it does not: it gets them when it is created)."""
+        found = self.client.get_experiment_by_name(spec.name)
+        if found is None:
+            return False
+        for key, value in spec.tags.items():
+            self.client.set_experiment_tag(found.experiment_id, key, str(value))
+        for key in removed:
+            if key in found.tags:
+                self.client.delete_experiment_tag(found.experiment_id, key)
+        self.client.set_experiment_tag(found.experiment_id, NOTE_TAG, experiment_note(spec))
+        return True
+
+
+NOTE_TAG = "mlflow.note.content"  # what MLflow's UI shows as an experiment's description
+
+
+def experiment_note(spec) -> str:
+    """An experiment's MLflow note: its description, then its notes, newest last."""
+    notes = "\n".join(f"- {n}" for n in spec.notes)
+    return "\n\n".join(part for part in (spec.description, notes) if part)
+
 
 def open_tracker(uri: str | None = None, enabled: bool = True) -> Tracker | None:
     """The tracker every command that tracks uses: None when tracking is off (--no-mlflow). A URI given as

@@ -14,7 +14,8 @@ its subclass SpecError), a database problem with a SchemaError, each one line na
 
 from orchestrator.api.connection import connect, user_message
 from orchestrator.api.describe import RunDiff, RunView, diff, show
-from orchestrator.api.plan import ArmPower, Design, Plan, SigmaSource, plan
+from orchestrator.api.notes import note, tag
+from orchestrator.api.planning import ArmPower, Design, Plan, SigmaSource, plan
 from orchestrator.api.results import (
     ImportReport,
     Leaderboard,
@@ -55,7 +56,9 @@ __all__ = [
     "RunDiff",
     "RunView",
     "diff",
+    "note",
     "show",
+    "tag",
     "ArmPower",
     "Design",
     "Plan",

@@ -4,6 +4,7 @@ its options and one-line errors)."""
 # Each module registers its commands on the app, in the order `orch --help` lists them.
 from orchestrator.cli import runs  # noqa: F401  isort: skip
 from orchestrator.cli import describe  # noqa: F401  isort: skip
+from orchestrator.cli import notes  # noqa: F401  isort: skip
 from orchestrator.cli import results  # noqa: F401  isort: skip
 from orchestrator.cli import plan  # noqa: F401  isort: skip
 from orchestrator.cli import sweep  # noqa: F401  isort: skip
