@@ -3,6 +3,7 @@ the MLflow outbox read from the database. Nothing here writes; writes are queue.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -12,7 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from orchestrator.db import Experiment as ExperimentRow
-from orchestrator.db import Membership, Run, db_now
+from orchestrator.db import Lease, Membership, Run, db_now
 from orchestrator.specs import Experiment, Intervention, Looks, SpecError
 from orchestrator.states import ACTIVE, FINAL, RunState
 
@@ -57,6 +58,42 @@ def running(engine: Engine) -> list[Member]:
         if m.run.state == RunState.RUNNING:
             seen.setdefault(m.run.id, m)
     return list(seen.values())
+
+
+def queued(engine: Engine) -> list[tuple[str, str | None]]:
+    """(run id, its first experiment) of each queued run, in the order workers claim them, for a queue ETA."""
+    with engine.connect() as conn:
+        return [
+            tuple(r)
+            for r in conn.execute(
+                sa.select(Run.id, sa.func.min(Membership.experiment))
+                .outerjoin(Membership, Membership.run_id == Run.id)
+                .where(Run.state == RunState.QUEUED)
+                .group_by(Run.id, Run.priority, Run.created_at)
+                .order_by(Run.priority.desc(), Run.created_at, Run.id)
+            ).all()
+        ]
+
+
+def durations(engine: Engine) -> dict[str, list[float]]:
+    """experiment → seconds from claim to end of each of its succeeded runs (of their last launch: a resumed
+    run counts its last stretch only), for a queue ETA. Imported results were never claimed: none of theirs."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(Membership.experiment, Run.finished_at - Run.started_at)
+            .join(Run, Run.id == Membership.run_id)
+            .where(Run.state == RunState.SUCCEEDED, Run.started_at.is_not(None), Run.finished_at.is_not(None))
+        ).all()
+    out: dict[str, list[float]] = {}
+    for experiment, seconds in rows:
+        out.setdefault(experiment, []).append(float(seconds))
+    return out
+
+
+def now(engine: Engine) -> float:
+    """The database's clock (what started_at and heartbeats are on), in seconds since the epoch."""
+    with engine.connect() as conn:
+        return float(conn.execute(sa.select(db_now())).scalar_one())
 
 
 def active(engine: Engine, experiments: Sequence[str]) -> int:
@@ -182,6 +219,102 @@ def runs(engine: Engine, ids: Sequence[str]) -> list[Run]:
             for r in s.execute(sa.select(Run).where(Run.id.in_(chunk))).scalars()
         }
     return [found[i] for i in ids if i in found]
+
+
+# Sweeps, read without optuna (a worker must not import it): the driver's lease (leases.py, "sweep:<name>")
+# and three of Optuna's RDB tables, whose layout Optuna has kept since its 1.x schema. sweep.py writes the
+# two study attributes each time a driver takes the lease.
+SWEEP_LEASE = "sweep:"
+SWEEP_TARGET = "orch_target"  # the trials the driver runs to (its budget, after --trials)
+SWEEP_GRACE = "orch_lease_grace_s"  # the driver's --grace
+_studies = sa.table("studies", sa.column("study_id"), sa.column("study_name"))
+_study_attrs = sa.table("study_user_attributes", sa.column("study_id"), sa.column("key"), sa.column("value_json"))
+_trials = sa.table("trials", sa.column("study_id"), sa.column("state"))
+
+
+class SweepDriver(NamedTuple):
+    """A sweep whose driver holds (or held, and died holding) its lease."""
+
+    name: str
+    holder: str
+    age_s: float  # since the holder last renewed the lease, on the database's clock
+    finished: int  # trials complete, pruned or failed
+    target: int | None  # the driver's budget; None where no driver recorded one
+    grace_s: float | None  # the driver's lease grace; None where not recorded
+
+
+def sweep_drivers(engine: Engine) -> list[SweepDriver]:
+    """Every sweep with a lease: a driver that exits cleanly gives its lease up, one that died leaves it to
+    age."""
+    with engine.connect() as conn:
+        now = conn.execute(sa.select(db_now())).scalar_one()
+        leases = conn.execute(
+            sa.select(Lease.name, Lease.holder, Lease.heartbeat_at).where(
+                Lease.name.startswith(SWEEP_LEASE, autoescape=True)
+            )
+        ).all()
+        if not leases:
+            return []
+        names = [name[len(SWEEP_LEASE) :] for name, _, _ in leases]
+        ids, attrs, finished = {}, {}, {}
+        if sa.inspect(conn).has_table("studies"):
+            ids = dict(
+                conn.execute(
+                    sa.select(_studies.c.study_name, _studies.c.study_id).where(_studies.c.study_name.in_(names))
+                ).all()
+            )
+            for study_id, key, value in conn.execute(
+                sa.select(_study_attrs.c.study_id, _study_attrs.c.key, _study_attrs.c.value_json).where(
+                    _study_attrs.c.study_id.in_(list(ids.values())),
+                    _study_attrs.c.key.in_([SWEEP_TARGET, SWEEP_GRACE]),
+                )
+            ):
+                attrs[study_id, key] = json.loads(value)
+            finished = dict(
+                conn.execute(
+                    sa.select(_trials.c.study_id, sa.func.count())
+                    .where(
+                        _trials.c.study_id.in_(list(ids.values())),
+                        # a native enum on PostgreSQL, which a text parameter cannot be compared with
+                        sa.cast(_trials.c.state, sa.String).in_(["COMPLETE", "PRUNED", "FAIL"]),
+                    )
+                    .group_by(_trials.c.study_id)
+                ).all()
+            )
+    out = []
+    for (_, holder, beat), name in zip(leases, names):
+        study = ids.get(name)
+        out.append(
+            SweepDriver(
+                name,
+                holder,
+                now - beat,
+                finished.get(study, 0),
+                attrs.get((study, SWEEP_TARGET)),
+                attrs.get((study, SWEEP_GRACE)),
+            )
+        )
+    return out
+
+
+def sweep_names(engine: Engine) -> list[str]:
+    """The sweeps (Optuna studies) in the database; none where no sweep ever ran (nothing is created)."""
+    if not has_table(engine, "studies"):
+        return []
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(_studies.c.study_name).order_by(_studies.c.study_name)).scalars())
+
+
+def sweeps_asking(engine: Engine) -> list[str]:
+    """Sweeps whose driver may still ask for trials: fewer of their trials have finished than the target,
+    and the driver renewed its lease within twice its grace. Twice, because a standby takes over within one
+    grace and a poll (the grace is at least three polls): a sweep changing drivers keeps its workers, one
+    whose driver died with no standby lets them go after that."""
+    return [
+        d.name
+        for d in sweep_drivers(engine)
+        if d.age_s <= 2 * (d.grace_s or 60.0) and (d.target is None or d.finished < d.target)
+    ]
 
 
 def _chunks(items: list, n: int = 500):

@@ -41,6 +41,7 @@ from orchestrator.states import RunState
 from trainer.rundir import Status
 
 RUNS_ATTR = "orch_runs"
+STOPPED_ATTR = "orch_stopped_at"  # a pruned trial: the step its trainers stopped at (result.json)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -153,7 +154,7 @@ class Driver:
             )
         # host:pid for the messages, and a random part: containers on one host can share name and pid.
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.lease = f"sweep:{self.sweep.name}"
+        self.lease = f"{queries.SWEEP_LEASE}{self.sweep.name}"
         self.base = sweep_base(self.sweep, self.preset, self.overrides)
         from trainer.config import TrainConfig
 
@@ -173,6 +174,7 @@ class Driver:
     def run(self) -> optuna.Study:
         self._wait_for_lease()
         try:
+            self._publish()
             # Only the lease holder writes to the study: two drivers starting a new study together must not
             # both enqueue its start_with points.
             if self.sweep.start_with and not self.study.get_trials(deepcopy=False):  # a new study only
@@ -187,6 +189,13 @@ class Driver:
                     f"sweep {self.sweep.name}: could not release the lease ({exc}); a standby takes "
                     f"over after {self.lease_grace_s:g} s"
                 )
+
+    def _publish(self) -> None:
+        """Record this driver's target and lease grace on the study: what a worker with --until-empty reads
+        (queries.sweeps_asking) to wait for the next ask rather than leave the sweep stranded, and the
+        target `orch sweep status` lists."""
+        self.study.set_user_attr(queries.SWEEP_TARGET, budget(self.sweep))
+        self.study.set_user_attr(queries.SWEEP_GRACE, self.lease_grace_s)
 
     def _holds_lease(self) -> bool:
         """Renew the lease; False (and say so) when another driver has taken it — this one stalled past the
@@ -293,7 +302,7 @@ class Driver:
                 if all(r.state in states.FINAL for r in own):  # shared runs train on; the trial is done
                     self._tell(frozen, runs)
                     continue
-            self._link_mlflow(runs)
+            self._link_mlflow(runs, frozen.params)
             self._report(trial, frozen, runs)
             if all(r.state in states.FINAL for r in runs) and len(runs) == len(run_ids):
                 self._tell(frozen, runs)
@@ -306,9 +315,10 @@ class Driver:
             if step not in frozen.intermediate_values and step < self.total_steps:
                 trial.report(sum(c[step] for c in curves) / len(curves), step)
         if common and not frozen.user_attrs.get("pruning") and trial.should_prune():
+            # Said once, when told (_tell), at the step its trainers stopped at: they stop at their next
+            # sync point, later than the step judged here.
             trial.set_user_attr("pruning", True)
             self._stop(runs, f"trial-{frozen.number}")
-            self.echo(f"trial {frozen.number}: pruned at step {common[-1]}")
 
     def _stop(self, runs: list[Run], arm: str) -> list[Run]:
         """Stop a pruned trial's own runs: cancel the queued ones, ask the running ones' trainers to stop as
@@ -323,8 +333,11 @@ class Driver:
     def _tell(self, frozen, runs: list[Run]) -> None:
         values = [(r.result or {}).get("val_loss") for r in runs]
         if frozen.user_attrs.get("pruning") or any(r.state == RunState.PRUNED for r in runs):
+            steps = stopped_at(runs)
+            if steps:
+                optuna.trial.Trial(self.study, frozen._trial_id).set_user_attr(STOPPED_ATTR, max(steps))
             self.study.tell(frozen.number, state=TrialState.PRUNED, skip_if_finished=True)
-            self.echo(f"trial {frozen.number}: pruned")
+            self.echo(f"trial {frozen.number}: pruned {_at(steps)}")
         elif all(r.state == RunState.SUCCEEDED for r in runs) and None not in values:
             value = sum(values) / len(values)
             tests = [r.test_loss for r in runs]
@@ -335,13 +348,15 @@ class Driver:
             self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
             self.echo(f"trial {frozen.number}: failed ({', '.join(sorted({r.state for r in runs}))})")
 
-    def _link_mlflow(self, runs: list[Run]) -> None:
+    def _link_mlflow(self, runs: list[Run], params: dict) -> None:
+        """Nest the trial's runs under the sweep's parent run, tagged with what the trial changed (its
+        parameters: orch.changes, as an intervention's runs are)."""
         if self.tracker is None or self.parent_run is None:
             return
         for r in runs:
             if r.mlflow_run_id:
                 try:
-                    self.tracker.set_parent(r.mlflow_run_id, self.parent_run)
+                    self.tracker.set_parent(r.mlflow_run_id, self.parent_run, changes=params)
                 except Exception:  # noqa: BLE001 - linked again at the next pass
                     return
 
@@ -357,6 +372,18 @@ class Driver:
                 self.tracker.finish_sweep(self.parent_run, best.params, best.value, trial_counts(self.study))
             except Exception as exc:  # noqa: BLE001 - the study holds the result; MLflow's copy is a convenience
                 self.echo(f"sweep {self.sweep.name}: could not record the best trial in MLflow ({exc})")
+
+
+def stopped_at(runs: list[Run]) -> list[int]:
+    """The steps a pruned trial's trainers stopped at, from their result.json (a run cancelled before it
+    started has none)."""
+    return sorted({r.result["step"] for r in runs if r.state == RunState.PRUNED and (r.result or {}).get("step")})
+
+
+def _at(steps: list[int]) -> str:
+    if not steps:
+        return "before its runs started"
+    return f"at step {steps[0]}" if len(steps) == 1 else f"at steps {', '.join(map(str, steps))}"
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:

@@ -6,6 +6,7 @@ except `confirm`, which queues the best parameters against the baseline as an or
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,14 +16,19 @@ from sqlalchemy.engine import Engine
 
 from orchestrator import queries, queue, specs
 from orchestrator.specs import Experiment
-from orchestrator.sweep import RUNS_ATTR, best_trial, format_params, storage, trial_counts
+from orchestrator.sweep import RUNS_ATTR, STOPPED_ATTR, best_trial, format_params, storage, trial_counts
+
+# Completed trials a plot needs before it says anything. A contour interpolates a surface over two
+# parameters: under three points there is no triangle to interpolate on. Importances come from a random
+# forest (fANOVA) fitted to the completed trials: on fewer than five its ranking changes with the forest's
+# seed, i.e. it is noise drawn as a bar chart.
+MIN_CONTOUR = 3
+MIN_IMPORTANCES = 5
 
 
 def sweep_names(engine: Engine) -> list[str]:
     """The studies in the database; none, without creating Optuna's tables, where no sweep ever ran."""
-    if not queries.has_table(engine, "studies"):
-        return []
-    return sorted(s.study_name for s in optuna.get_all_study_summaries(storage(engine)))
+    return queries.sweep_names(engine)
 
 
 def load(engine: Engine, name: str) -> optuna.Study:
@@ -44,6 +50,7 @@ class Trial:
     params: dict
     runs: list[str]
     last_step: int | None  # the last step whose validation loss the driver reported
+    stopped_at: int | None = None  # a pruned trial: the step its trainers stopped at
 
 
 @dataclass
@@ -67,10 +74,8 @@ class SweepStatus:
         lines = [f"sweep {self.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()))]
         for t in self.trials:
             value = f"{t.value:.4f}" if t.value is not None else "—"
-            lines.append(
-                f"  trial {t.number:>3}  {t.state:<9} {value:>8}  last step {t.last_step or '—':>5}  "
-                f"{format_params(t.params)}"
-            )
+            step = f"stopped at {t.stopped_at:>5}" if t.stopped_at is not None else f"last step {t.last_step or '—':>5}"
+            lines.append(f"  trial {t.number:>3}  {t.state:<9} {value:>8}  {step}  {format_params(t.params)}")
         if self.best:
             lines.append(
                 f"best: trial {self.best.number} val loss {self.best.value:.4f}  {format_params(self.best.params)}"
@@ -94,14 +99,71 @@ def status(engine: Engine, name: str) -> SweepStatus:
                 t.params,
                 t.user_attrs.get(RUNS_ATTR, []),
                 max(t.intermediate_values, default=None),
+                t.user_attrs.get(STOPPED_ATTR) if t.state == TrialState.PRUNED else None,
             )
             for t in study.get_trials(deepcopy=False)
         ],
     )
 
 
-def plot(engine: Engine, name: str, out_dir: str | Path) -> list[Path]:
-    """Optimisation history, λ × η contour and parameter importances, as PNGs and one HTML page."""
+@dataclass
+class SweepSummary:
+    name: str
+    finished: int  # trials complete, pruned or failed
+    target: int | None  # the trials its (last) driver runs to; None if no driver recorded it
+    best: float | None  # the best final validation loss (the objective)
+    state: str  # running (a driver holds its lease) | finished | stopped (no live driver: `orch sweep FILE`)
+    driver: str | None = None  # who drives it, while one does
+
+
+@dataclass
+class SweepList:
+    sweeps: list[SweepSummary]
+
+    def to_json(self) -> str:
+        return json.dumps([asdict(s) for s in self.sweeps], indent=2)
+
+    def __str__(self) -> str:
+        if not self.sweeps:
+            return "no sweeps yet (start one with `orch sweep FILE`)"
+        width = max(len("sweep"), *(len(s.name) for s in self.sweeps))
+        lines = [f"{'sweep':<{width}}  {'trials':>7}  {'best val loss':>13}  state"]
+        for s in self.sweeps:
+            trials = f"{s.finished}/{s.target if s.target is not None else '?'}"
+            best = f"{s.best:.4f}" if s.best is not None else "—"
+            state = f"{s.state} ({s.driver})" if s.driver else s.state
+            lines.append(f"{s.name:<{width}}  {trials:>7}  {best:>13}  {state}")
+        return "\n".join(lines)
+
+
+def list_sweeps(engine: Engine) -> SweepList:
+    """Every sweep: trials finished of its target, the best objective, and whether a driver drives it."""
+    names = sweep_names(engine)
+    if not names:
+        return SweepList([])
+    drivers = {d.name: d for d in queries.sweep_drivers(engine)}
+    store = storage(engine)
+    out = []
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=store)
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+        target = study.user_attrs.get(queries.SWEEP_TARGET)
+        best = best_trial(study)
+        d = drivers.get(name)
+        if d is not None and d.age_s <= (d.grace_s or 60.0):  # as a standby judges it
+            state, driver = "running", d.holder
+        elif target is not None and finished >= target:
+            state, driver = "finished", None
+        else:
+            state, driver = "stopped", None
+        out.append(SweepSummary(name, finished, target, None if best is None else best.value, state, driver))
+    return SweepList(out)
+
+
+def plot(engine: Engine, name: str, out_dir: str | Path, echo: Callable[[str], None] = print) -> list[Path]:
+    """Optimisation history, λ × η contour and parameter importances, as PNGs and one HTML page; a plot that
+    needs more completed trials (MIN_CONTOUR, MIN_IMPORTANCES) is left out, with a warning through `echo`."""
     import base64
 
     import matplotlib
@@ -116,10 +178,17 @@ def plot(engine: Engine, name: str, out_dir: str | Path) -> list[Path]:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     plots = [("history", lambda: ovm.plot_optimization_history(study))]
     keys = list(complete[0].params) if complete else []
-    if len(keys) >= 2:
+    n = len(complete)
+    if not complete:
+        echo(f"warning: sweep {name} has no completed trial yet: the history is empty")
+    if len(keys) >= 2 and n >= MIN_CONTOUR:
         plots.append(("contour", lambda: ovm.plot_contour(study, params=keys[:2])))
-    if len(complete) >= 2 and keys:
+    elif len(keys) >= 2 and n:
+        echo(f"warning: no contour from {n} completed trial(s): it needs at least {MIN_CONTOUR}")
+    if keys and n >= MIN_IMPORTANCES:
         plots.append(("importances", lambda: ovm.plot_param_importances(study)))
+    elif keys:
+        echo(f"warning: no importances from {n} completed trial(s): they need at least {MIN_IMPORTANCES}")
     written = []
     for stem, make in plots:
         ax = make()

@@ -108,13 +108,26 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------------------------
 
     def run(self, until_empty: bool = False) -> int:
-        """Work until stopped (or, with until_empty, until the queue is empty); return #runs finished."""
+        """Work until stopped or, with until_empty, until nothing is left to train; return #runs finished.
+
+        "Nothing left" means no run queued (that this worker can train) or running anywhere, and no sweep
+        whose driver may still ask for trials: one with fewer finished trials than its target whose driver
+        renewed its lease within twice its grace (queries.sweeps_asking). So a worker waits out the gap
+        between a trial's end and the driver's next ask, and a standby's takeover; a sweep whose driver died
+        with no standby lets it go after twice the driver's --grace (2 minutes by default)."""
         # SIGUSR1 is the warning a Slurm pilot asks for (`sbatch --signal=B:USR1@…`, orchestrator/slurm.py):
         # stop like SIGTERM, so the runs go back to the queue with a checkpoint and no attempt used.
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
         previous = {s: signal.signal(s, self._on_signal) for s in signals}
         self.finished, failures = 0, 0
-        self._due = {"reap": 0.0, "claim": 0.0, "beat": 0.0, "progress": time.monotonic() + self.progress_s}
+        self._due = {
+            "reap": 0.0,
+            "claim": 0.0,
+            "beat": 0.0,
+            "progress": time.monotonic() + self.progress_s,
+            "sweeps": 0.0,
+        }
+        self._sweeps: list[str] = []  # sweeps whose driver may still ask (until_empty waits for them)
         if self.outbox is not None:
             self.outbox.start()
         try:
@@ -198,8 +211,20 @@ class Worker:
         if until_empty and not self.active:
             # Runs whose checkpoints only another host sees are not this worker's work: it may go.
             running = queries.counts(self.engine).get(RunState.RUNNING)
-            return not running and not queries.claimable(self.engine, sorted(self.unreachable), nodes=self.nodes)
+            if running or queries.claimable(self.engine, sorted(self.unreachable), nodes=self.nodes):
+                return False
+            return not self._sweeps_asking(now)
         return False
+
+    def _sweeps_asking(self, now: float) -> bool:
+        """Whether a sweep's driver may still queue trials (asked of the database once per IDLE_CLAIM_S);
+        said once each time the sweeps waited for change."""
+        if self._every("sweeps", IDLE_CLAIM_S, now):
+            sweeps = queries.sweeps_asking(self.engine)
+            if sweeps and sweeps != self._sweeps:
+                self.echo(f"queue empty; waiting for sweep {', '.join(sweeps)}, whose driver may queue more trials")
+            self._sweeps = sweeps
+        return bool(self._sweeps)
 
     def _open(self, run: Run, slot: Slot) -> None:
         """A claimed run becomes a waiting Launch, unless this orch cannot read its config."""

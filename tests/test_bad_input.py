@@ -389,7 +389,7 @@ CASES = [
     ),
     Case("sweep-confirm-unknown", lambda c: ["sweep", "confirm", "nosuch"], expect="no sweep named 'nosuch'"),
     Case("sweep-status-experiment-name", lambda c: ["sweep", "status", "quickstart"], expect="no sweep named"),
-    Case("sweep-status-no-name", lambda c: ["sweep", "status"], expect="needs the sweep's name"),
+    Case("sweep-plot-no-name", lambda c: ["sweep", "plot"], expect="needs the sweep's name"),
     Case("sweep-status-bad-format", lambda c: ["sweep", "status", "x", "--format", "xml"], expect="--format"),
     Case("sweep-confirm-zero-seeds", lambda c: ["sweep", "confirm", "x", "--seeds", "0"], expect="--seeds"),
     Case("sweep-missing-file", lambda c: ["sweep", str(c.tmp / "nope.py")], expect="no sweep file"),

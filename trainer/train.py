@@ -466,6 +466,12 @@ def _write_or_check_config(cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def exit_code(status: Status) -> int:
+    """The process's exit code: EXIT_CODES, except a pruned rank under torchrun's agent, which exits 0. Any
+    non-zero rank makes the agent report a failure (a ChildFailedError traceback and a summary box in
+    train.log) and exit 1 itself, so its code says nothing anyway; a prune is an orderly ending, and the
+    launcher reads the trainer's own code (76) from result.json, written before any rank exits."""
+    if status is Status.PRUNED and os.environ.get("TORCHELASTIC_RUN_ID"):
+        return 0
     return EXIT_CODES[status]
 
 

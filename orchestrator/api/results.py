@@ -50,13 +50,23 @@ def table(
     options = _options(alpha, correction, sesoi, target, target_alpha)
     names = [experiments] if isinstance(experiments, str) else list(experiments or [])
     engine = connect(db)
-    boards = tbl.build(
-        queries.runs_of(engine, noise_.with_studies(engine, names) if names else None),
-        queries.specs(engine),
-        options=options,
-    )
+    sweeps: set[str] = set()
+    if names:
+        members = queries.runs_of(engine, noise_.with_studies(engine, names))
+    else:
+        # All experiments but the sweeps: a sweep's trials are one run each, unconfirmed, chosen on the
+        # validation loss; `orch sweep status` shows them, `orch table SWEEP` still does when asked, and the
+        # verdict on its best trial is `orch sweep confirm`'s experiment SWEEP.confirm, which is listed.
+        sweeps = set(queries.sweep_names(engine))
+        members = [m for m in queries.runs_of(engine) if (noise_.parent(m.experiment) or m.experiment) not in sweeps]
+    boards = tbl.build(members, queries.specs(engine), options=options)
     known_experiments(engine, names)
     if not boards:
+        if sweeps:
+            raise ValueError(
+                f"no runs yet outside the sweeps ({', '.join(sorted(sweeps))}): `orch table SWEEP` shows "
+                "a sweep's trials, `orch sweep status` where the sweeps stand"
+            )
         raise ValueError("no runs yet: queue some with `orch submit experiments/quickstart.py`")
     return Leaderboard(boards)
 

@@ -56,6 +56,11 @@ def run(
     name: Annotated[Optional[str], typer.Argument(hidden=True)] = None,
     preset: Annotated[Optional[str], typer.Option(help="scale preset for the trials")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config key of every trial")] = [],
+    trials: Annotated[Optional[int], typer.Option(help="trials to run, instead of the file's `trials`")] = None,
+    in_flight: Annotated[
+        Optional[int],
+        typer.Option("--in-flight", help="trials queued or training at once, instead of the file's `in_flight`"),
+    ] = None,
     poll: Annotated[float, typer.Option(help="seconds between checks of the queue")] = 2.0,
     grace: Annotated[
         float, typer.Option(help="seconds without a beat after which a standby `orch sweep` takes over")
@@ -78,6 +83,8 @@ def run(
         file,
         preset=preset,
         overrides=parse_sets(set_),
+        trials=trials,
+        in_flight=in_flight,
         poll=poll,
         grace=grace,
         mlflow=mlflow,
@@ -94,11 +101,12 @@ def status(
     format: Annotated[str, typer.Option("--format", help="text | json")] = "text",
     db: DbOpt = None,
 ):
-    """Trials, best so far, pruned count."""
+    """Trials, best so far, pruned count; with no name, every sweep: trials finished of its target, best
+    validation loss, and whether a driver runs it."""
     from orchestrator import api
 
     check_format(format, ("text", "json"))
-    info = call(api.sweep_status, need("status", name), db=db)
+    info = call(api.sweep_status, name or None, db=db)
     typer.echo(info.to_json() if format == "json" else str(info))
 
 
@@ -109,7 +117,8 @@ def plot(
     """Optimisation history, λ × η contour and importances (HTML + PNG)."""
     from orchestrator import api
 
-    for path in call(api.sweep_plot, need("plot", name), out=out, db=db):
+    warn = lambda line: typer.echo(line, err=True)  # noqa: E731
+    for path in call(api.sweep_plot, need("plot", name), out=out, db=db, echo=warn):
         typer.echo(f"wrote {path}")
 
 
