@@ -52,7 +52,19 @@ class ModelConfig(Section):
     # "pytorch": nn.Linear / nn.Embedding defaults, as Raschka's model (and so the blog baseline) does.
     # "gpt2": N(0, 0.02), residual projections scaled by 1/sqrt(2·n_layer) (GPT-2 paper, section 2.3; nanoGPT).
     init: Literal["pytorch", "gpt2"] = "pytorch"
-    layer_norm_eps: float = Field(1e-5, gt=0)
+    layer_norm_eps: float = Field(1e-5, gt=0, description="epsilon of every norm: LayerNorm, RMSNorm, QK-norm")
+    # Modern switches (trainer/model.py says what each does and where it comes from). Each default is GPT-2's
+    # behaviour, so a config that leaves them alone is the series' model, bit for bit.
+    position: Literal["learned", "rope"] = Field("learned", description="learned absolute positions, or RoPE")
+    rope_base: float = Field(10000.0, gt=1, description="RoPE's θ (RoFormer: 10000); only with position=rope")
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="swiglu: hidden width 8d/3 rounded to a multiple of 64")
+    # model.bias covers every linear layer and norm except the QKV projection, which has its own switch
+    # (the series' baseline: biases everywhere but QKV). bias=false with qkv_bias=true is refused below:
+    # "no biases anywhere" and "bias on QKV" cannot both hold.
+    bias: bool = Field(True, description="biases on linear layers and LayerNorms (QKV: model.qkv_bias)")
+    qk_norm: bool = Field(False, description="RMSNorm of each head's q and k before attention")
+    logit_softcap: float | None = Field(None, gt=0, description="output logits become cap·tanh(logits/cap)")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -60,6 +72,21 @@ class ModelConfig(Section):
             raise ValueError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
                 f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
+            )
+        if not self.bias and self.qkv_bias:
+            raise ValueError(
+                "model.bias=false (no biases anywhere) contradicts model.qkv_bias=true; "
+                "set model.qkv_bias=false, or model.bias=true for biases everywhere but where qkv_bias says"
+            )
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"model.position=rope rotates pairs of dimensions, so the head width model.n_embd / "
+                f"model.n_head ({self.n_embd // self.n_head}) must be even; change model.n_head"
+            )
+        if self.position != "rope" and self.rope_base != ModelConfig.model_fields["rope_base"].default:
+            raise ValueError(
+                f"model.rope_base ({self.rope_base}) applies only with model.position=rope; "
+                "set model.position=rope or leave model.rope_base at 10000"
             )
         return self
 
@@ -185,7 +212,16 @@ class TrainConfig(Section):
 # Keys added after run ids were first handed out, each with the value that means "as before". A config that
 # holds that value identifies a run as if the key did not exist, so a new switch changes no stored run's id
 # and a checkpoint written before the key existed still resumes (tests/test_config.py pins both).
-LATER_KEYS: dict[str, Any] = {"model.pad_vocab": 1}
+LATER_KEYS: dict[str, Any] = {
+    "model.pad_vocab": 1,
+    "model.position": "learned",
+    "model.rope_base": 10000.0,
+    "model.norm": "layernorm",
+    "model.mlp": "gelu",
+    "model.bias": True,
+    "model.qk_norm": False,
+    "model.logit_softcap": None,
+}
 
 
 def without_later_keys(data: dict[str, Any]) -> dict[str, Any]:

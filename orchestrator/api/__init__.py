@@ -14,6 +14,7 @@ its subclass SpecError), a database problem with a SchemaError, each one line na
 
 from orchestrator.api.connection import connect, user_message
 from orchestrator.api.describe import RunDiff, RunView, diff, show
+from orchestrator.api.exporting import export
 from orchestrator.api.notes import note, tag
 from orchestrator.api.planning import ArmPower, Design, Plan, SigmaSource, plan
 from orchestrator.api.results import (
@@ -56,6 +57,7 @@ __all__ = [
     "RunDiff",
     "RunView",
     "diff",
+    "export",
     "note",
     "show",
     "tag",
