@@ -1342,7 +1342,7 @@ class Campaign:
                 rec["mlflow_status"] = f"unreadable: {exc}"
                 continue
             rec["mlflow_status"] = info.info.status
-            rec["mlflow_final_metrics"] = sorted(k for k in info.data.metrics if k.startswith("final."))
+            rec["mlflow_final_metrics"] = sorted(k for k in info.data.metrics if k == "test_loss")
             history = {}
             for key in sorted({k for k, _ in expected} | set(info.data.metrics)):
                 history[key] = [(p.step, p.value) for p in client.get_metric_history(mid, key)]
@@ -1402,7 +1402,7 @@ def figures(c: Campaign, data: dict, refs: References, wall_s: float) -> dict:
     )
     f["mlflow_runs_duplicated"] = sum(max(0, r.get("mlflow_runs", 0) - 1) for r in db_runs)
     f["final_metrics_missing"] = sum(
-        1 for r in ok if r.get("state") == "succeeded" and "final.test_loss" not in r.get("mlflow_final_metrics", [])
+        1 for r in ok if r.get("state") == "succeeded" and "test_loss" not in r.get("mlflow_final_metrics", [])
     )
     f["metric_points_lost"] = sum(r.get("points_lost", r.get("points_expected", 0)) for r in ok)
     f["metric_points_wrong"] = sum(r.get("points_wrong", 0) for r in ok)

@@ -12,8 +12,8 @@ repaired by the next pass:
    before recording it), else a new one. A run keeps one MLflow id through outages, requeues and workers.
 2. Metric points past the last step MLflow holds per key (asked of the server whenever the lease is new to
    this process, so two senders never both send a step).
-3. Once the run is final: final.* metrics (unless present), the status tag, artifacts, the terminal status,
-   and only then `tracked`. Only a final state closes an MLflow run: a worker whose run was taken over
+3. Once the run is final: the test loss (unless present), the result.* and status tags, artifacts, the
+   terminal status, and only then `tracked`. Only a final state closes an MLflow run: a worker whose run was taken over
    sends its last points and lets go; the new owner goes on in the same MLflow run.
 
 `Outbox.sync` is one pass for one run; `OutboxThread` runs passes for a worker's runs in the background, so
@@ -27,11 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from orchestrator import leases, queries, queue, states
 from orchestrator.db import Run
+from orchestrator.specs import BASELINE, Experiment, SpecError
 from trainer.rundir import METRICS, read_events
 
 LEASE_GRACE_S = 60.0  # a sender that stops renewing its lease for this long is replaced
@@ -136,18 +138,24 @@ class Outbox:
         memberships = queries.memberships(self.engine, run.id)
         first_exp, arm = memberships[0] if memberships else ("orch", "run")
         found = self.tracker.find_run(first_exp, run.id)
-        mlflow_id = found or self.tracker.start_run(
-            experiment=first_exp,
-            all_experiments=sorted({e for e, _ in memberships}),
-            arm=arm,
-            run_id=run.id,
-            config=run.config,
-            seed=run.seed,
-            data_seed=run.data_seed,
-            repeat=run.repeat,
-            git_commit=self.commit,
-        )
-        return queue.set_mlflow_run(self.engine, run.id, mlflow_id)
+        if found is None:
+            spec = _spec(self.engine, first_exp)
+            intervention = next((i for i in spec.interventions if i.name == arm), None) if spec else None
+            found = self.tracker.start_run(
+                experiment=first_exp,
+                all_experiments=sorted({e for e, _ in memberships}),
+                arm=arm,
+                run_id=run.id,
+                config=run.config,
+                seed=run.seed,
+                data_seed=run.data_seed,
+                repeat=run.repeat,
+                git_commit=self.commit,
+                spec=spec,
+                changes=_changes(spec, arm),
+                description=intervention.description if intervention else "",
+            )
+        return queue.set_mlflow_run(self.engine, run.id, found)
 
     def _tag_placement(self, run: Run, mlflow_id: str) -> None:
         """Where the run trains now, as MLflow tags, once per new placement (a requeue may move it)."""
@@ -168,6 +176,28 @@ class Outbox:
 
 def _lease(run_id: str) -> str:
     return f"track:{run_id}"
+
+
+def _spec(engine: Engine, experiment: str) -> Experiment | None:
+    """The experiment's spec as last submitted, or None (none on record, or one an older orch wrote that this
+    one cannot read): the run is tracked all the same, only without what the spec adds."""
+    try:
+        return queries.spec(engine, experiment)
+    except (SpecError, ValidationError):
+        return None
+
+
+def _changes(spec: Experiment | None, arm: str) -> dict | None:
+    """What an arm changes from the baseline ({} for the baseline); None where the spec does not say (a
+    sweep's trials: their driver tags them with their parameters, sweep.Driver._link_mlflow)."""
+    if arm == BASELINE:
+        return {}
+    if spec is None or arm not in {i.name for i in spec.interventions}:
+        return None
+    try:
+        return spec.changes(arm)
+    except ValueError:  # stacked parts that disagree: the file was refused at submission, so not here
+        return None
 
 
 def _get(engine: Engine, run_id: str) -> Run | None:

@@ -9,7 +9,8 @@
 
 The numbers are orchestrator/table.py's, so the page and `orch table` never disagree. Curves come from each
 run's metrics.jsonl (trainer/rundir.py); imported runs have only a result, and are left out of the plots.
-With a Tracker the files also go to MLflow, as artifacts of a run named "report" in the experiment.
+With a Tracker the files also go to MLflow, as artifacts of a run named "report" in the MLflow experiment
+"EXPERIMENT/reports" (tracking.report_experiment), apart from the training runs.
 """
 
 from __future__ import annotations

@@ -2,8 +2,25 @@
 
 One MLflow experiment per orch experiment; one MLflow run per orch run, created in the experiment that first
 queued it (a baseline shared by several experiments is one run, tagged with all of them). The full config
-goes in as params, identity as tags, every metrics.jsonl event as metrics (in batches: one REST call per
-1,000 points rather than one per point), and config, result and log as artifacts.
+goes in as params, identity as tags (`orch.changes`: what the intervention changed, `(none)` for the
+baseline), every metrics.jsonl event as metrics (in batches: one REST call per 1,000 points rather than one
+per point), and config, result and log as artifacts.
+
+How it looks in MLflow's UI (3.17), which a new user opens with `orch ui`:
+- Model training, not GenAI. The UI picks its mode from the page's `workflowType=machine_learning` URL
+  parameter, else the browser's last choice (GenAI on first use); older and hosted UIs read the experiment's
+  `mlflow.experimentKind` tag. orch sets the tag on every experiment it creates or touches, and `orch ui`
+  prints URLs with the parameter.
+- The experiment's note (its description in the UI) is the spec's description and `orch note`s.
+- A chart per training metric and no one-point `final.*` copies: the test loss is the metric `test_loss`,
+  logged once (by the final evaluation's metrics.jsonl event), result.json's other final numbers are
+  `result.*` tags (in the run's overview, and columns of the runs table on request).
+- A saved view, "orch" (the experiment tag mlflow.sharedViewState.orch, which `orch ui`'s URLs open): the
+  runs sorted by test loss with their changes and test / val / train loss as columns, and the charts
+  pinned loss, val_loss, test_loss first, then optimisation, then throughput. Without it MLflow orders
+  charts alphabetically, and the table shows no metric or tag at all.
+- Reports (`orch report`) go to an experiment of their own, "EXP/reports", never among the training runs;
+  a sweep's parent run holds its trials' runs as children (MLflow's nested runs).
 
 Default store: a SQLite file, `mlflow.db` (MLflow refuses its plain-file store without a flag). Any
 tracking URI works, e.g. http://host:5000 for a shared tracking server.
@@ -11,8 +28,10 @@ tracking URI works, e.g. http://host:5000 for a shared tracking server.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +50,19 @@ TERMINAL = {
     RunState.CANCELLED: "KILLED",
 }
 KIND_TAG = "orch.kind"  # what an MLflow run that is not an orch run holds: "sweep" (a parent) or "report"
+CHANGES_TAG = "orch.changes"  # a run's intervention as its changed config keys: "model.dropout=0.0"
+NO_CHANGES = "(none)"  # ... for the baseline
+RESULT_TAG = "result."  # result.json's final numbers other than the losses, as tags: result.tokens_per_s
+# Final numbers that are a metric's last point already: not repeated as result.* tags.
+LOSSES = ("test_loss", "val_loss", "train_loss")
+REPORTS = "reports"  # `orch report` of experiment E goes to the MLflow experiment "E/reports"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # "Machine learning" in the UI, as opposed to genai_development
+WORKFLOW = "workflowType=machine_learning"  # the URL parameter that shows model training in the 3.17 UI
+VIEW_ID = "orch"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"  # a saved view, opened by ?viewStateShareKey=orch
+VIEW_VERSION_TAG = "orch.view"  # the layout orch last wrote; a view changed in the UI stays until it changes
+VIEW_VERSION = "1"
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -51,10 +83,12 @@ class Tracker:
         # MLflow's client retries for minutes by default; a worker must not miss its heartbeats meanwhile.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing to send it to from an offline node
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_uri(uri)
         self._experiments: dict[str, str] = {}
+        self._applied: dict[str, dict[str, str]] = {}  # per experiment, the tags this process has seen it hold
         if self.uri.startswith("sqlite:///"):
             # MLflow creates and migrates its SQLite schema when a client first opens it; two workers
             # starting together race in that migration and one dies. The first does it, the others wait.
@@ -68,20 +102,35 @@ class Tracker:
         else:
             self.client = MlflowClient(self.uri)
 
-    def experiment_id(self, name: str) -> str:
+    def experiment_id(self, name: str, spec=None) -> str:
+        """The MLflow experiment of an orch experiment, made if missing. Made or not, it is shown as model
+        training with orch's saved view, and with a spec (specs.Experiment) its tags and note are the spec's:
+        checked once per process (and spec), so existing experiments are brought up to date by the first
+        orch process that touches them."""
+        return self._experiment(name, experiment_tags(spec))
+
+    def _experiment(self, name: str, wanted: dict[str, str]) -> str:
         from mlflow.exceptions import MlflowException
 
-        if name not in self._experiments:
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                try:
-                    self._experiments[name] = self.client.create_experiment(
-                        name, artifact_location=self._artifacts(name)
-                    )
-                except MlflowException:  # another worker created it first
-                    self._experiments[name] = self.client.get_experiment_by_name(name).experiment_id
-            else:
-                self._experiments[name] = exp.experiment_id
+        seen = self._applied.get(name)
+        if name in self._experiments and seen is not None and all(seen.get(k) == v for k, v in wanted.items()):
+            return self._experiments[name]
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                self._experiments[name] = self.client.create_experiment(
+                    name, artifact_location=self._artifacts(name), tags=_with_view(wanted)
+                )
+                self._applied[name] = dict(wanted)
+                return self._experiments[name]
+            except MlflowException:  # another worker created it first
+                exp = self.client.get_experiment_by_name(name)
+        self._experiments[name] = exp.experiment_id
+        held = dict(exp.tags)
+        for key, value in _with_view({k: v for k, v in wanted.items() if held.get(k) != v}).items():
+            self.client.set_experiment_tag(exp.experiment_id, key, value)
+            held[key] = value
+        self._applied[name] = held
         return self._experiments[name]
 
     def _artifacts(self, name: str) -> str | None:
@@ -102,8 +151,14 @@ class Tracker:
         data_seed: int,
         repeat: int,
         git_commit: str | None,
+        spec=None,
+        changes: dict | None = None,
+        description: str = "",
     ) -> str:
-        """Create the MLflow run for an orch run, with params and tags; return its MLflow id."""
+        """Create the MLflow run for an orch run, with params and tags; return its MLflow id. `spec`: the
+        experiment's (specs.Experiment), for its MLflow experiment; `changes`: the intervention's dotted
+        changes ({} for the baseline, None where unknown), as the orch.changes tag; `description`: the
+        intervention's, as the run's note."""
         from mlflow.entities import Param
 
         tags = {
@@ -117,8 +172,12 @@ class Tracker:
             "orch.config_hash": run_id,
             "mlflow.source.git.commit": git_commit or "",
         }
+        if changes is not None:
+            tags[CHANGES_TAG] = format_changes(changes)
+        if description:
+            tags[NOTE_TAG] = description
         run = self.client.create_run(
-            self.experiment_id(experiment), run_name=f"{arm}-s{seed}-r{repeat}-{run_id[:6]}", tags=tags
+            self.experiment_id(experiment, spec), run_name=f"{arm}-s{seed}-r{repeat}-{run_id[:6]}", tags=tags
         )
         params = [Param(k, str(v)) for k, v in sorted(flatten(config).items())]
         for i in range(0, len(params), 100):  # MLflow's limit on params per batch
@@ -176,22 +235,23 @@ class Tracker:
     def finish_run(
         self, mlflow_run_id: str, state: str, run_dir: Path, result: dict | None, finished_at: float | None = None
     ) -> None:
-        """Final metrics, status tag, artifacts and terminal status; safe to repeat after a failure part-way:
-        the final metrics carry the run's finish time, so sending them again adds nothing (MLflow keeps one
-        point per key, step, time and value), artifacts overwrite themselves, the status is set again."""
+        """The test loss (where no event logged it), result.* and status tags, artifacts and terminal status;
+        safe to repeat after a failure part-way: the test loss is sent only where MLflow lacks it, tags and
+        artifacts overwrite themselves, the status is set again."""
         from mlflow.entities import Metric
 
+        tags = {"orch.status": state}
         if result:
-            ts = int((finished_at or time.time()) * 1000)
-            final = {
-                f"final.{k}": v
-                for k, v in result.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            }
-            self.client.log_batch(
-                mlflow_run_id, metrics=[Metric(k, float(v), ts, int(result.get("step") or 0)) for k, v in final.items()]
-            )
-        self.client.set_tag(mlflow_run_id, "orch.status", state)
+            numbers = {k: v for k, v in result.items() if _finite(v)}
+            # The test loss is a metric once: the final evaluation's event logged it (at the last step),
+            # unless that event never reached metrics.jsonl.
+            if "test_loss" in numbers and "test_loss" not in self.client.get_run(mlflow_run_id).data.metrics:
+                ts, step = int((finished_at or time.time()) * 1000), int(result.get("step") or 0)
+                self.client.log_batch(
+                    mlflow_run_id, metrics=[Metric("test_loss", float(numbers["test_loss"]), ts, step)]
+                )
+            tags.update({RESULT_TAG + k: _number(v) for k, v in numbers.items() if k not in LOSSES})
+        self.set_tags(mlflow_run_id, tags)
         for name in ("config.json", "result.json", "train.log"):
             if (run_dir / name).exists():
                 self.client.log_artifact(mlflow_run_id, str(run_dir / name))
@@ -217,9 +277,13 @@ class Tracker:
 
         self.client.log_batch(mlflow_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def set_parent(self, child_run_id: str, parent_run_id: str) -> None:
-        """Nest a trial's run under the sweep in the MLflow UI (the standard mlflow.parentRunId tag)."""
-        self.client.set_tag(child_run_id, "mlflow.parentRunId", parent_run_id)
+    def set_parent(self, child_run_id: str, parent_run_id: str, changes: dict | None = None) -> None:
+        """Nest a trial's run under the sweep in the MLflow UI (the standard mlflow.parentRunId tag); `changes`:
+        the trial's parameters, as its orch.changes tag."""
+        tags = {"mlflow.parentRunId": parent_run_id}
+        if changes:
+            tags[CHANGES_TAG] = format_changes(changes)
+        self.set_tags(child_run_id, tags)
 
     def finish_sweep(self, parent_run_id: str, params: dict, value: float, counts: dict[str, int]) -> None:
         """Close the sweep's parent run with the best parameters, their validation loss and the trial counts
@@ -240,8 +304,11 @@ class Tracker:
     # -- reports ----------------------------------------------------------------------------------------
 
     def log_report(self, experiment: str, files: list[Path]) -> str:
-        """Log the files to the experiment's "report" run (made once, then reused); return its MLflow id."""
-        exp_id = self.experiment_id(experiment)
+        """Log the files to the experiment's "report" run (made once, then reused) in the MLflow experiment
+        "EXPERIMENT/reports" (report_experiment): apart from the training runs, whose table, charts and
+        comparisons it would only clutter; return its MLflow id."""
+        note = f"The pages `orch report {experiment}` wrote: open the run **report**, then its artifacts, index.html."
+        exp_id = self._experiment(report_experiment(experiment), {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: note})
         found = self.client.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` = 'report'", max_results=1)
         if found:
             run_id = found[0].info.run_id
@@ -251,6 +318,26 @@ class Tracker:
             self.client.log_artifact(run_id, str(path))  # same names each time: a new report replaces the old
         self.client.set_terminated(run_id)
         return run_id
+
+    # -- the UI -------------------------------------------------------------------------------------------
+
+    def ui_pages(self, experiment: str | None = None) -> list[tuple[str, str]]:
+        """(name, MLflow id) of the experiment `orch ui` opens, or without one of every experiment that holds
+        orch runs; each is made to show as model training with orch's view (an experiment tracked by an older
+        orch gets them here). ValueError naming the known ones for an experiment MLflow does not have."""
+        if experiment is not None:
+            if self.client.get_experiment_by_name(experiment) is None:
+                known = [e.name for e in self.client.search_experiments(max_results=200) if e.name != "Default"]
+                raise ValueError(
+                    f"MLflow at {self.uri} has no experiment named {experiment!r}; "
+                    f"known: {', '.join(sorted(known)) or 'none'}"
+                )
+            return [(experiment, self.experiment_id(experiment))]
+        pages = []
+        for exp in self.client.search_experiments(max_results=200, order_by=["name ASC"]):
+            if self.client.search_runs([exp.experiment_id], filter_string="tags.`orch.run_id` != ''", max_results=1):
+                pages.append((exp.name, self.experiment_id(exp.name)))
+        return pages
 
     # -- experiment tags and notes ----------------------------------------------------------------------
 
@@ -276,6 +363,148 @@ def experiment_note(spec) -> str:
     """An experiment's MLflow note: its description, then its notes, newest last."""
     notes = "\n".join(f"- {n}" for n in spec.notes)
     return "\n\n".join(part for part in (spec.description, notes) if part)
+
+
+def experiment_tags(spec=None) -> dict[str, str]:
+    """The tags an orch experiment's MLflow experiment holds: model training, orch's saved view, and with a
+    spec its tags and its note."""
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_VERSION_TAG: VIEW_VERSION}
+    if spec is not None:
+        tags.update({k: str(v) for k, v in spec.tags.items()})
+        if note := experiment_note(spec):
+            tags[NOTE_TAG] = note
+    return tags
+
+
+def report_experiment(experiment: str) -> str:
+    """The MLflow experiment of an experiment's reports ('/' is in no orch name: it never meets one)."""
+    return f"{experiment}/{REPORTS}"
+
+
+def format_changes(changes: dict) -> str:
+    """An intervention's changes as a tag value: `model.dropout=0.0, optim.grad_clip=3.5`; `(none)`."""
+    text = ", ".join(f"{k}={v!r}" for k, v in changes.items()) or NO_CHANGES
+    return text if len(text) <= 5000 else text[:4999] + "…"  # MLflow keeps 8,000 characters of a tag
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _number(v: int | float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:.6g}"
+
+
+# -- orch's saved view -----------------------------------------------------------------------------------
+# MLflow's own default orders charts alphabetically (clipped, grad_norm, loss, lr, …, val_loss), hides every
+# metric and tag from the runs table and sorts runs by start time. The view (the UI's own saved-view format:
+# an envelope {name, createdAt, updatedAt, state}, the state a JSON string of the page's search facets and UI
+# state) pins what a user wants first. Charts of metrics it does not name are added after these by the UI.
+
+VIEW_CHARTS = {
+    "Loss": [("loss", "LINE"), ("val_loss", "LINE"), ("test_loss", "BAR")],  # the test loss: one bar per run
+    "Optimisation": [("lr", "LINE"), ("grad_norm", "LINE"), ("clipped", "LINE"), ("loss_scale", "LINE")],
+    "Throughput": [("tokens_per_s", "LINE"), ("mfu", "LINE"), ("tokens", "LINE")],
+}
+VIEW_COLUMNS = [f"tags.`{CHANGES_TAG}`", "metrics.`test_loss`", "metrics.`val_loss`", "metrics.`loss`"]
+
+
+def _chart(key: str, kind: str, section: str) -> dict:
+    chart = {
+        "uuid": f"orch-{key}",
+        "type": kind,
+        "runsCountToCompare": 10,
+        "metricSectionId": section,
+        "deleted": False,
+        "isGenerated": False,  # a generated bar chart would be turned into a line chart of one point
+        "displayName": key,
+        "metricKey": key,
+    }
+    if kind == "LINE":
+        chart.update(
+            lineSmoothness=0,
+            xAxisScaleType="linear",
+            scaleType="linear",
+            range={},
+            xAxisKey="step",
+            selectedXAxisMetricKey="",
+            yAxisKey="metric",
+            yAxisExpressions=[],
+            ignoreOutliers=False,
+            useGlobalXaxisKey=True,
+            useGlobalLineSmoothing=True,
+        )
+    return chart
+
+
+def view_state() -> dict:
+    """The state of orch's saved view: runs by test loss, each with its changes and its test, validation
+    and (last) training loss, and the loss charts first."""
+    sections = [(f"orch-{name.lower()}", name) for name in VIEW_CHARTS]
+    return {
+        "searchFilter": "",
+        "orderByKey": "metrics.`test_loss`",
+        "orderByAsc": True,
+        "selectedColumns": VIEW_COLUMNS,
+        "columnOrder": ["attributes.`Run Name`", *VIEW_COLUMNS],  # the changes beside the run, then its losses
+        "columnWidths": {VIEW_COLUMNS[0]: 240},
+        "compareRunCharts": [
+            _chart(key, kind, uuid) for (uuid, _), charts in zip(sections, VIEW_CHARTS.values()) for key, kind in charts
+        ],
+        "compareRunSections": [
+            {"uuid": uuid, "name": name, "display": True, "isReordered": True, "deleted": False, "isGenerated": False}
+            for uuid, name in sections
+        ],
+        "isAccordionReordered": True,  # else the UI sorts the sections by name
+        "hideEmptyCharts": True,
+        "runsHiddenMode": "SHOW_ALL",  # every run in the charts, not the first 10
+    }
+
+
+def _with_view(tags: dict[str, str]) -> dict[str, str]:
+    """`tags`, with the view itself before its version tag where that is to be set."""
+    if VIEW_VERSION_TAG not in tags:
+        return tags
+    now = int(time.time() * 1000)
+    envelope = {"name": VIEW_ID, "createdAt": now, "updatedAt": now, "state": json.dumps(view_state())}
+    return {VIEW_TAG: json.dumps(envelope), **tags}
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """An experiment's runs page in MLflow's UI, as model training, in orch's saved view."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{WORKFLOW}&viewStateShareKey={VIEW_ID}"
+
+
+def experiments_url(base: str) -> str:
+    return f"{base.rstrip('/')}/#/experiments?{WORKFLOW}"
+
+
+def ui_server(uri: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of `orch ui`'s MLflow server: one uvicorn worker (MLflow starts 4, and with
+    them a job runner and seven huey consumers for GenAI jobs: 16 processes, ~3 GiB), no job execution, no
+    telemetry; artifacts served from beside a SQLite store, as the Tracker writes them."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if uri.startswith("sqlite:///"):
+        store = Path(uri.removeprefix("sqlite:///")).resolve()
+        cmd += ["--artifacts-destination", (store.parent / "mlartifacts").as_uri()]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return cmd, env
+
+
+def serve_ui(uri: str, port: int) -> int:
+    """Run ui_server's command in this process, through MLflow's own CLI, until the server stops; its exit
+    code. A process that has imported MLflow already (a Tracker's) saves importing it again (~8 s of the
+    start here), and no process of its own waits beside the server."""
+    cmd, env = ui_server(uri, port)
+    os.environ.update(env)
+    from mlflow.cli import cli
+
+    try:
+        cli.main(args=cmd[3:], prog_name="mlflow")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return 0
 
 
 def open_tracker(uri: str | None = None, enabled: bool = True) -> Tracker | None:

@@ -242,7 +242,7 @@ class Worker:
                 error=f"stored config refused by this orch: {exc}",
             )
             return
-        launch = Launch(run, slot, run_dir, Progress(run_dir=str(run_dir), total_steps=total), MetricsTail(run_dir))
+        launch = Launch(run, slot, run_dir, Progress.of(run, run_dir, total, self.engine), MetricsTail(run_dir))
         self.active[run.id] = launch
         if self.outbox is not None:
             self.outbox.watch(run.id)

@@ -102,7 +102,7 @@ def test_report_is_logged_to_mlflow_in_one_report_run(study, tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     report.write_report(engine, "rep", tmp_path / "a", tracker=tracker)
     report.write_report(engine, "rep", tmp_path / "b", tracker=tracker)  # reuses the run, replaces the files
-    exp_id = tracker.experiment_id("rep")
+    exp_id = tracker.experiment_id("rep/reports")  # apart from the training runs
     found = tracker.client.search_runs([exp_id])
     assert len(found) == 1
     run = found[0]

@@ -22,8 +22,10 @@ import sys
 import sysconfig
 import time
 import tokenize
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -35,11 +37,22 @@ FINEWEB_REPO = "HuggingFaceFW/fineweb"
 FINEWEB_SAMPLE = "sample/10BT"
 
 
+@dataclass
+class Meter:
+    """How far a source is through its input, for the progress display: `done` of `total` bytes (None: not
+    known). A source sets `total` before its first document, from file sizes, and advances `done` as it reads:
+    documents are not countable up front without reading them all, and bytes are."""
+
+    total: float | None = None
+    done: float = 0.0
+    unit: str = "bytes"  # or "documents": a list of documents is its own measure
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Sources: each yields documents (strings).
 
 
-def embedded_corpus() -> Iterator[str]:
+def embedded_corpus(meter: Meter | None = None) -> Iterator[str]:
     """English prose that exists on any machine with Python and no network (~1.2M GPT-2 tokens on 3.11).
 
     The interpreter's help topics (pydoc_data, ~140K tokens), then every docstring and every comment block
@@ -48,11 +61,16 @@ def embedded_corpus() -> Iterator[str]:
     """
     from pydoc_data.topics import topics
 
-    for key in sorted(topics):
-        yield topics[key]
+    meter = meter or Meter()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts):
+    paths = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
+    meter.total = sum(len(t) for t in topics.values()) + sum(p.stat().st_size for p in paths)
+    for key in sorted(topics):
+        meter.done += len(topics[key])
+        yield topics[key]
+    for path in paths:
         source = path.read_bytes()
+        meter.done += len(source)
         try:
             tree = ast.parse(source)
         except (SyntaxError, ValueError):  # the stdlib's deliberately broken test files
@@ -79,8 +97,9 @@ def _comment_blocks(source: bytes) -> Iterator[str]:
         return
 
 
-def file_corpus(paths: Iterable[str], text_field: str = "text") -> Iterator[str]:
+def file_corpus(paths: Iterable[str], text_field: str = "text", meter: Meter | None = None) -> Iterator[str]:
     """Documents from .txt (one per file), .jsonl (one per line) and .parquet (one per row) files or dirs."""
+    meter = meter or Meter()
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -91,12 +110,16 @@ def file_corpus(paths: Iterable[str], text_field: str = "text") -> Iterator[str]
             raise SystemExit(f"error: input {p} does not exist")
     if not files:
         raise SystemExit("error: no .txt, .jsonl or .parquet files among the inputs")
-    for f in files:
+    sizes = [f.stat().st_size for f in files]
+    meter.total = sum(sizes)
+    for f, size in zip(files, sizes):
+        start = meter.done
         if f.suffix == ".parquet":
-            yield from parquet_documents(f, text_field)
+            yield from parquet_documents(f, text_field, meter)
         elif f.suffix == ".jsonl":
             with open(f, encoding="utf-8") as fh:
                 for n, line in enumerate(fh, 1):
+                    meter.done = min(start + size, meter.done + len(line))  # characters: bytes, near enough
                     if line.strip():
                         try:
                             yield json.loads(line)[text_field]
@@ -106,36 +129,49 @@ def file_corpus(paths: Iterable[str], text_field: str = "text") -> Iterator[str]
                                 "(choose the field with --text-field)"
                             ) from None
         else:
+            meter.done = start + size
             yield f.read_text(encoding="utf-8", errors="replace")
+        meter.done = start + size
 
 
-def parquet_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Rows of a Parquet file's text column, read a row group at a time (FineWeb files are ~2 GB)."""
+def parquet_documents(path: Path, text_field: str = "text", meter: Meter | None = None) -> Iterator[str]:
+    """Rows of a Parquet file's text column, read a row group at a time (FineWeb files are ~2 GB). `meter`
+    advances by the file's size in proportion to the rows read."""
     import pyarrow.parquet as pq
 
+    meter = meter or Meter()
     pf = pq.ParquetFile(path)
     if text_field not in pf.schema_arrow.names:
         raise SystemExit(f"error: {path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+    per_row = Path(path).stat().st_size / max(1, pf.metadata.num_rows)
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        meter.done += batch.num_rows * per_row
         yield from (t for t in batch.column(0).to_pylist() if t)
 
 
-def fineweb_corpus(sample: str = FINEWEB_SAMPLE, cache_dir: str | None = None) -> Iterator[str]:
+def fineweb_corpus(
+    sample: str = FINEWEB_SAMPLE, cache_dir: str | None = None, meter: Meter | None = None
+) -> Iterator[str]:
     """FineWeb's sample files from the Hugging Face hub, in the hub's file order, downloaded one at a time."""
     try:
         from huggingface_hub import HfApi, hf_hub_download
     except ImportError:
         raise SystemExit("error: the FineWeb download needs huggingface_hub: pip install 'orch[hub]'") from None
+    meter = meter or Meter()
+    # The tree listing carries each file's size: the total that progress and its ETA are measured against.
     files = sorted(
-        f
-        for f in HfApi().list_repo_files(FINEWEB_REPO, repo_type="dataset")
-        if f.startswith(sample + "/") and f.endswith(".parquet")
+        (f.path, f.size)
+        for f in HfApi().list_repo_tree(FINEWEB_REPO, path_in_repo=sample, recursive=True, repo_type="dataset")
+        if f.path.endswith(".parquet") and getattr(f, "size", None) is not None
     )
     if not files:
         raise SystemExit(f"error: no Parquet files under {sample!r} in {FINEWEB_REPO}")
-    for name in files:
+    meter.total = sum(size for _, size in files)
+    for name, size in files:
         local = hf_hub_download(FINEWEB_REPO, name, repo_type="dataset", cache_dir=cache_dir)
-        yield from parquet_documents(Path(local))
+        start = meter.done
+        yield from parquet_documents(Path(local), meter=meter)
+        meter.done = start + size
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -173,6 +209,115 @@ class ShardWriter:
             self.fill = 0
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Progress: a bar on a terminal; in a log or a pipe, a plain line every tenth of the input or LINE_EVERY_S.
+
+LINE_EVERY_S = 30.0
+LINE_EVERY_FRACTION = 0.1
+
+
+class Reporter:
+    """What prepare() says while it works, on `stream` (stderr): a rich progress bar when that is a terminal,
+    else whole lines (no carriage-return redraws, which a log keeps as one endless line), each with the
+    total, the rate and an ETA.
+
+    The fraction done is that of the input read (the source's Meter), or of --max-tokens when that ends the
+    preparation sooner; the token total is extrapolated from it ("~"), since it is known only at the end."""
+
+    def __init__(self, meter: Meter, max_tokens: int | None, stream: TextIO, bar: bool | None = None):
+        self.meter, self.max_tokens, self.stream = meter, max_tokens, stream
+        self.t0 = self.shown_at = time.monotonic()
+        self.shown = 0  # the steps of LINE_EVERY_FRACTION done at the last plain line
+        self.docs = self.tokens = 0
+        self.bar = None
+        if stream.isatty() if bar is None else bar:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            self.bar = Progress(
+                TextColumn("tokenising"),
+                BarColumn(),
+                TextColumn("{task.description}"),
+                console=Console(file=stream),
+                transient=True,  # the summary line replaces it
+            )
+            self.task = self.bar.add_task("", total=None)
+            self.bar.start()
+
+    def fraction(self) -> float | None:
+        known = [self.meter.done / self.meter.total] if self.meter.total else []
+        if self.max_tokens:
+            known.append(self.tokens / self.max_tokens)
+        return min(1.0, max(known)) if known else None
+
+    def text(self) -> str:
+        elapsed = time.monotonic() - self.t0
+        rate = f"{_count(self.tokens / elapsed if elapsed > 0 else 0)} tokens/s"
+        f = self.fraction()
+        if not f:
+            return f"tokenised {_count(self.tokens)} tokens ({self.docs:,} documents), {rate}"
+        if self.max_tokens and self.tokens / self.max_tokens >= f:
+            total, of = _count(self.max_tokens), "of --max-tokens"
+        else:
+            total = "~" + _count(self.tokens / f)
+            size = self.meter.total or 0
+            of = f"of {_size(size)} read" if self.meter.unit == "bytes" else f"of {size:,.0f} {self.meter.unit}"
+        return (
+            f"tokenised {_count(self.tokens)}/{total} tokens ({f:.0%} {of}), {rate}, "
+            f"ETA {_duration(elapsed * (1 - f) / f)}"
+        )
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.docs, self.tokens = docs, tokens
+        f = self.fraction()
+        if self.bar is not None:
+            self.bar.update(self.task, total=1.0 if f is not None else None, completed=f or 0, description=self.text())
+            return
+        now = time.monotonic()
+        if f == 1.0:
+            return  # the summary line says it
+        steps = int(f / LINE_EVERY_FRACTION + 1e-9) if f is not None else 0  # 3/10 is not 0.1 + 0.2 in floats
+        if steps > self.shown or now - self.shown_at >= LINE_EVERY_S:
+            print(self.text(), file=self.stream, flush=True)
+            self.shown_at, self.shown = now, steps
+
+    def close(self, finished: bool) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        if finished:
+            elapsed = time.monotonic() - self.t0
+            print(
+                f"tokenised {self.tokens:,} tokens ({self.docs:,} documents) in {_duration(elapsed)}, "
+                f"{_count(self.tokens / elapsed if elapsed > 0 else 0)} tokens/s",
+                file=self.stream,
+                flush=True,
+            )
+
+
+def _count(n: float) -> str:
+    """1,234 → "1.2k", 4,800,000 → "4.8M"."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _size(n: float) -> str:
+    for div, suffix in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= div:
+            return f"{n / div:.1f} {suffix}"
+    return f"{n:.0f} B"
+
+
+def _duration(s: float) -> str:
+    s = round(s)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 def prepare(
     documents: Iterable[str],
     out: str | Path,
@@ -185,7 +330,12 @@ def prepare(
     max_tokens: int | None = None,
     batch_docs: int = 256,
     progress: bool = True,
+    meter: Meter | None = None,
+    stream: TextIO | None = None,
 ) -> dict:
+    """Tokenise `documents` into shards under `out` and write meta.json. With `progress`, report on `stream`
+    (default stderr: a bar on a terminal, plain lines in a log) how far through its input `meter` (the
+    source's) says it is; a list of documents without a meter is measured in documents."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten at the end
@@ -195,7 +345,10 @@ def prepare(
     writers = {s: ShardWriter(out, s, shard_tokens) for s in SPLITS}
     digest = hashlib.sha256()
     docs = tokens = 0
-    t0 = shown = time.time()
+    count_docs = meter is None and isinstance(documents, Sized)
+    if meter is None:
+        meter = Meter(total=len(documents), unit="documents") if isinstance(documents, Sized) else Meter()
+    reporter = Reporter(meter, max_tokens, stream or sys.stderr) if progress else None
 
     def batches() -> Iterator[list[str]]:
         batch: list[str] = []
@@ -207,25 +360,25 @@ def prepare(
         if batch:
             yield batch
 
-    for batch in batches():
-        for text, ids in zip(batch, enc.encode_ordinary_batch(batch, num_threads=4)):
-            ids = [EOT] + ids
-            writers[split_of(text, val_fraction, test_fraction)].add(ids)
-            digest.update(np.asarray(ids, dtype=np.uint16).tobytes())
-            docs += 1
-            tokens += len(ids)
-        if progress and time.time() - shown > 2:
-            shown = time.time()
-            print(
-                f"\r{docs:,} documents, {tokens:,} tokens, {tokens / (time.time() - t0 + 1e-9):,.0f} tokens/s",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-        if max_tokens is not None and tokens >= max_tokens:
-            break
-    if progress:
-        print(file=sys.stderr)
+    finished = False
+    try:
+        for batch in batches():
+            for text, ids in zip(batch, enc.encode_ordinary_batch(batch, num_threads=4)):
+                ids = [EOT] + ids
+                writers[split_of(text, val_fraction, test_fraction)].add(ids)
+                digest.update(np.asarray(ids, dtype=np.uint16).tobytes())
+                docs += 1
+                tokens += len(ids)
+            if count_docs:
+                meter.done = docs
+            if reporter is not None:
+                reporter.update(docs, tokens)
+            if max_tokens is not None and tokens >= max_tokens:
+                break
+        finished = True
+    finally:
+        if reporter is not None:
+            reporter.close(finished)
     for w in writers.values():
         w.flush()
     empty = [s for s, w in writers.items() if w.total == 0]
@@ -270,12 +423,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
     if args.source == "files" and not args.inputs:
         parser.error("'files' needs at least one input file or directory")
+    meter = Meter()
     if args.source == "embedded":
-        docs = embedded_corpus()
+        docs = embedded_corpus(meter=meter)
     elif args.source == "files":
-        docs = file_corpus(args.inputs, args.text_field)
+        docs = file_corpus(args.inputs, args.text_field, meter=meter)
     else:
-        docs = fineweb_corpus(args.sample)
+        docs = fineweb_corpus(args.sample, meter=meter)
     command = shlex.join(["python", "-m", "trainer.prepare", *argv])
     meta = prepare(
         docs,
@@ -286,6 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         test_fraction=test,
         shard_tokens=args.shard_tokens,
         max_tokens=args.max_tokens,
+        meter=meter,
     )
     print(f"wrote {args.out}: " + ", ".join(f"{s} {n:,} tokens" for s, n in meta["tokens"].items()))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +12,10 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 
-from orchestrator import queries, queue, specs, states
+from orchestrator import progress, queries, queue, specs, states
 from orchestrator.api.connection import RUN_PREFIX, at_least, check_data, connect, refuse_password
 from orchestrator.db import Run
+from orchestrator.progress import QueueEta
 from orchestrator.queries import Member
 from orchestrator.states import RunState
 from orchestrator.tracking import open_tracker
@@ -250,6 +250,7 @@ class Running:
     tokens_per_s: float | None
     eta_s: float | None  # the tokens left at the current throughput
     worker: str | None
+    elapsed_s: float | None = None  # since its claim (database clock)
 
 
 @dataclass
@@ -257,31 +258,46 @@ class Status:
     counts: dict[str, int]  # every state, 0 where no run is in it
     running: list[Running]
     pilots: list = field(default_factory=list)  # slurm.Pilot: this user's pilot jobs, where Slurm is installed
+    queue_eta: QueueEta | None = None  # when the queue should be empty, and how that was estimated
 
 
 def eta_s(run: Run) -> float | None:
     """Seconds left for a running run: the tokens of its remaining steps at its current tokens/s."""
-    if not (run.step and run.total_steps and run.tokens_per_s):
-        return None
-    tokens_per_step = run.config["run"]["batch_size"] * run.config["model"]["context_length"]
-    return (run.total_steps - run.step) * tokens_per_step / run.tokens_per_s
+    return progress.eta_s(run.step, run.total_steps, run.tokens_per_s, progress.tokens_per_step(run.config))
 
 
 def status(db: Db = None, *, pilots: bool = True) -> Status:
-    """Queued / running / done counts, each running run's step, loss, tokens/s and ETA, and Slurm pilots
-    (`pilots=False` skips the squeue call: a refreshing view asks Slurm less often than the database)."""
+    """Queued / running / done counts, each running run's step, loss, tokens/s and ETA, the whole queue's ETA
+    (progress.queue_eta: from the running runs' ETAs and the durations of finished runs of the queued runs'
+    experiments), and Slurm pilots (`pilots=False` skips the squeue call: a refreshing view asks Slurm less
+    often than the database)."""
     from orchestrator import slurm
 
     engine = connect(db)
     counts = queries.counts(engine)
-    return Status(
-        {str(s): counts.get(s, 0) for s in RunState},
-        [
-            Running(r.id, e, a, r.seed, r.step, r.total_steps, r.train_loss, r.tokens_per_s, eta_s(r), r.worker)
-            for e, a, r in queries.running(engine)
-        ],
-        slurm.pilots() if pilots else [],
+    now = queries.now(engine)
+    running = [
+        Running(
+            r.id,
+            e,
+            a,
+            r.seed,
+            r.step,
+            r.total_steps,
+            r.train_loss,
+            r.tokens_per_s,
+            eta_s(r),
+            r.worker,
+            max(0.0, now - r.started_at) if r.started_at is not None else None,
+        )
+        for e, a, r in queries.running(engine)
+    ]
+    queue_eta = progress.queue_eta(
+        [progress.Busy(r.experiment, r.eta_s, r.elapsed_s) for r in running],
+        [experiment for _, experiment in queries.queued(engine)],
+        queries.durations(engine),
     )
+    return Status({str(s): counts.get(s, 0) for s in RunState}, running, slurm.pilots() if pilots else [], queue_eta)
 
 
 def known_experiments(engine: Engine, names: Sequence[str]) -> list[str]:
@@ -389,17 +405,51 @@ def sync(*, runs_dir: str | Path = "runs", mlflow: str | None = None, db: Db = N
     return SyncReport(*outbox.sync_all(box))
 
 
-def ui(*, port: int = 5000, mlflow: str | None = None, echo: Callable[[str], None] = print) -> int:
-    """Serve the MLflow UI on 127.0.0.1 over the same tracking store until stopped; return its exit code."""
-    from orchestrator.tracking import resolve_uri
+def ui(
+    experiment: str | None = None,
+    *,
+    port: int = 5000,
+    mlflow: str | None = None,
+    echo: Callable[[str], None] = print,
+    in_process: bool = False,
+) -> int:
+    """Serve the MLflow UI on 127.0.0.1 over the same tracking store until stopped; return its exit code.
+    Prints the URL of the experiment's runs page (without one, of every experiment holding orch runs): model
+    training rather than MLflow's GenAI pages, in orch's saved view (tracking.py). One light server process
+    (tracking.ui_server). A tracking server as the store (http://…) is served already: its URLs, nothing
+    started. `in_process`: run MLflow's server command in this process rather than in a child (`orch ui`:
+    faster to start, and no orch process waits beside the server)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from orchestrator import tracking
 
     if not 1 <= port <= 65535:
         raise ValueError(f"--port must be between 1 and 65535, not {port}")
-    uri = resolve_uri(mlflow)
-    echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
-    return subprocess.call(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
-    )
+    uri = tracking.resolve_uri(mlflow)
+    remote = uri.startswith(("http://", "https://"))
+    parts = urlsplit(uri)
+    if parts.password:  # $ORCH_MLFLOW may hold one: never on the screen
+        uri_shown = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+    else:
+        uri_shown = uri
+    if remote:  # the server's own pages, without the credentials
+        base = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/")
+    else:
+        base = f"http://127.0.0.1:{port}"
+    pages = tracking.Tracker(uri).ui_pages(experiment)
+    if experiment is not None:
+        echo(f"MLflow UI for {uri_shown}, experiment {experiment}: {tracking.runs_url(base, pages[0][1])}")
+    else:
+        echo(f"MLflow UI for {uri_shown} at {tracking.experiments_url(base)}")
+        width = max((len(name) for name, _ in pages), default=0)
+        for name, exp_id in pages:
+            echo(f"  {name:<{width}}  {tracking.runs_url(base, exp_id)}")
+    if remote:
+        return 0
+    if in_process:
+        return tracking.serve_ui(uri, port)
+    cmd, env = tracking.ui_server(uri, port)
+    return subprocess.call(cmd, env=env)
 
 
 def upgrade(db: Db = None) -> tuple[str | None, str]:

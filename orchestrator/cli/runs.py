@@ -103,7 +103,14 @@ def worker(
     gpus_per_run: Annotated[int, typer.Option(help="GPUs per run (torchrun processes)")] = 1,
     nproc_per_node: Annotated[int, typer.Option(help="processes per run on CPU")] = 1,
     parallel: Annotated[int, typer.Option(help="CPU runs at once (no GPUs)")] = 1,
-    until_empty: Annotated[bool, typer.Option("--until-empty", help="exit when nothing is queued or running")] = False,
+    until_empty: Annotated[
+        bool,
+        typer.Option(
+            "--until-empty",
+            help="exit when nothing is queued or running and no sweep's driver may still queue trials (a sweep "
+            "whose driver has not renewed its lease for twice its --grace no longer counts)",
+        ),
+    ] = False,
     runs_dir: Annotated[str, typer.Option(help="where run directories go")] = "runs",
     heartbeat: Annotated[float, typer.Option(help="seconds between heartbeats")] = 5.0,
     grace: Annotated[float, typer.Option(help="seconds without heartbeat before a run is requeued")] = 60.0,
@@ -150,15 +157,26 @@ def worker(
 @app.command()
 def status(
     watch: Annotated[bool, typer.Option("--watch/--once", help="refresh until interrupted")] = False,
+    format: Annotated[str, typer.Option("--format", help="text | json (once: not with --watch)")] = "text",
     db: DbOpt = None,
 ):
-    """Queued / running / done counts, and each running run's step, loss, tokens/s and ETA."""
+    """Queued / running / done counts, each running run's step, loss, tokens/s and ETA, and when the queue
+    should be empty (estimated from finished runs of the same experiments; the line says how)."""
+    from dataclasses import asdict
+
     from rich.console import Console
     from rich.live import Live
 
     from orchestrator import api
+    from orchestrator.cli.common import fail
 
+    check_format(format, ("text", "json"))
+    if watch and format == "json":
+        fail("--watch redraws a table; --format json prints the status once: drop --watch (or poll the json)")
     now = call(api.status, db)
+    if format == "json":
+        typer.echo(json.dumps(asdict(now), indent=2))
+        return
     if not watch:
         Console().print(status_view(now))
         return
@@ -185,26 +203,18 @@ SQUEUE_EVERY_S = 30
 
 
 def status_view(now):
+    """The status as rich renderables; the running table fits the console's width (80 columns and up): the
+    run id shortened to 8 characters, experiment/arm always whole, and the worker column, where it does not
+    fit, replaced by a line per worker under the table."""
     from rich.console import Group
-    from rich.table import Table
 
-    summary = "  ".join(f"{k}: {n}" for k, n in now.counts.items())
-    t = Table(title="running")
-    for col in ("run", "experiment/arm", "seed", "step", "loss", "tokens/s", "ETA", "worker"):
-        t.add_column(col)
-    for r in now.running:
-        t.add_row(
-            r.id,
-            f"{r.experiment}/{r.arm}",
-            str(r.seed),
-            f"{r.step or 0}/{r.total_steps or '?'}",
-            f"{r.train_loss:.4f}" if r.train_loss else "—",
-            f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
-            f"{r.eta_s:,.0f}s" if r.eta_s is not None else "—",
-            r.worker or "",
-        )
-    parts = [summary, t if t.row_count else "nothing running"]
+    summary = ", ".join(f"{n} {k}" for k, n in now.counts.items())
+    parts = [summary, _RunningTable(now.running) if now.running else "nothing running"]
+    if now.queue_eta is not None and (now.running or now.queue_eta.queued):
+        parts.append(now.queue_eta.how)
     if now.pilots:
+        from rich.table import Table
+
         p = Table(title="Slurm pilots")
         for col in ("job", "state", "nodes", "nodelist", "elapsed", "limit"):
             p.add_column(col)
@@ -212,6 +222,54 @@ def status_view(now):
             p.add_row(pilot.job_id, pilot.state, str(pilot.nodes), pilot.nodelist, pilot.elapsed, pilot.time_limit)
         parts.append(p)
     return Group(*parts)
+
+
+class _RunningTable:
+    """The running runs, laid out when the width is known (a --watch view follows the terminal's)."""
+
+    def __init__(self, running):
+        self.running = running
+
+    def table(self, with_worker: bool):
+        from rich import box
+        from rich.table import Table
+
+        from orchestrator.progress import duration
+
+        t = Table(title="running", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title_justify="left")
+        t.add_column("run", no_wrap=True)
+        t.add_column("experiment/arm", overflow="fold")  # folds onto a second line where it must: never cut
+        for col in ("seed", "step", "loss", "tok/s", "ETA"):
+            t.add_column(col, justify="right", no_wrap=True)
+        if with_worker:
+            t.add_column("worker", no_wrap=True)
+        for r in self.running:
+            t.add_row(
+                r.id[:8],
+                f"{r.experiment}/{r.arm}",
+                str(r.seed),
+                f"{r.step or 0}/{r.total_steps or '?'}",
+                f"{r.train_loss:.3f}" if r.train_loss else "—",
+                f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
+                duration(r.eta_s) if r.eta_s is not None else "—",
+                *([r.worker or ""] if with_worker else []),
+            )
+        return t
+
+    def __rich_console__(self, console, options):
+        from rich.measure import Measurement
+
+        wide = self.table(with_worker=True)
+        # Measured unconstrained: a table's measurement is otherwise capped at the width it is given.
+        if Measurement.get(console, options.update_width(1_000_000), wide).maximum <= options.max_width:
+            yield wide
+            return
+        yield self.table(with_worker=False)
+        workers: dict[str, list[str]] = {}
+        for r in self.running:
+            workers.setdefault(r.worker or "?", []).append(r.id[:8])
+        for worker, ids in workers.items():
+            yield f"on {worker}: {', '.join(ids)}"
 
 
 @app.command()
@@ -311,11 +369,19 @@ def sync(
 
 
 @app.command()
-def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000, mlflow: MlflowOpt = None):
-    """Start the MLflow UI on 127.0.0.1 over the same tracking store."""
+def ui(
+    experiment: Annotated[
+        Optional[str], typer.Argument(help="the experiment whose runs to open (default: list them all)")
+    ] = None,
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
+    mlflow: MlflowOpt = None,
+):
+    """Start the MLflow UI on 127.0.0.1 over the same tracking store, and print the URL of an experiment's
+    runs (of each experiment's, without EXPERIMENT) as model training, in orch's view: sorted by test loss,
+    the intervention's changes as a column, the loss curves first."""
     from orchestrator import api
 
-    raise typer.Exit(call(api.ui, port=port, mlflow=mlflow, echo=typer.echo))
+    raise typer.Exit(call(api.ui, experiment, port=port, mlflow=mlflow, echo=typer.echo, in_process=True))
 
 
 @db_app.command("upgrade")
