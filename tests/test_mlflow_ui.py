@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import subprocess_env
 from tests.servers import free_port
+from tests.test_report import _chromium as report_chromium
 from tests.test_tracking import TEST_LOSSES, tracked_experiment
 
 pytestmark = pytest.mark.slow  # a server and five browser loads: 1-2 minutes on two busy cores
@@ -76,25 +77,8 @@ def served(tmp_path_factory):
 
 
 def _chromium(*args: str, profile: Path) -> str:
-    """Headless, no sandbox (CI runs as root), nothing that reaches for the network; stdout."""
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1600,1000",
-        f"--user-data-dir={profile}",
-        *args,
-    ]
-    out = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=180)
-    assert out.returncode == 0, f"chromium exited {out.returncode}\n{out.stderr[-3000:]}"
-    return out.stdout
+    """tests/test_report.py's headless chromium, at a window wide enough for the runs table; its stdout."""
+    return report_chromium("--window-size=1600,1000", *args, profile=profile, timeout=180).stdout
 
 
 def _page(url: str, tmp_path: Path, name: str, drawn: str) -> str:

@@ -158,7 +158,7 @@ def test_imported_and_failed_runs(tmp_path):
 # The page in a real browser.
 
 
-def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+def _chromium(*args: str, profile: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     # Headless, no sandbox (CI runs as root), and nothing that would reach for the network.
     cmd = [
         CHROMIUM,
@@ -174,7 +174,7 @@ def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
         f"--user-data-dir={profile}",
         *args,
     ]
-    out = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
+    out = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
     assert out.returncode == 0, f"chromium exited {out.returncode}\n{out.stderr[-3000:]}"
     return out
 
