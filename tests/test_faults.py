@@ -9,6 +9,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from orchestrator import queries
 from orchestrator.db import connect
 from tests.conftest import REPO, start_trainer, subprocess_env, trainer_cmd, wait_for_step
@@ -140,6 +142,7 @@ def test_a_killed_worker_takes_its_trainer_with_it(tmp_path, data_dir):
     assert runlock.holder(run_dir) is None
 
 
+@pytest.mark.slow  # minutes of end-to-end training on 2 cores: run by .ci/run's -m slow
 def test_tracking_survives_an_mlflow_outage(tmp_path, data_dir):
     """The server is down when the run starts and when it ends: everything arrives once it is back."""
     orch = Orch(tmp_path)
@@ -232,9 +235,8 @@ def test_a_takeover_is_not_a_cancellation_and_only_the_owner_closes_mlflow(tmp_p
     steps_once(run_dir, 60)
 
 
+@pytest.mark.slow  # minutes of end-to-end training on 2 cores: run by .ci/run's -m slow
 def test_a_full_disk_costs_no_attempt_and_the_run_finishes_once_space_is_free(tmp_path, data_dir):
-    import pytest
-
     mount = tmp_path / "runs"
     mount.mkdir()
     made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(mount)], capture_output=True)

@@ -71,6 +71,7 @@ def workers(tmp_path):
             p.kill()
 
 
+@pytest.mark.slow  # minutes of end-to-end training on 2 cores: run by .ci/run's -m slow
 def test_sweep_runs_its_budget_on_two_workers_with_mlflow_parent_and_children(tmp_path, data_dir, workers):
     orch = workers(2)
     path = sweep_file(tmp_path, data_dir, "sw", trials=4, steps=12)
@@ -119,6 +120,7 @@ def test_sweep_runs_its_budget_on_two_workers_with_mlflow_parent_and_children(tm
     assert best["n"] == 2 and best["verdict"] in ("better", "worse", "equivalent", "undecided")
 
 
+@pytest.mark.slow  # minutes of end-to-end training on 2 cores: run by .ci/run's -m slow
 def test_pruning_stops_hopeless_trials_early_and_an_until_empty_worker_sees_the_sweep_through(tmp_path, data_dir):
     orch = Orch(tmp_path)
     # Evaluated in this order, one at a time: two sensible learning rates set the median, then two that
@@ -177,6 +179,7 @@ def test_pruning_stops_hopeless_trials_early_and_an_until_empty_worker_sees_the_
     assert lines[1].split() == ["pr", "4/4", f"{best:.4f}", "finished"]
 
 
+@pytest.mark.slow  # minutes of end-to-end training on 2 cores: run by .ci/run's -m slow
 def test_killed_sweep_command_resumes_and_counts_every_trial_once(tmp_path, data_dir, workers):
     orch = workers(2, mlflow=False)
     path = sweep_file(tmp_path, data_dir, "kl", trials=6, steps=12, pruner="none")

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.postgres
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
 
 
+@pytest.mark.slow  # minutes of end-to-end training on 2 cores: run by .ci/run's -m slow
 def test_a_worker_tracks_to_a_server_on_postgresql_that_keeps_the_artifacts(postgres, tmp_path, data_dir):
     server_side, worker_side = tmp_path / "server", tmp_path / "worker"
     server_side.mkdir()

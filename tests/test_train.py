@@ -345,6 +345,7 @@ def _final_weights(run):
     return checkpoint.load(checkpoint_paths(run)[-1])["model"]
 
 
+@pytest.mark.slow  # minutes of end-to-end training on 2 cores: run by .ci/run's -m slow
 def test_ddp_trains_the_same_model_as_one_process(equivalence_runs):
     single, _, ddp = equivalence_runs
     r1, r2 = read_result(single), read_result(ddp)
@@ -377,6 +378,7 @@ def test_ddp_logged_loss_equals_one_process(equivalence_runs):
     assert not bad, f"(step, 1-process loss, 2-process loss) differing by > 1e-5: {bad}"
 
 
+@pytest.mark.slow  # minutes of end-to-end training on 2 cores: run by .ci/run's -m slow
 def test_ddp_stop_checkpoints_every_rank_and_resumes(equivalence_runs, data_dir, tmp_path):
     _, _, ref = equivalence_runs
     run = tmp_path / "ddp-stop"
@@ -411,6 +413,7 @@ def test_gradient_accumulation_equals_one_big_micro_batch(equivalence_runs):
 # Mixed precision on the CPU
 
 
+@pytest.mark.slow  # minutes of end-to-end training on 2 cores: run by .ci/run's -m slow
 def test_fp16_amp_records_the_loss_scale(data_dir, tmp_path):
     run = tmp_path / "fp16"
     ok(run_trainer(run, data_dir, {"precision.amp": "fp16", "run.steps": 4}))
@@ -424,6 +427,7 @@ def test_fp16_amp_records_the_loss_scale(data_dir, tmp_path):
     assert scaler["scale"] == lines[-1]["loss_scale"]
 
 
+@pytest.mark.slow  # minutes of end-to-end training on 2 cores: run by .ci/run's -m slow
 def test_bf16_amp_runs(data_dir, tmp_path):
     run = tmp_path / "bf16"
     ok(run_trainer(run, data_dir, {"precision.amp": "bf16", "run.steps": 4, "run.peak_tflops": 0.001}))

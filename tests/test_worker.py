@@ -224,6 +224,7 @@ def test_table_names_unknown_experiments(tmp_path, data_dir):
     assert "no experiment named 'unknwn'; known: known" in out.stderr
 
 
+@pytest.mark.slow  # minutes of end-to-end training on 2 cores: run by .ci/run's -m slow
 def test_failures_keep_the_error_and_are_retried_only_when_a_retry_can_help(tmp_path, data_dir):
     orch = Orch(tmp_path)
     # Missing data: the trainer says so in result.json and the worker does not retry it.
