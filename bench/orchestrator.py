@@ -1,8 +1,9 @@
-"""Orchestrator overheads: submit, concurrent claims, `orch table`, the GPU-idle gap between runs, and MLflow
-metric forwarding — on SQLite and a private PostgreSQL cluster.
+"""Orchestrator overheads: submit, concurrent claims, `orch table`, the GPU-idle gap between runs (cold starts
+against warm spares), and MLflow metric forwarding — on SQLite and a private PostgreSQL cluster.
 
     .venv/bin/python bench/orchestrator.py                        # everything, 10,000 runs, 3 repeats
     .venv/bin/python bench/orchestrator.py --runs 1000 --repeats 1 --skip-postgres --skip-gpu-gap
+    .venv/bin/python bench/orchestrator.py --gap-only             # the idle gap alone: warm spares on vs off
 
 Every number is the real code path (orchestrator.queue, .table, .worker, .tracking); only the set-up that is
 not being measured is shortcut (runs are marked finished with one bulk UPDATE). Results are medians over
@@ -196,7 +197,16 @@ def queue_benchmarks(args, backends: dict[str, callable]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. The GPU-idle gap: a real Worker, real trainers (started directly: one process each), a tiny dataset.
+# 4. The GPU-idle gap: a real Worker, real trainers (one process each, started cold or by a warm spare), a
+# tiny dataset. The variants alternate within each repeat, so drift on a shared machine hits them alike.
+
+VARIANTS = {  # label: (the worker's warm_spares setting, MLflow tracking)
+    "cold start, no tracker": ("off", False),
+    "warm spare, no tracker": ("on", False),
+    "cold start, MLflow sqlite": ("off", True),
+    "warm spare, MLflow sqlite": ("on", True),
+}
+GAP = "GPU-idle gap: trainer exit -> next first step"
 
 
 def synthetic_documents(n_docs: int = 420, seed: int = 1234) -> list[str]:
@@ -234,40 +244,61 @@ class ExitWatcher(threading.Thread):
                 os.close(fd)
 
 
-def gap_benchmark(args, tmp: Path, data_dir: Path, tracked: bool, r: int) -> None:
-    """The gap between consecutive tiny CPU runs on one worker slot, with and without MLflow tracking."""
+def gap_benchmark(args, tmp: Path, data_dir: Path, label: str, r: int) -> None:
+    """The gaps between consecutive tiny CPU runs on one worker slot, in one of VARIANTS."""
     from orchestrator.tracking import Tracker
 
-    label = "MLflow sqlite" if tracked else "no tracker"
+    spares, tracked = VARIANTS[label]
     base = {
         "data.path": str(data_dir),
         "model.context_length": 16,
         "run.batch_size": 8,
-        "run.steps": 6,
+        "run.steps": args.gap_steps,
         "run.log_interval": 1,
         "run.checkpoint_interval": 0,
         "eval.val_sequences": 8,
         "eval.test_sequences": 32,
+        "sample.prompts": [],  # the closing samples lengthen each run by seconds here, and change no gap
     }
     exp = specs.Experiment(name="gap", preset="tiny", base=base, seeds=args.gap_runs)
-    root = tmp / f"gap-{label.replace(' ', '-')}-{r}"
+    root = tmp / f"gap-{label.replace(' ', '-').replace(',', '')}-{r}"
     tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}") if tracked else None
-    gaps, _ = worker_gaps(root, exp, tracker)
+    gaps, runs = worker_gaps(root, exp, tracker, warm_spares=spares)
     for parts in gaps:
         for k, v in parts.items():
             if isinstance(v, float):
                 rec(k, label, "s", v)
-        EXTRA.setdefault("gap_records", []).append({"tracker": label, "repeat": r, **parts})
+        EXTRA.setdefault("gap_records", []).append({"variant": label, "repeat": r, **parts})
+    for run in runs:
+        rec("run: launch -> trainer exit (its own wall time)", label, "s", run["launch -> exit"])
+        rec("run: time_to_first_step_s (result.json)", label, "s", run["time_to_first_step_s"])
+        EXTRA.setdefault("gap_runs", []).append(
+            {"variant": label, "repeat": r, **{k: v for k, v in run.items() if k != "losses"}}
+        )
     print(f"gap repeat {r + 1} ({label}): done", file=sys.stderr)
 
 
+def gap_summary() -> dict:
+    """Cold against warm, per tracker: the median gap over every repeat's gaps, and their ratio."""
+    out = {}
+    for tracker in ("no tracker", "MLflow sqlite"):
+        cold = SAMPLES.get((GAP, f"cold start, {tracker}", "s"))
+        warm = SAMPLES.get((GAP, f"warm spare, {tracker}", "s"))
+        if cold and warm:
+            c, w = statistics.median(cold), statistics.median(warm)
+            out[tracker] = {"cold_median_s": c, "warm_median_s": w, "cold_over_warm": c / w, "gaps": len(cold)}
+    return out
+
+
 def worker_gaps(
-    root: Path, exp: specs.Experiment, tracker=None, gpus: list[int] | None = None
+    root: Path, exp: specs.Experiment, tracker=None, gpus: list[int] | None = None, warm_spares: str | None = None
 ) -> tuple[list[dict], list[dict]]:
     """Run every run of `exp` one after another on one worker slot (a real Worker and real trainers) and
     time, between consecutive runs A -> B: A's result.json mtime, A's process exit (pidfd), the worker's echo
-    of A's finish and of B's Popen, and B's first step start (its first metrics event minus one median step).
-    Returns those gaps, and per run the time from Popen to the end of its first step (start-up, compile)."""
+    of A's finish and of B's launch (its Popen, or its handoff to a warm spare), and B's first step start (its
+    first metrics event minus one median step). `warm_spares`: the Worker's setting (None: ORCH_WARM_SPARE,
+    else GPU slots only). Returns those gaps, and per run the time from its launch to the end of its first
+    step (start-up, compile) and to its exit."""
     from orchestrator.node import plan_slots
     from orchestrator.worker import Worker
 
@@ -279,6 +310,7 @@ def worker_gaps(
         runs_dir=root / "runs",
         slots=plan_slots(gpus, 1, 1),
         tracker=tracker,
+        warm_spares=warm_spares,
         echo=lambda msg: log.append((time.time(), msg)),
     )  # CLI defaults: poll 0.2 s, heartbeat 5 s
     watcher = ExitWatcher(w)
@@ -289,6 +321,7 @@ def worker_gaps(
     watcher.done = True
     engine.dispose()
     started = [(t, m.split()[1]) for t, m in log if m.startswith("started ")]
+    warm = {m.split()[1] for _, m in log if m.startswith("started ") and m.endswith("(warm spare)")}
     finished = {m.split()[0]: t for t, m in log if "(exit " in m}
     first_steps, runs = {}, []
     for popen, rid in started:
@@ -301,6 +334,9 @@ def worker_gaps(
             {
                 "run": rid,
                 "popen -> first step done (start-up, compile)": steps[0] - popen,
+                "launch -> exit": watcher.exits[rid] - popen,
+                "warm": rid in warm,
+                "time_to_first_step_s": result.get("time_to_first_step_s"),
                 "one training step, median": per_step,
                 "micro_batch_size": result["micro_batch_size"],
                 "tokens_per_s": result["tokens_per_s"],
@@ -318,7 +354,8 @@ def worker_gaps(
             {
                 "prev": prev,
                 "next": nxt,
-                "GPU-idle gap: trainer exit -> next first step": first_step - exit_t,
+                "next started warm": nxt in warm,
+                GAP: first_step - exit_t,
                 "  teardown: result.json written -> trainer exit": exit_t - result_mtime,
                 "  reaction: trainer exit -> next Popen": popen - exit_t,
                 "    exit -> finish recorded (poll, finish)": finished[prev] - exit_t,
@@ -341,8 +378,21 @@ def startup_components(data_dir: Path) -> dict[str, float]:
             "python -c 'import torch'": [py, "-c", "import torch"],
             "python -m torch.distributed.run --help": [py, "-m", "torch.distributed.run", "--help"],
             "python -c 'import trainer.train'": [py, "-c", "import trainer.train"],
+            "... and build an AdamW (imports torch._dynamo)": [
+                py,
+                "-c",
+                "import trainer.train, torch; torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))])",
+            ],
         }.items()
     }
+    from orchestrator.launchers.spare import Spare
+
+    t0, spare = time.perf_counter(), Spare(dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1"))
+    while not spare.ready() and spare.broken() is None:
+        time.sleep(0.01)
+    out["warm spare: start -> ready (python -m trainer.spare)"] = time.perf_counter() - t0
+    assert spare.ready(), spare.state
+    spare.kill()
     import torch
 
     from trainer import config
@@ -448,6 +498,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="repeats per measurement (medians are reported)")
     p.add_argument("--claimers", type=int, default=8, help="concurrent claiming processes")
     p.add_argument("--gap-runs", type=int, default=4, help="runs per worker in the GPU-idle gap benchmark")
+    p.add_argument("--gap-steps", type=int, default=6, help="training steps of each run in the gap benchmark")
+    p.add_argument("--gap-only", action="store_true", help="only the GPU-idle gap (and its start-up components)")
     p.add_argument("--skip-postgres", action="store_true")
     p.add_argument("--skip-gpu-gap", action="store_true")
     p.add_argument("--skip-mlflow-server", action="store_true")
@@ -456,12 +508,13 @@ def main() -> None:
     # The machine and the checkout are shared: record how busy the one was and which code the other held.
     started, load_before, code = time.time(), os.getloadavg(), code_state()
     tmp = Path(tempfile.mkdtemp(prefix="orch-bench-"))
-    pg = None if args.skip_postgres else Postgres().start()
+    pg = None if args.skip_postgres or args.gap_only else Postgres().start()
     try:
         backends = {"sqlite": lambda r: f"sqlite:///{tmp / f'queue-{r}.db'}"}
         if pg:
             backends["postgresql"] = lambda r: pg.create_db(f"bench_{r}")
-        queue_benchmarks(args, backends)
+        if not args.gap_only:
+            queue_benchmarks(args, backends)
         if not args.skip_gpu_gap:
             from trainer.prepare import prepare
 
@@ -476,12 +529,14 @@ def main() -> None:
                 shard_tokens=20_000,
                 progress=False,
             )
-            for r in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
-                for tracked in (False, True):
-                    gap_benchmark(args, tmp, data_dir, tracked, r)
+            for r in range(args.repeats):  # interleaved, so drift on a shared machine hits them alike
+                for label in VARIANTS:
+                    gap_benchmark(args, tmp, data_dir, label, r)
+            EXTRA["gap_summary"] = gap_summary()
             EXTRA["startup_components_s"] = startup_components(data_dir)
-        mlflow_benchmark(args, "MLflow sqlite", f"sqlite:///{tmp / 'forward.db'}")
-        if not args.skip_mlflow_server:
+        if not args.gap_only:
+            mlflow_benchmark(args, "MLflow sqlite", f"sqlite:///{tmp / 'forward.db'}")
+        if not (args.skip_mlflow_server or args.gap_only):
             dt, server = clock(MlflowServer(f"sqlite:///{tmp / 'server.db'}", tmp / "server-artifacts").start)
             EXTRA["mlflow_server_start_s"] = dt
             try:
@@ -500,6 +555,13 @@ def main() -> None:
         print(f"{m:<{widths[0]}}  {b:<{widths[1]}}  {med:>10.3f}  {u:<8}  {' '.join(f'{x:.3f}' for x in v)}")
     for k, v in EXTRA.get("startup_components_s", {}).items():
         print(f"start-up component, measured once: {k:<44} {v:.3f} s")
+    if EXTRA.get("gap_summary"):
+        print("\nGPU-idle gap, median over every repeat's gaps: cold start against warm spare")
+        for tracker, g in EXTRA["gap_summary"].items():
+            print(
+                f"  {tracker:<14} cold {g['cold_median_s']:.3f} s   warm {g['warm_median_s']:.3f} s   "
+                f"cold/warm {g['cold_over_warm']:.2f}x   ({g['gaps']} gaps each)"
+            )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(

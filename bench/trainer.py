@@ -2,6 +2,7 @@
 
     python bench/trainer.py --preset tiny --steps 20 --warmup 3 --repeats 5
     python bench/trainer.py --preset tiny --compare precision.compile=false,true
+    python bench/trainer.py --preset tiny --compare model.moe.experts=0,6       # dense vs 6 experts, top-2
     python bench/trainer.py --preset gpt2-small --set precision.amp=bf16 --set precision.compile=true --device cuda
     python bench/trainer.py --preset gpt2-small --variant fp16:precision.amp=fp16 \
         --variant bf16+compile:precision.amp=bf16,precision.compile=true      # named variants, interleaved
@@ -39,6 +40,7 @@ from trainer.__main__ import (
 from trainer.config import ConfigError, TrainConfig
 from trainer.distributed import Dist
 from trainer.model import GPT
+from trainer.moe import Balancer
 from trainer.optim import build_optimizer
 from trainer.perf import (
     batch_layout,  # find_micro_batch on CUDA with 'auto', exactly as training does
@@ -155,6 +157,7 @@ def prepare(v: Variant, device: torch.device, warmup: int) -> None:
         peak=None,
         total_steps=10**9,
         started=time.time(),
+        moe=Balancer.of(model, device),  # a mixture of experts: its routing statistics and bias updates, as trained
     )  # a constant LR: no schedule's end
     v.state = TrainState(device)
     t0 = time.perf_counter()
@@ -323,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for v in variants:
         print(
-            f"{v.label}: {v.model.num_params():,} params | {v.model.flops_per_token() / 1e6:,.1f} MFLOP/token | "
+            f"{v.label}: {v.model.num_params():,} params ({v.model.num_params(active=True):,} active) | "
+            f"{v.model.flops_per_token() / 1e6:,.1f} MFLOP/token | "
             f"micro-batch {v.micro} x {v.accum} accumulation x {v.run_cfg.model.context_length} tokens | "
             f"warmup {v.warmup_s:.1f} s | MFU {v.mfu_basis}"
         )
@@ -375,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 "label": v.label,
                 "config": v.cfg.model_dump(mode="json"),
                 "params": v.model.num_params(),
+                "active_params": v.model.num_params(active=True),
                 "flops_per_token": v.model.flops_per_token(),
                 "micro_batch_size": v.micro,
                 "grad_accum_steps": v.accum,

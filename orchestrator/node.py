@@ -1,8 +1,10 @@
-"""What one node offers a worker: its GPUs, how they split into slots, the Slurm job it runs in, its disk."""
+"""What one node offers a worker: its GPUs, how they split into slots, the Slurm job it runs in, its disk, and
+the compile caches its trainers share."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -45,3 +47,25 @@ def disk_full(run_dir: Path, min_free: int = 1 << 20) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < min_free
+
+
+COMPILE_CACHE = ".compile-cache"  # under the runs directory: <runs>/.compile-cache/<host>/{inductor,triton}
+
+
+def compile_caches(runs_dir: Path) -> dict[str, str]:
+    """The environment that points a trainer's torch.compile at caches its worker's runs share: inductor's
+    (with its FX-graph cache on), and Triton's kernels, so that the second run of one shape skips most of the
+    compile (on one H200, gpt2-small's first step came 35 s after launch cold and 13-18 s warm: bench/README.md).
+
+    Under the runs directory, not /tmp: a Slurm job's /tmp is its own and goes with it, a runs directory
+    stays. One directory per host, not per worker: the workers of a node reuse each other's kernels (inductor
+    and Triton write their entries atomically, as every rank of a torchrun job shares one cache already),
+    while compiled CPU code and GPU kernels are never offered to another machine. A cache the user set in
+    the worker's environment wins."""
+    root = (runs_dir / COMPILE_CACHE / socket.gethostname()).absolute()
+    wanted = {
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TRITON_CACHE_DIR": str(root / "triton"),
+    }
+    return {k: v for k, v in wanted.items() if k not in os.environ}

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from orchestrator import dependencies
 from orchestrator.db import Experiment as ExperimentRow
 from orchestrator.db import Lease, Membership, Run, db_now
 from orchestrator.specs import Experiment, Intervention, Looks, SpecError
@@ -32,10 +33,11 @@ def counts(engine: Engine) -> dict[str, int]:
 
 
 def claimable(engine: Engine, skip: Sequence[str] = (), nodes: int | None = None) -> int:
-    """How many queued runs there are, not counting `skip` (runs a worker cannot train where it is), and, given
-    `nodes`, only those asking for that many nodes (what a worker of that span can claim)."""
+    """How many queued runs there are, not counting `skip` (runs a worker cannot train where it is) nor runs
+    waiting for the run they start from (orchestrator/dependencies.py), and, given `nodes`, only those asking
+    for that many nodes (what a worker of that span can claim)."""
     with engine.connect() as conn:
-        q = sa.select(sa.func.count()).select_from(Run).where(Run.state == RunState.QUEUED)
+        q = sa.select(sa.func.count()).select_from(Run).where(Run.state == RunState.QUEUED, dependencies.ready())
         if nodes is not None:
             q = q.where(Run.nodes == nodes)
         return conn.execute(q.where(Run.id.not_in(list(skip))) if skip else q).scalar_one()

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from orchestrator import dependencies
 from orchestrator.db import Experiment as ExperimentRow
 from orchestrator.db import Membership, Run, db_now
 from orchestrator.specs import Experiment, Looks, RunSpec, SpecError
@@ -91,7 +92,6 @@ def submit(
     priority: int = 0,
 ) -> SubmitReport:
     """Queue the runs that do not exist yet and record the experiment's membership of all of them."""
-    report = SubmitReport()
     queued = str(move(None, Event.SUBMIT))
     with engine.begin() as conn:
         existing: dict[str, str] = {}
@@ -102,31 +102,25 @@ def submit(
             conn.execute(sa.select(Membership.arm, Membership.run_id).where(Membership.experiment == exp.name)).all()
         )
         now = conn.execute(sa.select(db_now())).scalar_one()
-        new_runs, new_members = [], []
+        report = sort_submission(runs, existing)
+        new_runs = [
+            dict(
+                id=r.id,
+                state=queued,
+                config=r.config.model_dump(mode="json"),
+                seed=r.seed,
+                data_seed=r.data_seed,
+                repeat=r.repeat,
+                priority=priority,
+                attempts=0,
+                max_attempts=max_attempts,
+                nodes=r.nodes,
+                created_at=now + i * 1e-6,
+            )
+            for i, r in enumerate(report.queued)
+        ]
+        new_members = []
         for r in runs:
-            if r.id in existing:
-                # A run is its config: submitted again with another `nodes` (launch resources, not part of its
-                # id), it keeps the node count it was first queued with, as it keeps its results. Refusing would
-                # break every other experiment sharing the run; re-placing it would strand a half-trained run.
-                report.reused.append((r, existing[r.id]))
-            else:
-                new_runs.append(
-                    dict(
-                        id=r.id,
-                        state=queued,
-                        config=r.config.model_dump(mode="json"),
-                        seed=r.seed,
-                        data_seed=r.data_seed,
-                        repeat=r.repeat,
-                        priority=priority,
-                        attempts=0,
-                        max_attempts=max_attempts,
-                        nodes=r.nodes,
-                        created_at=now + len(new_runs) * 1e-6,
-                    )
-                )
-                report.queued.append(r)
-                existing[r.id] = queued
             if (r.arm, r.id) not in members:
                 new_members.append(dict(experiment=exp.name, arm=r.arm, run_id=r.id))
                 members.add((r.arm, r.id))
@@ -156,6 +150,23 @@ def submit(
         # take ~90 ms per 500 ids instead of ~1 ms (bench/orchestrator.py).
         with engine.begin() as conn:
             conn.exec_driver_sql("ANALYZE runs, memberships")
+    return report
+
+
+def sort_submission(runs: Sequence[RunSpec], existing: dict[str, str]) -> SubmitReport:
+    """Which of `runs` a submit queues and which it reuses, given the states of the runs that exist already
+    (id -> state): submit itself and a dry run (api.submit) both decide here, so they count alike. Of several
+    runs with one id (arms that change nothing), the first is queued and the rest reuse it."""
+    report, seen = SubmitReport(), dict(existing)
+    for r in runs:
+        if r.id in seen:
+            # A run is its config: submitted again with another `nodes` (launch resources, not part of its
+            # id), it keeps the node count it was first queued with, as it keeps its results. Refusing would
+            # break every other experiment sharing the run; re-placing it would strand a half-trained run.
+            report.reused.append((r, seen[r.id]))
+        else:
+            report.queued.append(r)
+            seen[r.id] = str(move(None, Event.SUBMIT))
     return report
 
 
@@ -246,6 +257,7 @@ def claim(engine: Engine, worker: str, limit: int = 1, skip: Collection[str] = (
             conn.execute(
                 sa.select(Run.id)
                 .where(_in(Event.CLAIM), Run.nodes == nodes, Run.id.not_in(list(skip)) if skip else sa.true())
+                .where(dependencies.ready())  # a run starting from another waits until that one has succeeded
                 .order_by(Run.priority.desc(), Run.created_at, Run.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)  # SQLite ignores this; BEGIN IMMEDIATE serialises

@@ -6,9 +6,12 @@
     out_dir/val_loss.png        validation loss vs tokens, the same way
     out_dir/improvement.png     each intervention's improvement vs the baseline with its CI (1 − α, or
                                 sequential), by verdict
+    out_dir/expert_load.png     only with mixture-of-experts arms: each expert's share of the routing and the
+                                saturation over training (trainer/moe.py's moe/* metrics)
 
 The numbers are orchestrator/table.py's, so the page and `orch table` never disagree. Curves come from each
 run's metrics.jsonl (trainer/rundir.py); imported runs have only a result, and are left out of the plots.
+Under the leaderboard, each arm's greedy completion of its first sample prompt (its samples.json, trainer/sample.py).
 With a Tracker the files also go to MLflow, as artifacts of a run named "report" in the MLflow experiment
 "EXPERIMENT/reports" (tracking.report_experiment), apart from the training runs.
 """
@@ -27,6 +30,7 @@ from orchestrator import table as tbl
 from orchestrator.specs import BASELINE
 from orchestrator.states import RunState
 from trainer.rundir import read_metrics
+from trainer.sample import read_samples
 
 VERDICT_COLOURS = {
     stats.BETTER: "#2e7d32",
@@ -72,11 +76,15 @@ def write_report(
     _curve_plot(out_dir / "train_loss.png", events, "loss", colours, smooth=True, title="Training loss")
     _curve_plot(out_dir / "val_loss.png", events, "val_loss", colours, smooth=False, title="Validation loss")
     _improvement_plot(out_dir / "improvement.png", board)
+    plots = dict(PLOTS)
+    if _expert_load_plot(out_dir / "expert_load.png", events, colours):
+        plots["expert_load.png"] = "Expert load (mixture of experts)"
 
     index = out_dir / "index.html"
-    index.write_text(_page(board, runs, out_dir), encoding="utf-8")  # σ, ±, — whatever the locale
+    samples = _greedy_samples(board, runs, runs_dir)
+    index.write_text(_page(board, runs, out_dir, samples, plots), encoding="utf-8")  # σ, ±, — whatever the locale
     if tracker is not None:
-        tracker.log_report(experiment, [index, *(out_dir / name for name in PLOTS)])
+        tracker.log_report(experiment, [index, *(out_dir / name for name in plots)])
     return index
 
 
@@ -173,6 +181,47 @@ def _curve_plot(
     fig.savefig(path, dpi=110)
 
 
+def _expert_load_plot(path: Path, events: dict[str, list[list[dict]]], colours: dict[str, str]) -> bool:
+    """Per mixture-of-experts arm, one panel: each expert's share of the routing slots over training (its
+    moe/load_e<i>, the mean over layers; the mean over seeds), the fair share 1/E dashed, and on the right axis
+    the saturation (the busiest expert's load over the fair share, averaged over layers: 1 = balanced).
+    Returns False, writing nothing, when no arm routes."""
+    from matplotlib.figure import Figure
+
+    def keys(arm: str) -> list[str]:
+        found = {k for run in events[arm] for e in run for k in e if k.startswith("moe/load_e")}
+        return sorted(found, key=lambda k: int(k.removeprefix("moe/load_e")))
+
+    def seed_mean(arm: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+        series = [s for s in (_series(run, key, smooth=False) for run in events[arm]) if len(s[0])]
+        lo, hi = max(x[0] for x, _ in series), min(x[-1] for x, _ in series)
+        grid = np.unique(np.concatenate([x for x, _ in series]))
+        grid = grid[(grid >= lo) & (grid <= hi)]
+        return grid, np.mean([np.interp(grid, x, y) for x, y in series], axis=0)
+
+    arms = [a for a in colours if a in events and keys(a)]
+    if not arms:
+        return False
+    fig = Figure(figsize=(9, 1.5 + 3 * len(arms)), layout="constrained")
+    for ax, arm in zip(fig.subplots(len(arms), 1, squeeze=False)[:, 0], arms):
+        experts = keys(arm)
+        for i, key in enumerate(experts):
+            ax.plot(*seed_mean(arm, key), color=f"C{i % 10}", lw=1.4, label=f"expert {i}")
+        ax.axhline(1 / len(experts), color="#444", ls="--", lw=1, label=f"fair share 1/{len(experts)}")
+        ax.set(title=f"{arm} ({len(events[arm])} run{'s' * (len(events[arm]) > 1)})", xlabel="tokens")
+        ax.set_ylabel("share of routing slots")
+        ax.grid(alpha=0.3)
+        right = ax.twinx()
+        right.plot(*seed_mean(arm, "moe/saturation"), color="black", lw=1.8, ls=":", label="saturation (right)")
+        right.set_ylabel("saturation: max load / mean load")
+        lines = ax.get_legend_handles_labels()
+        extra = right.get_legend_handles_labels()
+        ax.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper right", fontsize=8, ncol=2)
+    fig.suptitle("Expert load per arm: each expert's share of the routing (mean over layers and seeds)")
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def _improvement_plot(path: Path, board: tbl.Board) -> None:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -260,7 +309,13 @@ def _p_improvement(row: tbl.Row) -> str:
     return f"{row.p_improvement:.2f} [{row.p_improvement_low:.2f}, {row.p_improvement_high:.2f}]"
 
 
-def _page(board: tbl.Board, runs: list[tuple[str, object]], out_dir: Path) -> str:
+def _page(
+    board: tbl.Board,
+    runs: list[tuple[str, object]],
+    out_dir: Path,
+    samples: list | None = None,
+    plots: dict[str, str] = PLOTS,
+) -> str:
     e = html.escape
     states: dict[str, int] = {}
     for _, run in runs:
@@ -274,7 +329,7 @@ def _page(board: tbl.Board, runs: list[tuple[str, object]], out_dir: Path) -> st
         + ", ".join(f"{n} {e(s)}" for s, n in sorted(states.items()))
         + f") · α = {board.alpha:g}</p>",
     ]
-    for name, title in PLOTS.items():
+    for name, title in plots.items():
         data = base64.b64encode((out_dir / name).read_bytes()).decode()
         parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{data}'>")
 
@@ -301,5 +356,44 @@ def _page(board: tbl.Board, runs: list[tuple[str, object]], out_dir: Path) -> st
             for f in board.failed
         ]
         parts.append("</ul>")
+    parts.append(_samples_section(samples or []))
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Samples: the blog series' smoke test, each arm's greedy completion of its first prompt (trainer/sample.py).
+
+
+def _greedy_samples(board: tbl.Board, runs: list[tuple[str, object]], runs_dir: Path | None) -> list[tuple]:
+    """(arm, seed, step, prompt, completion) per arm in leaderboard order, from its succeeded run with the
+    lowest seed that wrote samples.json (runs from before orch wrote samples, and imported runs, have none)."""
+    found: dict[str, tuple] = {}
+    for arm, run in sorted(runs, key=lambda ar: ar[1].seed):
+        if arm in found or run.state != RunState.SUCCEEDED:
+            continue
+        dirs = [Path(run.run_dir)] if run.run_dir else []
+        dirs += [Path(runs_dir) / run.id] if runs_dir is not None else []
+        samples = next((s for s in map(read_samples, dirs) if s is not None), None)
+        first = samples.greedy() if samples is not None else None
+        if first is not None:
+            found[arm] = (arm, run.seed, samples.step, first.prompt, first.text)
+    return [found[r.arm] for r in board.rows if r.arm in found]
+
+
+def _samples_section(samples: list[tuple]) -> str:
+    e = html.escape
+    head = "<h2>Samples</h2>"
+    if not samples:
+        return head + "<p class=meta>No samples: no finished run here wrote samples.json.</p>"
+    rows = "".join(
+        f"<tr><td>{e(arm)}</td><td>{seed}</td><td>{step}</td>"
+        f"<td style='white-space: pre-wrap'><b>{e(prompt)}</b>{e(text)}</td></tr>"
+        for arm, seed, step, prompt, text in samples
+    )
+    return (
+        head + "<p class=meta>Each arm's greedy completion of its first sample prompt, by its run with the lowest "
+        "seed (all completions: the run's samples.json and its MLflow run; any prompt: <code>orch sample RUN "
+        "--prompt TEXT</code>).</p><table id=samples><thead><tr><th>arm</th><th>seed</th><th>step</th>"
+        f"<th>completion</th></tr></thead><tbody>{rows}</tbody></table>"
+    )

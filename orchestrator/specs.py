@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import runpy
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator import dependencies
 from trainer import config as train_config
 from trainer.config import ConfigError, TrainConfig
 
@@ -60,6 +62,12 @@ class Intervention(BaseModel):
     set: dict[str, Any] = Field(default_factory=dict, description="dotted config keys and their new values")
     stack: list[str] = Field(default_factory=list, description="names of other interventions applied together")
     description: str = ""
+    # orchestrator/dependencies.py: run.init_from becomes the id of that arm's run of the same seed and repeat.
+    init_from: str | None = Field(
+        None,
+        description="another arm ('baseline' or an intervention) whose run of the same seed this arm starts "
+        "from: its weights, once it has succeeded",
+    )
 
     @field_validator("name")
     @classmethod
@@ -137,6 +145,7 @@ class Experiment(BaseModel):
                     f"intervention {i.name!r} stacks {', '.join(map(repr, unknown))}, which "
                     f"{'is' if len(unknown) == 1 else 'are'} not another intervention of this experiment"
                 )
+        dependencies.check_starts(interventions)
         return interventions
 
     def changes(self, name: str, _inside: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -266,7 +275,7 @@ def sweep_base(sweep: Sweep, preset: str | None = None, overrides: dict[str, Any
 def trial_runs(sweep: Sweep, base: dict[str, Any], params: dict[str, Any], arm: str) -> list[RunSpec]:
     """The runs of one trial: the base with the trial's parameters, one per seed."""
     try:
-        data = train_config.apply_overrides(base, params)
+        data = dependencies.pinned(train_config.apply_overrides(base, params))  # a path in run.init_from pinned
     except ConfigError as exc:
         raise SpecError(f"sweep {sweep.name!r}: {exc}") from None
     runs = []
@@ -335,23 +344,103 @@ def expand(
     seeds: int | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> list[RunSpec]:
-    """Every run of the experiment: arms × seeds × repeats, each config validated before anything is queued."""
+    """Every run of the experiment: arms × seeds × repeats, each config validated before anything is queued.
+
+    A bad file is reported whole: every unknown key and every impossible value, of the base, of the --set
+    overrides and of every arm, in one SpecError (one problem a line), so one edit fixes them all. A problem
+    of the base is named once, not again for each arm that inherits it."""
     try:
-        base = train_config.apply_overrides(train_config.preset(preset or exp.preset), exp.base)
-        base = train_config.apply_overrides(base, overrides or {})
+        base = train_config.preset(preset or exp.preset)
     except ConfigError as exc:
         raise SpecError(f"{source}: base config: {exc}") from None
+    problems: list[str] = []
+    base = _apply(base, exp.base, "base config", problems)
+    base = _apply(base, overrides or {}, "--set", problems)
+    base_invalid = _invalid(base)
+    problems += [f"base config: {line}" for line in base_invalid]
     runs: list[RunSpec] = []
-    for arm in ([BASELINE] if exp.include_baseline else []) + [i.name for i in exp.interventions]:
+    made: dict[tuple[str, int, int], RunSpec] = {}  # (arm, seed index, repeat): what other arms start from
+    starts = {i.name: i.init_from for i in exp.interventions}
+    for arm in dependencies.arm_order(exp):  # the baseline first, and any arm after the arm it starts from
+        where = f"intervention {arm!r}"
         try:
-            arm_data = train_config.apply_overrides(base, {} if arm == BASELINE else exp.changes(arm))
-        except (ConfigError, ValueError) as exc:
-            raise SpecError(f"{source}: intervention {arm!r}: {exc}") from None
+            changes = {} if arm == BASELINE else exp.changes(arm)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        arm_problems: list[str] = []
+        arm_data = _apply(base, changes, where, arm_problems)
+        arm_problems += [f"{where}: {line}" for line in _invalid(arm_data) if line not in base_invalid]
+        problems += arm_problems
+        start = starts.get(arm)
+        if arm_problems or base_invalid or (start is not None and (start, 0, 0) not in made):
+            continue  # (an arm whose source has problems: they are named already)
+        try:  # run.init_from: a path pinned to its checkpoint's sha256; the source's model checked
+            arm_data = dependencies.pinned(arm_data)
+            if start is not None:
+                dependencies.check_arm_source(arm_data, made[(start, 0, 0)].config, start)
+        except ConfigError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
         for s in range(seeds or exp.seeds):
             for r in range(exp.repeats):
-                cfg, repeat = seeded(arm_data, exp.vary, s, r, exp.repeats, source=f"{source}: intervention {arm!r}")
-                runs.append(RunSpec(run_id(cfg, repeat), exp.name, arm, cfg, repeat, exp.nodes))
+                data = arm_data if start is None else dependencies.from_arm(arm_data, made[(start, s, r)])
+                cfg, repeat = seeded(data, exp.vary, s, r, exp.repeats, source=f"{source}: {where}")
+                made[(arm, s, r)] = RunSpec(run_id(cfg, repeat), exp.name, arm, cfg, repeat, exp.nodes)
+                if arm != BASELINE or exp.include_baseline:
+                    runs.append(made[(arm, s, r)])
+    problems += _other_test_tokens(made)
+    if problems:
+        raise SpecError(
+            f"{source}: {len(problems)} problem{'s' * (len(problems) > 1)}, nothing queued:\n"
+            + "\n".join(f"  {p}" for p in problems)
+        )
     return runs
+
+
+def _other_test_tokens(made: dict[tuple[str, int, int], RunSpec]) -> list[str]:
+    """An arm whose test loss would be over other tokens than the baseline's (a longer context keeping
+    eval.test_sequences scores n·T′ tokens, not n·T): its comparison with the baseline would not be honest."""
+    base = next((spec.config for (arm, _, _), spec in made.items() if arm == BASELINE), None)
+    if base is None:
+        return []
+    arms = {arm: made[(arm, 0, 0)].config for arm, _, _ in made}
+    step = math.lcm(*(cfg.model.context_length for cfg in arms.values()))
+    fix = -(-_test_tokens(base) // step) * step  # the baseline's test tokens, rounded up to whole windows of all
+    return [
+        f"intervention {arm!r}: its test loss would be over {_test_tokens(cfg):,} tokens ({cfg.test_windows()} × "
+        f"{cfg.model.context_length}), the baseline's over {_test_tokens(base):,} ({base.test_windows()} × "
+        f"{base.model.context_length}); set eval.test_tokens={fix} in the base (a multiple of every "
+        "model.context_length) so that every arm is scored on the same tokens"
+        for arm, cfg in arms.items()
+        if _test_tokens(cfg) != _test_tokens(base)
+    ]
+
+
+def _test_tokens(cfg: TrainConfig) -> int:
+    """The test slice in tokens (its targets are tokens 1 … n·T of the test split)."""
+    return cfg.test_windows() * cfg.model.context_length
+
+
+def _apply(data: dict[str, Any], changes: dict[str, Any], where: str, problems: list[str]) -> dict[str, Any]:
+    """`data` with the known keys of `changes` set; each unknown key is appended to `problems`, named."""
+    unknown = []
+    for key, value in changes.items():
+        try:
+            train_config.apply_overrides(data, {key: value})
+        except ConfigError as exc:
+            problems.append(f"{where}: {exc}")
+            unknown.append(key)
+    return train_config.apply_overrides(data, {k: v for k, v in changes.items() if k not in unknown})
+
+
+def _invalid(data: dict[str, Any]) -> list[str]:
+    """Each impossible value of a config, one line per key (trainer.config's messages, with their fixes)."""
+    try:
+        train_config.validate(data)
+    except ConfigError as exc:
+        return [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    return []
 
 
 def seeded(
@@ -388,12 +477,14 @@ def check_data(configs: Iterable[TrainConfig]) -> None:
 
     seen = set()
     for cfg in configs:
-        key = (cfg.data.path, cfg.model.context_length, cfg.eval.val_sequences, cfg.eval.test_sequences)
-        if key in seen:
+        d = cfg.data
+        key = (d.path, cfg.model.context_length, cfg.eval.val_sequences, cfg.test_windows())
+        named = dict(dataset=d.dataset, start_train_token=d.start_train_token, start_val_token=d.start_val_token)
+        if (key, *named.values()) in seen:
             continue
-        seen.add(key)
+        seen.add((key, *named.values()))
         try:
-            check_dataset(*key)
+            check_dataset(*key, **named)
         except DataError as exc:
             raise SpecError(f"data.path: {exc}") from None
 

@@ -4,7 +4,7 @@ One MLflow experiment per orch experiment; one MLflow run per orch run, created 
 queued it (a baseline shared by several experiments is one run, tagged with all of them). The full config
 goes in as params, identity as tags (`orch.changes`: what the intervention changed, `(none)` for the
 baseline), every metrics.jsonl event as metrics (in batches: one REST call per 1,000 points rather than one
-per point), and config, result and log as artifacts.
+per point), and config, result, samples (as samples.json and samples.md) and log as artifacts.
 
 How it looks in MLflow's UI (3.17), which a new user opens with `orch ui`:
 - Model training, not GenAI. The UI picks its mode from the page's `workflowType=machine_learning` URL
@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.states import RunState
+from trainer.rundir import SAMPLES
+from trainer.sample import markdown, read_samples
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 ENV_URI = "ORCH_MLFLOW"
@@ -52,6 +54,7 @@ TERMINAL = {
 KIND_TAG = "orch.kind"  # what an MLflow run that is not an orch run holds: "sweep" (a parent) or "report"
 CHANGES_TAG = "orch.changes"  # a run's intervention as its changed config keys: "model.dropout=0.0"
 NO_CHANGES = "(none)"  # ... for the baseline
+SAMPLE_TAG = "orch.sample"  # the greedy completion of a run's first sample prompt, prompt included
 RESULT_TAG = "result."  # result.json's final numbers other than the losses, as tags: result.tokens_per_s
 # Final numbers that are a metric's last point already: not repeated as result.* tags.
 LOSSES = ("test_loss", "val_loss", "train_loss")
@@ -251,10 +254,17 @@ class Tracker:
                     mlflow_run_id, metrics=[Metric("test_loss", float(numbers["test_loss"]), ts, step)]
                 )
             tags.update({RESULT_TAG + k: _number(v) for k, v in numbers.items() if k not in LOSSES})
+        # A succeeded run's completions (trainer/sample.py): samples.json, samples.md to read in the UI, and the
+        # greedy completion of the first prompt as the tag orch.sample (a column of the runs table on request).
+        samples = read_samples(run_dir)
+        if samples is not None and (first := samples.greedy()) is not None:
+            tags[SAMPLE_TAG] = _tag_text(first.prompt + first.text)
         self.set_tags(mlflow_run_id, tags)
-        for name in ("config.json", "result.json", "train.log"):
+        for name in ("config.json", "result.json", SAMPLES, "train.log"):
             if (run_dir / name).exists():
                 self.client.log_artifact(mlflow_run_id, str(run_dir / name))
+        if samples is not None:
+            self.client.log_text(mlflow_run_id, markdown(samples, "Samples of this run"), "samples.md")
         if state in TERMINAL:
             self.client.set_terminated(mlflow_run_id, status=TERMINAL[state])
 
@@ -384,6 +394,10 @@ def report_experiment(experiment: str) -> str:
 def format_changes(changes: dict) -> str:
     """An intervention's changes as a tag value: `model.dropout=0.0, optim.grad_clip=3.5`; `(none)`."""
     text = ", ".join(f"{k}={v!r}" for k, v in changes.items()) or NO_CHANGES
+    return text if len(text) <= 5000 else text[:4999] + "…"  # MLflow keeps 8,000 characters of a tag
+
+
+def _tag_text(text: str) -> str:
     return text if len(text) <= 5000 else text[:4999] + "…"  # MLflow keeps 8,000 characters of a tag
 
 

@@ -4,7 +4,10 @@ One worker per node. It splits the node's GPUs into slots (`--gpus 0,1,2,3 --gpu
 of two), or runs `--parallel N` CPU slots, and keeps every slot busy: the moment a trainer exits, its slot
 claims the next run in the same loop iteration, so the GPU-idle gap is one poll interval plus the trainer's
 start-up (measured in bench/orchestrator.py). A launcher (launchers/) starts the trainers; each claimed run
-is a `Launch` holding the launcher's handle once its trainer has started. In a Slurm allocation of N > 1
+is a `Launch` holding the launcher's handle once its trainer has started. Where a slot keeps a warm spare
+(launchers/spare.py: GPU slots by default), the run goes to that process, which imported torch and the
+trainer while the slot's previous run trained (a spare still warming is waited for); trainers share one
+node's torch.compile caches (node.compile_caches). In a Slurm allocation of N > 1
 nodes, the worker (on the first node) has one slot spanning all of them, claims only N-node runs, and starts
 each with one srun task per node (launchers/slurm.py).
 
@@ -35,12 +38,12 @@ from pathlib import Path
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
-from orchestrator import queries, queue
+from orchestrator import dependencies, queries, queue
 from orchestrator.db import Run
 from orchestrator.launch import STOP_TIMEOUT_S, Launch
 from orchestrator.launchers import LOG, Launcher, Slot, clean_tail, trainer_env
-from orchestrator.launchers.local import LocalLauncher
-from orchestrator.node import disk_full, slurm_job_id
+from orchestrator.launchers.spare import SpareLauncher
+from orchestrator.node import compile_caches, disk_full, slurm_job_id
 from orchestrator.outbox import Outbox, OutboxThread
 from orchestrator.progress import Progress
 from orchestrator.states import RunState
@@ -49,6 +52,7 @@ from trainer import runlock
 from trainer.config import TrainConfig
 from trainer.provenance import git_commit
 from trainer.rundir import CONFIG, EXIT_NO_SPACE, NO_SPACE_LINE, RESULT, STOP, Status, checkpoint_paths, write_json
+from trainer.spare import LAUNCHED_AT
 
 IDLE_CLAIM_S = 1.0  # how often an idle worker asks an empty queue for work
 NO_SPACE_PAUSE_S = 10.0  # after a full disk, claim nothing for this long (each launch would fail again)
@@ -71,6 +75,7 @@ class Worker:
         progress_s: float = 10.0,
         name: str | None = None,
         launcher: Launcher | None = None,
+        warm_spares: str | None = None,
         echo=print,
     ):
         self.engine, self.runs_dir, self.slots = engine, Path(runs_dir), slots
@@ -88,7 +93,12 @@ class Worker:
             from orchestrator.launchers.slurm import SlurmLauncher
 
             launcher = SlurmLauncher(self.name, nodes, nproc_per_node)
-        self.launcher = launcher or LocalLauncher(self.name, nproc_per_node, cpu_slots=len(slots))
+        # One-process slots start their runs in warm spares where the setting wants them (launchers/spare.py:
+        # ORCH_WARM_SPARE, GPU slots by default), torchrun's agent for several processes.
+        self.launcher = launcher or SpareLauncher(
+            self.name, nproc_per_node, cpu_slots=len(slots), warm=warm_spares, echo=echo
+        )
+        self.compile_caches = compile_caches(self.runs_dir)  # torch.compile's caches, shared by this node's runs
         self.echo = echo
         self.active: dict[str, Launch] = {}
         self.stopping = False
@@ -147,6 +157,8 @@ class Worker:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if hasattr(self.launcher, "close"):  # waiting spares: they would die with this process, not with run()
+                self.launcher.close()
             if self.outbox is not None:
                 self.outbox.close()
                 if self.outbox.pending:
@@ -261,7 +273,9 @@ class Worker:
         if launch.handle is None:
             record = runlock.holder(launch.run_dir)
             if record is None:
-                self._start_or_fail(launch)
+                warming = getattr(self.launcher, "warming", None)  # the slot's warm spare, nearly ready: wait
+                if warming is None or not warming(launch.slot):
+                    self._start_or_fail(launch)
             else:
                 self._hurry(launch, record, "a previous trainer of this run")
             return
@@ -346,7 +360,11 @@ class Worker:
         (run_dir / STOP).unlink(missing_ok=True)  # a STOP from an earlier preemption is spent
         (run_dir / RESULT).unlink(missing_ok=True)  # so is an earlier launch's ending (and it was accounted)
         if not (run_dir / CONFIG).exists():
-            write_json(run_dir / CONFIG, run.config)
+            config, elsewhere = dependencies.launch_config(self.engine, run, self.runs_dir)  # run.init_from: a path
+            if elsewhere is not None:
+                self._hand_back(run, elsewhere)
+                return
+            write_json(run_dir / CONFIG, config)
         if self._checkpoint_elsewhere(launch):
             return
         # Counts the attempt, records where it trains; False: no longer ours.
@@ -354,7 +372,9 @@ class Worker:
             self.echo(f"{run.id} is no longer ours")
             self._drop(run.id)
             return
-        launch.handle = self.launcher.launch(run, slot, run_dir, trainer_env(run.launch_id(), self.commit))
+        env = {**trainer_env(run.launch_id(), self.commit), **self.compile_caches}
+        env[LAUNCHED_AT] = f"{time.time():.6f}"  # result.json's time to first step counts from here
+        launch.handle = self.launcher.launch(run, slot, run_dir, env)
         launch.since, launch.signalled = time.monotonic(), None
         launch.stop_sent_at = None  # a stop asked for while it waited is asked again at the next beat
         where = f"GPUs {','.join(slot.gpus)}" if slot.gpus else f"CPU slot {slot.index}"
@@ -372,11 +392,15 @@ class Worker:
             f"{launch.run_dir}: put --runs-dir on a filesystem every worker shares, or run a worker on "
             f"{run.node}; not restarting it from step 0"
         )
+        self._hand_back(run, why)
+        return True
+
+    def _hand_back(self, run: Run, why: str) -> None:
+        """Give back a run that another host must train (no attempt counted), and never claim it here again."""
         self.echo(f"warning: {why}")
-        queue.finish(self.engine, run.id, self.name, Status.PREEMPTED, error=why)  # no attempt was counted
+        queue.finish(self.engine, run.id, self.name, Status.PREEMPTED, error=why)
         self.unreachable.add(run.id)
         self._drop(run.id)
-        return True
 
     # -- finish -------------------------------------------------------------------------------------------
 
@@ -433,7 +457,7 @@ class Worker:
         counts = queries.counts(self.engine)
         parts = [", ".join(f"{counts[k]} {k}" for k in RunState if counts.get(k))]
         for run_id, launch in self.active.items():
-            parts.append(f"{run_id[:8]} {launch.progress.line() if launch.handle else 'waiting for its directory'}")
+            parts.append(f"{run_id[:8]} {launch.progress.line() if launch.handle else 'waiting to start'}")
         self.echo(" | ".join(parts))
 
     def _stop_all(self) -> None:

@@ -146,6 +146,21 @@ FAST = {
 }
 
 
+def before_later_keys(cfg: config.TrainConfig) -> dict:
+    """`cfg` as a config.json or checkpoint written before any of trainer.config.LATER_KEYS existed: each such
+    key removed, and a section left empty by that (a section that came later) removed too."""
+    old = cfg.model_dump(mode="json")
+    for dotted in config.LATER_KEYS:
+        section, *rest = dotted.split(".")
+        node = old[section]
+        for part in rest[:-1]:
+            node = node[part]
+        del node[rest[-1]]
+        if not old[section]:
+            del old[section]
+    return old
+
+
 def set_args(overrides: dict) -> list[str]:
     args = []
     for key, value in overrides.items():

@@ -239,6 +239,16 @@ CASES = [
     Case("submit-dry-run-bad-seeds", lambda c: [*GOOD_SUBMIT(c), "--dry-run", "--seeds", "0"], expect="--seeds"),
     # ---- data ---------------------------------------------------------------------------------------------
     Case(
+        "data-other-dataset",
+        lambda c: [*GOOD_SUBMIT(c), "--set", "data.dataset=gpjt/fineweb-gpt2-tokens"],
+        expect="data.dataset is 'gpjt/fineweb-gpt2-tokens' but",
+    ),
+    Case(
+        "data-start-token-past-the-end",
+        lambda c: [*GOOD_SUBMIT(c), "--set", "data.start_val_token=100000000"],
+        expect="data.start_val_token (100,000,000) is past the end of the val split",
+    ),
+    Case(
         "data-missing-dir",
         lambda c: ["submit", QUICKSTART, "--set", f"data.path={c.tmp / 'no-data'}"],
         expect="python -m trainer.prepare embedded --out",

@@ -27,7 +27,8 @@ def test_gpt2_small_preset_is_the_blog_baseline():
     assert r.batch_size == 96
     assert r.micro_batch_size in ("auto", 12)
     assert r.tokens == 3_260_190_720 and r.steps is None
-    assert cfg.total_steps() == 33164
+    # Rounded up to whole steps, as the seed repo's load_dataset does: 33,165 × 98,304 = 3,260,252,160 tokens.
+    assert cfg.total_steps() == 33165 and cfg.total_steps() * 96 * 1024 == 3_260_252_160
     assert o.lr == 4e-4 and o.weight_decay == 0.1
     assert o.decay_biases and o.decay_norms and o.decay_embeddings  # decay on every parameter
     assert o.grad_clip is None
@@ -69,12 +70,12 @@ def test_resolved_config_round_trips_through_a_json_file(tmp_path):
     assert again.to_json() == cfg.to_json()
 
 
-def test_tokens_budget_sets_the_step_count():
-    cfg = config.load(preset_name="tiny", overrides={"run.steps": None, "run.tokens": 16 * 64 * 7 + 5})
-    assert cfg.total_steps() == 7
-    tiny_budget = config.load(preset_name="tiny", overrides={"run.steps": None, "run.tokens": 100})
-    with pytest.raises(ConfigError, match="run.tokens"):
-        tiny_budget.total_steps()
+def test_tokens_budget_sets_the_step_count_rounded_up_to_whole_steps():
+    # The seed repo's rule (ddp_train.py, load_dataset): the fewest whole steps that reach the budget.
+    step = 16 * 64  # tokens per step of the tiny preset
+    for tokens, steps in ((step * 7, 7), (step * 7 + 5, 8), (step * 8 - 1, 8), (100, 1), (1, 1)):
+        cfg = config.load(preset_name="tiny", overrides={"run.steps": None, "run.tokens": tokens})
+        assert cfg.total_steps() == steps, tokens
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,11 +121,11 @@ def test_blog_stacked_run_validates():
             "optim.weight_decay": 0.01,
         },
     )
-    assert cfg.total_steps() == 33164
+    assert cfg.total_steps() == 33165
     from trainer.optim import lr_at, warmup_steps
 
-    assert warmup_steps(cfg.schedule, 33164) == round(0.05 * 33164)
-    assert lr_at(33163, 33164, cfg.optim.lr, cfg.schedule) == pytest.approx(1.4e-4)
+    assert warmup_steps(cfg.schedule, 33165) == round(0.05 * 33165)
+    assert lr_at(33164, 33165, cfg.optim.lr, cfg.schedule) == pytest.approx(1.4e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------

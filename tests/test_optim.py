@@ -45,7 +45,7 @@ def test_constant_schedule():
     for step in (10, 55, 100):
         assert lr(step, cfg) == 1.0
     baseline = ScheduleConfig()  # the blog baseline: constant, no warmup
-    assert [lr_at(s, 33164, 4e-4, baseline) for s in (0, 16581, 33163)] == [4e-4] * 3
+    assert [lr_at(s, 33165, 4e-4, baseline) for s in (0, 16582, 33164)] == [4e-4] * 3
 
 
 def test_cosine_schedule():

@@ -354,7 +354,10 @@ def test_submit_seeds_auto_queues_the_paired_count(measured):
     first = dry.stdout.splitlines()[0]
     assert first.startswith(f"seeds auto: {want.paired.n} per arm (paired design, σ_d {want.sigma_d:.4g} std of")
     assert "effect 0.004, power 0.8, level 0.025: α 0.05 / 2 interventions, holm)" in first
-    assert dry.stdout.count("would queue") == 3 * want.paired.n
+    # Counted as the submit below counts: the 9 measured runs are reused, the rest queued.
+    lines = dry.stdout.splitlines()
+    assert sum(x.startswith("would queue ") for x in lines) == 3 * (want.paired.n - 3)
+    assert sum(x.startswith("would reuse ") for x in lines) == 9
     assert seeds_per_arm(url) == {"baseline": 3, "clip": 3, "nodrop": 3}  # a dry run queues nothing
     out = invoke(["submit", path, "--seeds", "auto", "--effect", "0.004", "--no-check-data", "--db", url])
     assert out.exit_code == 0, out.output
@@ -377,7 +380,8 @@ def test_submit_seeds_auto_with_sigma_needs_no_database(tmp_path):
     assert out.exit_code == 0, out.output
     n = power.seeds_paired(0.01, 0.01 * math.sqrt(2), 0.8, 0.05 / 2)
     assert out.stdout.startswith(f"seeds auto: {n} per arm (paired design, σ_d 0.01414 = σ·√2, assumed")
-    assert "σ 0.01 given (--sigma)" in out.stdout and out.stdout.count("would queue") == 3 * n
+    assert "σ 0.01 given (--sigma)" in out.stdout
+    assert sum(x.startswith("would queue ") for x in out.stdout.splitlines()) == 3 * n
     assert not (tmp_path / "fresh.db").exists()
 
 

@@ -56,7 +56,7 @@ def test_family_files_cover_the_blog_series():
         "quickstart",
     } <= names
     wd = specs.expand(specs.load_experiment(REPO / "experiments/weight_decay.py"))
-    assert sorted(r.config.optim.weight_decay for r in wd) == [0.01, 0.1, 0.33724]
+    assert {r.config.optim.weight_decay for r in wd} == {0.01, 0.1, 0.33724}
 
 
 def test_quickstart_is_a_real_demo():
@@ -135,3 +135,91 @@ def test_cli_rejects_a_bad_file_and_leaves_the_database_untouched(tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "optim.lrr" in out.stderr and "intervention 'i'" in out.stderr
     assert db.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A dry run reports every problem of a file at once, and counts what a submit would queue and reuse.
+
+MANY_PROBLEMS = """
+experiment = Experiment(
+    name="x",
+    base={"optim.lrr": 1e-3, "run.seed": -1},
+    interventions=[
+        Intervention(name="a", set={"model.dropot": 0.0, "optim.lr": -1, "model.n_head": 5}),
+        Intervention(name="b", set={"optim.grad_clip": "high", "schedule.kind": "sometimes"}),
+        Intervention(name="lo", set={"optim.weight_decay": 0.01}),
+        Intervention(name="hi", set={"optim.weight_decay": 0.3}),
+        Intervention(name="both", stack=["lo", "hi"]),
+        Intervention(name="fine", set={"optim.grad_clip": 1.0}),
+    ],
+)
+"""
+
+
+def test_every_bad_key_and_value_of_every_arm_is_reported_at_once(tmp_path):
+    path = write(tmp_path, MANY_PROBLEMS)
+    with pytest.raises(specs.SpecError) as info:
+        specs.expand(specs.load_experiment(path), source=str(path), overrides={"eval.batchsize": 4})
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{path}: 9 problems, nothing queued:"
+    want = [
+        "base config: unknown config key 'optim.lrr'",
+        "--set: unknown config key 'eval.batchsize'",
+        "base config: run.seed: Input should be greater than or equal to 0",
+        "intervention 'a': unknown config key 'model.dropot'",
+        "intervention 'a': optim.lr: Input should be greater than 0",
+        "intervention 'a': model: model.n_embd (64) must be divisible by model.n_head (5)",
+        "intervention 'b': optim.grad_clip:",
+        "intervention 'b': schedule.kind:",
+        "intervention 'both': intervention 'both' stacks 'lo' and 'hi', which set optim.weight_decay differently",
+    ]
+    for fragment in want:
+        assert sum(fragment in line for line in lines[1:]) == 1, (fragment, lines)
+    # The base's bad run.seed is named once, not again for each arm that inherits it; a good arm adds nothing.
+    assert sum("run.seed" in line for line in lines) == 1 and not any("'fine'" in line for line in lines)
+    assert "did you mean 'dropout'" in str(info.value)
+    # The CLI: all of them on its one error line, exit 2, nothing written.
+    db = tmp_path / "results.db"
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    args = ["submit", str(path), "--set", "eval.batchsize=4", "--dry-run", "--no-check-data", "--db", f"sqlite:///{db}"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2 and not db.exists()
+    (error,) = [line for line in out.stderr.splitlines() if line.strip()]
+    assert error.startswith("error: ") and all(fragment in error for fragment in want)
+
+
+COUNTED = """
+experiment = Experiment(
+    name="counted",
+    seeds=SEEDS,
+    interventions=[
+        Intervention(name="clip", set={"optim.grad_clip": 1.0}),
+        Intervention(name="same", set={"model.dropout": 0.1}),  # the tiny baseline's own value: its runs
+    ],
+)
+"""
+
+
+def test_a_dry_run_counts_queued_and_reused_as_the_submit_does(tmp_path):
+    from orchestrator import api
+
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    first = write(tmp_path, "SEEDS = 2\n" + COUNTED)
+    dry = api.submit(first, dry_run=True, check_data_here=False, db=url)
+    assert not (tmp_path / "results.db").exists()  # a dry run creates no database
+    # Six runs: 'same' is the baseline's runs, so a submit queues 4 and reuses two of them (still queued).
+    assert (len(dry.queued), len(dry.reused)) == (4, 2) and {s for _, s in dry.reused} == {"queued"}
+    real = api.submit(first, check_data_here=False, db=url)
+    assert [r.id for r in dry.queued] == [r.id for r in real.queued]
+    assert [(r.id, s) for r, s in dry.reused] == [(r.id, s) for r, s in real.reused]
+    # One more seed, against the database: the 4 stored runs (and 'same', twice over) reused, 2 new queued.
+    more = write(tmp_path, "SEEDS = 3\n" + COUNTED)
+    dry = api.submit(more, dry_run=True, check_data_here=False, db=url)
+    assert (len(dry.queued), len(dry.reused)) == (2, 7) and str(dry).startswith("counted: would queue 2, reuse 7")
+    real = api.submit(more, check_data_here=False, db=url)
+    assert [r.id for r in dry.queued] == [r.id for r in real.queued]
+    assert [(r.id, s) for r, s in dry.reused] == [(r.id, s) for r, s in real.reused]
+    assert str(real) == "counted: 2 queued, 7 reused"

@@ -9,7 +9,8 @@ Presets:
 - `gpt2-small`: the blog series' baseline exactly (its run "8xa100m40-baseline"): GPT-2-small
   shape (163M parameters, untied), dropout 0.1, no QKV bias, PyTorch's default initialisation (the series'
   model is Raschka's, which never re-initialises), 96 × 1024-token sequences per step as 12 per GPU on 8 GPUs,
-  3,260,190,720 tokens, AdamW lr 4e-4 wd 0.1 on every parameter, constant LR, no clipping, fp16 AMP + TF32,
+  3,260,190,720 tokens rounded up to whole steps as the series' training repo does (33,165 steps,
+  3,260,252,160 tokens), AdamW lr 4e-4 wd 0.1 on every parameter, constant LR, no clipping, fp16 AMP + TF32,
   seed 42, test loss on 3,200 × 6 sequences.
 - `tiny`: the same code path at a size that trains in seconds on a laptop CPU, for demos and tests.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -29,6 +30,52 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class MoEConfig(Section):
+    """Mixture of experts in place of each block's MLP (trainer/moe.py has the formulas and their papers).
+    experts=0 is the dense model, and then every other key must stay at its default."""
+
+    experts: int = Field(0, ge=0, description="experts per block, each an MLP of model.mlp's shape; 0 = dense")
+    top_k: int = Field(2, ge=1, description="experts each token is routed to (softmax over their k logits)")
+    balance: Literal["none", "aux", "bias"] = Field(
+        "none", description="none | aux: Switch/GShard auxiliary loss | bias: DeepSeek-V3 loss-free bias"
+    )
+    aux_coef: float = Field(0.01, gt=0, description="α of the auxiliary loss (Switch Transformer: 0.01)")
+    bias_rate: float = Field(0.001, gt=0, description="γ, the bias update per step (DeepSeek-V3: 0.001)")
+    z_loss: float = Field(0.0, ge=0, description="router z-loss coefficient (ST-MoE: 0.001); 0 = off")
+    capacity_factor: float | None = Field(
+        None, gt=0, description="slots per expert = factor·k·tokens/experts, the rest dropped; null = dropless"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MoEConfig:
+        fields, problems = type(self).model_fields, []
+        changed = [k for k in fields if k != "experts" and getattr(self, k) != fields[k].default]
+        if self.experts == 0:
+            problems += [
+                f"model.moe.{k} applies only to a mixture of experts; set model.moe.experts (e.g. 6) "
+                f"or leave {k} at {fields[k].default!r}"
+                for k in changed
+            ]
+        elif self.experts == 1:
+            problems.append("model.moe.experts=1 is the dense MLP behind a router; use 0 (dense) or at least 2")
+        elif self.top_k > self.experts:
+            problems.append(
+                f"model.moe.top_k ({self.top_k}) exceeds model.moe.experts ({self.experts}): a token cannot "
+                "choose more experts than there are; lower top_k or raise experts"
+            )
+        if self.experts and self.top_k < 2:
+            problems.append(
+                "model.moe.top_k=1: the softmax over one chosen logit is always 1, so the router would get no "
+                "gradient from the loss (the seed repo refuses it too); use top_k >= 2"
+            )
+        for key, mode in (("aux_coef", "aux"), ("bias_rate", "bias")):
+            if self.experts and key in changed and self.balance != mode:
+                problems.append(f"model.moe.{key} applies only with model.moe.balance={mode}; set both or neither")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class ModelConfig(Section):
@@ -65,6 +112,7 @@ class ModelConfig(Section):
     bias: bool = Field(True, description="biases on linear layers and LayerNorms (QKV: model.qkv_bias)")
     qk_norm: bool = Field(False, description="RMSNorm of each head's q and k before attention")
     logit_softcap: float | None = Field(None, gt=0, description="output logits become cap·tanh(logits/cap)")
+    moe: MoEConfig = MoEConfig()  # mixture of experts in place of each MLP; dense by default
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -105,6 +153,16 @@ class DataConfig(Section):
     # data order can be varied independently of initialisation (run.seed).
     order: Literal["sequential", "shuffled"] = "sequential"
     seed: int = Field(0, ge=0, description="data-order seed; used when order='shuffled'")
+    # The seed repo's train.json keys of the same names (its "dataset" is a Hugging Face id, e.g.
+    # gpjt/fineweb-gpt2-tokens). The name is checked, never merely recorded: a run that names a dataset refuses
+    # a directory whose meta.json says it holds another, so a stored config never claims data it did not read.
+    dataset: str | None = Field(
+        None,
+        description="the dataset data.path must hold, as its meta.json names it ('dataset', else 'source'); "
+        "checked before training; null = whatever data.path holds",
+    )
+    start_train_token: int = Field(0, ge=0, description="tokens of the train split skipped before training reads")
+    start_val_token: int = Field(0, ge=0, description="tokens of the val split skipped before the validation slice")
 
 
 class OptimConfig(Section):
@@ -128,6 +186,14 @@ class ScheduleConfig(Section):
     warmup_steps: int | None = Field(None, ge=0, description="warmup in steps; overrides schedule.warmup")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of the decay, as a fraction of optim.lr")
     decay: float = Field(0.2, gt=0, le=1, description="wsd only: fraction of steps in the final decay")
+    # How a schedule counts its steps (trainer/optim.py). "orch", nanoGPT's: warmup from peak/warmup up to the
+    # peak at step warmup-1, round(warmup·steps) warmup steps, the decay at min_lr on the last step. "torch",
+    # the seed repo's (ddp_train.py: SequentialLR of LinearLR(start_factor=1e-5) over floor(warmup·steps)
+    # steps, then CosineAnnealingLR(T_max=steps-warmup)): warmup from 1e-5·peak, the peak at step warmup,
+    # min_lr one step after the last. The two differ by a step or so, enough that no run is the other's.
+    convention: Literal["orch", "torch"] = Field(
+        "orch", description="orch (nanoGPT's step counting) | torch (the seed repo's PyTorch schedulers)"
+    )
 
     @model_validator(mode="after")
     def _wsd_fits(self) -> ScheduleConfig:
@@ -135,6 +201,11 @@ class ScheduleConfig(Section):
             raise ValueError(
                 f"schedule.warmup ({self.warmup}) + schedule.decay ({self.decay}) exceed the whole run; "
                 "lower one so that they sum to at most 1"
+            )
+        if self.convention == "torch" and self.kind not in ("constant", "cosine"):
+            raise ValueError(
+                f"schedule.convention=torch is the seed repo's warmup + cosine, not defined for "
+                f"schedule.kind={self.kind}; use kind constant or cosine, or convention orch"
             )
         return self
 
@@ -150,13 +221,28 @@ class EvalConfig(Section):
     interval: int = Field(0, ge=0, description="validation loss every N steps; 0 = only at the end")
     val_sequences: int = Field(512, ge=1)
     # The blog's test set: 3,200 batches × 6 sequences × 1,024 tokens of the held-out split.
-    test_sequences: int = Field(3200 * 6, ge=1)
+    test_sequences: int | None = Field(3200 * 6, ge=1, description="test windows of model.context_length tokens")
+    # A longer context keeps the test *tokens*, not the sequence count: n windows of T tokens predict tokens
+    # 1 … n·T of the test split, so runs with equal n·T are scored on the same targets whatever their context
+    # (the seed repo's test_loss.py kept 3,200 × 6 sequences, 3× the tokens at 3,072). experiments/ set it.
+    test_tokens: int | None = Field(
+        None, ge=1, description="the test slice in tokens (a multiple of model.context_length); replaces test_sequences"
+    )
     batch_size: int = Field(
-        16, ge=1, description="sequences per forward pass per device (16 × 1024 × 50257 fp32 logits = 3.3 GB)"
+        16,
+        ge=1,
+        description="sequences per forward pass per device (16 × 1024 × 50257 fp32 logits = 3.3 GB); "
+        "past 1,024 tokens a sequence counts as context_length/1024 of them, so the logits never outgrow that",
     )
     # Evaluation precision is fixed independently of training precision, so an AMP-vs-fp32 intervention
     # changes how the model was trained, not how it is measured.
     amp: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _one_test_slice(self) -> EvalConfig:
+        if (self.test_sequences is None) == (self.test_tokens is None):
+            raise ValueError("set exactly one of eval.test_sequences and eval.test_tokens (set the other to null)")
+        return self
 
 
 class RunConfig(Section):
@@ -165,12 +251,36 @@ class RunConfig(Section):
     micro_batch_size: int | Literal["auto"] = Field(
         "auto", description="sequences per device per forward pass; 'auto' finds the largest that fits"
     )
-    tokens: int | None = Field(3_260_190_720, ge=1, description="training-token budget; sets the step count")
+    # The series' train.json "min_train_tokens"; its training repo (ddp_train.py, load_dataset) trains the
+    # fewest whole steps that reach it, so 3,260,190,720 tokens are 33,165 steps of 98,304 (3,260,252,160).
+    tokens: int | None = Field(
+        3_260_190_720, ge=1, description="training-token budget, rounded up to whole steps (sets the step count)"
+    )
     steps: int | None = Field(None, ge=1, description="optimizer steps; use instead of run.tokens")
     log_interval: int = Field(10, ge=1, description="steps between metric lines (each costs a device sync)")
     checkpoint_interval: int = Field(1000, ge=0, description="steps between checkpoints; 0 = only at stops")
     keep_checkpoints: int = Field(2, ge=1)
     peak_tflops: float | None = Field(None, gt=0, description="per-device peak for MFU; null = known GPUs only")
+    # Starting from another run (trainer/init_from.py has the rules): its weights only, from its final state;
+    # a fresh optimizer, step 0 and this run's own seeds. Interrupted, this run resumes from its own checkpoint.
+    init_from: str | None = Field(
+        None,
+        description="start from another run's weights: its run directory (newest checkpoint of a succeeded run), "
+        "a checkpoint file, or through orch a run id (resolved to its directory; the run waits for it to succeed)",
+    )
+    # How a learned position table grows to a longer context (a shorter one keeps the first rows):
+    # "interpolate", Position Interpolation (Chen et al. 2023), keeps every position inside the range the source
+    # was trained on; "tile" (Longformer's copy, Beltagy et al. 2020) keeps every local offset but repeats
+    # absolute positions. model.position=rope has no table: nothing to extend.
+    init_positions: Literal["interpolate", "tile"] = Field(
+        "interpolate", description="longer context from run.init_from: interpolate (the table stretched) | tile"
+    )
+    init_sha256: str | None = Field(
+        None,
+        pattern="^[0-9a-f]{64}$",
+        description="sha256 of the checkpoint file run.init_from names (orch submit pins a path's with it); "
+        "a file that no longer matches is refused",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> RunConfig:
@@ -178,7 +288,32 @@ class RunConfig(Section):
             raise ValueError("set exactly one of run.tokens and run.steps (set the other to null)")
         if isinstance(self.micro_batch_size, int) and self.micro_batch_size < 1:
             raise ValueError("run.micro_batch_size must be a positive integer or 'auto'")
+        if self.init_from is None:
+            for key in ("init_positions", "init_sha256"):
+                if getattr(self, key) != RunConfig.model_fields[key].default:
+                    raise ValueError(
+                        f"run.{key} applies only with run.init_from; set run.init_from or leave run.{key} out"
+                    )
         return self
+
+
+# The blog series judged each model by a smoke-test completion of this prompt (Raschka's book, ch. 4-5).
+DEFAULT_PROMPT = "Every effort moves you"
+
+
+class SampleConfig(Section):
+    """Completions written to samples.json at the end of a successful run (trainer/sample.py): per prompt one
+    greedy completion and `count` sampled ones. They change no training number: they come after the test
+    evaluation and draw from a torch.Generator of their own, never from the training RNG."""
+
+    prompts: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: [DEFAULT_PROMPT], description="prompts to complete; [] = no samples"
+    )
+    tokens: int = Field(40, ge=1, description="new tokens per completion (fewer if <|endoftext|> comes first)")
+    temperature: float = Field(1.0, gt=0, description="of the sampled completions (the greedy one has none)")
+    top_k: int | None = Field(None, ge=1, description="sample among the k likeliest tokens only; null = all")
+    count: int = Field(2, ge=0, description="sampled completions per prompt, besides the greedy one")
+    seed: int = Field(0, ge=0, description="a prompt's i-th sampled completion draws from seed + i")
 
 
 class TrainConfig(Section):
@@ -189,17 +324,35 @@ class TrainConfig(Section):
     precision: PrecisionConfig = PrecisionConfig()
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
+    sample: SampleConfig = SampleConfig()
+
+    @model_validator(mode="after")
+    def _context_fits(self) -> TrainConfig:
+        T, tokens = self.model.context_length, self.eval.test_tokens
+        if tokens is not None and tokens % T:
+            low, high = tokens // T * T, -(-tokens // T) * T
+            raise ValueError(
+                f"eval.test_tokens ({tokens}) must be a multiple of model.context_length ({T}), so that whole "
+                f"windows tile it: try {low or high} or {high}, or a multiple of every context you compare"
+            )
+        if self.model.position == "rope" and self.run.init_positions != "interpolate":
+            raise ValueError(
+                "run.init_positions extends a learned position table; model.position=rope has none (its "
+                "rotations hold at any length): leave run.init_positions out"
+            )
+        return self
+
+    def test_windows(self) -> int:
+        """Windows of model.context_length tokens in the fixed test slice (eval.test_sequences or test_tokens)."""
+        if self.eval.test_tokens is not None:
+            return self.eval.test_tokens // self.model.context_length
+        return self.eval.test_sequences
 
     def total_steps(self) -> int:
         if self.run.steps is not None:
             return self.run.steps
-        steps = self.run.tokens // (self.run.batch_size * self.model.context_length)
-        if steps < 1:
-            raise ConfigError(
-                f"run.tokens ({self.run.tokens}) is less than one step of "
-                f"{self.run.batch_size} × {self.model.context_length} tokens; raise run.tokens"
-            )
-        return steps
+        # Rounded up, as the series' repo does: a budget is a minimum, never cut short by a partial step.
+        return -(-self.run.tokens // (self.run.batch_size * self.model.context_length))
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
@@ -221,20 +374,60 @@ LATER_KEYS: dict[str, Any] = {
     "model.bias": True,
     "model.qk_norm": False,
     "model.logit_softcap": None,
+    "model.moe": MoEConfig().model_dump(mode="json"),  # the whole section: dense (see without_later_keys)
+    "sample.prompts": [DEFAULT_PROMPT],
+    "sample.tokens": 40,
+    "sample.temperature": 1.0,
+    "sample.top_k": None,
+    "sample.count": 2,
+    "sample.seed": 0,
+    "data.dataset": None,
+    "data.start_train_token": 0,
+    "data.start_val_token": 0,
+    "schedule.convention": "orch",
+    "eval.test_tokens": None,
+    "run.init_from": None,
+    "run.init_positions": "interpolate",
+    "run.init_sha256": None,
 }
 
 
 def without_later_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """A config dict (a model_dump, or one stored by an older orch) minus LATER_KEYS at their neutral value."""
-    data = json.loads(json.dumps(data))  # deep copy
+    """A config dict (a model_dump, or one stored by an older orch) minus LATER_KEYS at their neutral value,
+    and minus a section that this leaves empty (one made only of later keys, as `sample`: a config stored before
+    the section existed has no such section at all)."""
+    data = _test_slice_as_windows(json.loads(json.dumps(data)))  # a deep copy
     for dotted, neutral in LATER_KEYS.items():
         *parents, leaf = dotted.split(".")
-        node = data
+        chain = [data]  # the dicts from the top down to the key's section
         for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == neutral:
+            chain.append(chain[-1].get(part) if isinstance(chain[-1], dict) else None)
+        node = chain[-1]
+        if isinstance(node, dict) and leaf in node and _is_neutral(node[leaf], neutral):
             del node[leaf]
+            for parent, part, child in reversed(list(zip(chain, parents, chain[1:]))):
+                if child:
+                    break
+                del parent[part]
     return data
+
+
+def _test_slice_as_windows(data: dict[str, Any]) -> dict[str, Any]:
+    """eval.test_tokens as the eval.test_sequences it amounts to: a run's identity is the slice it is tested
+    on, however it was written (19,660,800 tokens at 1,024 is the 19,200 sequences of the gpt2-small preset)."""
+    evals, T = data.get("eval"), (data.get("model") or {}).get("context_length")
+    if isinstance(evals, dict) and isinstance(evals.get("test_tokens"), int) and isinstance(T, int):
+        if evals["test_tokens"] % T == 0:
+            evals["test_sequences"] = evals.pop("test_tokens") // T
+    return data
+
+
+def _is_neutral(value: Any, neutral: Any) -> bool:
+    """A later key's value means "as before". For a whole later section (model.moe) that is every key it holds
+    at its neutral value: a section stored before one of its keys existed lacks that key."""
+    if isinstance(neutral, dict):
+        return isinstance(value, dict) and all(k in neutral and v == neutral[k] for k, v in value.items())
+    return value == neutral
 
 
 def same_run(stored: dict[str, Any], cfg: TrainConfig) -> bool:
@@ -288,7 +481,12 @@ def parse_value(text: str) -> Any:
 
 # Keys that are alternatives: setting one (to a value) clears the other unless both are set together,
 # so `--set run.steps=40` works on a preset whose budget is given in tokens.
-ALTERNATIVES = {"run.steps": "run.tokens", "run.tokens": "run.steps"}
+ALTERNATIVES = {
+    "run.steps": "run.tokens",
+    "run.tokens": "run.steps",
+    "eval.test_tokens": "eval.test_sequences",
+    "eval.test_sequences": "eval.test_tokens",
+}
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -331,10 +529,11 @@ def validate(data: dict[str, Any], source: str = "config") -> TrainConfig:
 def _explain(err: dict) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        section = TrainConfig.model_fields.get(str(err["loc"][0]))
-        choices = (
-            list(section.annotation.model_fields) if len(err["loc"]) > 1 and section else list(TrainConfig.model_fields)
-        )
+        fields = TrainConfig.model_fields  # the keys of the section holding the unknown one (model.moe nests)
+        for part in err["loc"][:-1]:
+            kind = getattr(fields.get(str(part)), "annotation", None)
+            fields = kind.model_fields if isinstance(kind, type) and issubclass(kind, BaseModel) else {}
+        choices = list(fields)
         return f"  {loc}: unknown key" + _did_you_mean(str(err["loc"][-1]), choices) + "; remove or rename it"
     msg = err["msg"].removeprefix("Value error, ")
     got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""

@@ -13,6 +13,11 @@ rank r takes positions s·G + r·(G/world) … and splits them into micro-batche
 depend only on (step, G), never on the world size, and the data position a checkpoint needs is the step.
 "sequential" is the stream in order (the blog series); "shuffled" is a permutation drawn from data.seed,
 redrawn per epoch, so the data order is a seed of its own, separate from initialisation.
+
+A run reads a split through open_split: data.start_train_token / data.start_val_token tokens of the train /
+val split are skipped first (the seed repo's train.json keys), so window i starts at token skip + i·T; the
+test slice always starts at token 0. data.dataset, where set, must be the dataset the directory's meta.json
+names, or the run refuses the directory.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import numpy as np
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: `orch submit` checks data without it
     import torch
+
+    from trainer.config import DataConfig
 
 MAGIC = 20240520
 VERSION = 1
@@ -44,6 +51,29 @@ def prepare_hint(directory: Path) -> str:
         return json.loads((directory / "meta.json").read_text())["command"]
     except (OSError, ValueError, KeyError):
         return f"python -m trainer.prepare embedded --out {directory}"
+
+
+def held_dataset(directory: Path) -> str | None:
+    """The dataset a prepared directory holds, as its meta.json names it: "dataset", or for a directory
+    prepared before that key existed, its "source" (embedded, files, fineweb); None without a meta.json."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (meta.get("dataset") or meta.get("source")) if isinstance(meta, dict) else None
+
+
+def check_dataset_name(directory: str | Path, wanted: str | None) -> None:
+    """Refuse a directory that does not hold the dataset data.dataset names (None: any directory will do)."""
+    if wanted is None:
+        return
+    held = held_dataset(Path(directory))
+    if held != wanted:
+        says = f"holds {held!r} (its meta.json)" if held else "names no dataset (no readable meta.json)"
+        raise DataError(
+            f"data.dataset is {wanted!r} but {directory} {says}: point data.path at a directory prepared "
+            f"from {wanted!r}, or set data.dataset to what it holds (null: whatever data.path holds)"
+        )
 
 
 def _listed_shards(directory: Path, split: str) -> int | None:
@@ -119,24 +149,36 @@ def shard_paths(directory: str | Path, split: str) -> list[Path]:
 
 
 def check_dataset(
-    directory: str | Path, seq_len: int | None = None, val_sequences: int = 0, test_sequences: int = 0
+    directory: str | Path,
+    seq_len: int | None = None,
+    val_sequences: int = 0,
+    test_sequences: int = 0,
+    *,
+    dataset: str | None = None,
+    start_train_token: int = 0,
+    start_val_token: int = 0,
 ) -> dict[str, int]:
     """Check a dataset directory the way training will read it, from the shards' headers only: every split
-    present, every shard's magic, version and token count consistent with its size; given seq_len, the train
-    split holds a sequence and the val / test splits hold the fixed evaluation slices. Returns tokens per
-    split. This is what `orch submit` runs before queuing, so bad data is found before any launch."""
+    present, every shard's magic, version and token count consistent with its size, the dataset the config
+    names; given seq_len, the train split holds a sequence and the val / test splits hold the fixed evaluation
+    slices, each after its skipped tokens. Returns tokens per split (all of them, skipped ones included). This
+    is what `orch submit` runs before queuing, so bad data is found before any launch."""
     tokens = {split: sum(shard_length(p) for p in shard_paths(directory, split)) for split in SPLITS}
+    check_dataset_name(directory, dataset)
+    skips = {"train": start_train_token, "val": start_val_token, "test": 0}
+    for split, skip in skips.items():
+        _check_skip(directory, split, skip, tokens[split])
     if seq_len is not None:
-        if (tokens["train"] - 1) // seq_len < 1:
+        if (tokens["train"] - skips["train"] - 1) // seq_len < 1:
             raise DataError(
-                f"{directory}: the train split has {tokens['train']} tokens, fewer than one sequence "
-                f"of {seq_len + 1}; prepare more data with `{prepare_hint(Path(directory))}`"
+                f"{directory}: the train split has {tokens['train'] - skips['train']} tokens to read, fewer than "
+                f"one sequence of {seq_len + 1}; prepare more data with `{prepare_hint(Path(directory))}`"
             )
         for split, n, what in (
             ("val", val_sequences, "eval.val_sequences"),
-            ("test", test_sequences, "eval.test_sequences"),
+            ("test", test_sequences, "eval.test_sequences (or eval.test_tokens)"),
         ):
-            have = max(0, (tokens[split] - 1) // seq_len)
+            have = max(0, (tokens[split] - skips[split] - 1) // seq_len)
             if have < n:
                 raise DataError(
                     f"{directory}: the {split} split holds {have} sequences of {seq_len} tokens, but {what} "
@@ -145,20 +187,31 @@ def check_dataset(
     return tokens
 
 
-class Split:
-    """One split's shards as a single token stream."""
+def _check_skip(directory: str | Path, split: str, skip: int, n_tokens: int) -> None:
+    if not 0 <= skip <= n_tokens:
+        raise DataError(
+            f"data.start_{split}_token ({skip:,}) is past the end of the {split} split of {directory} "
+            f"({n_tokens:,} tokens); lower it"
+        )
 
-    def __init__(self, directory: str | Path, split: str):
+
+class Split:
+    """One split's shards as a single token stream, less its first `skip` tokens (data.start_*_token)."""
+
+    def __init__(self, directory: str | Path, split: str, skip: int = 0):
         paths = shard_paths(directory, split)
         self.name = split
         self.shards = [read_shard(p) for p in paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
-        self.n_tokens = int(self.starts[-1])
+        _check_skip(directory, split, skip, int(self.starts[-1]))
+        self.skip = skip
+        self.n_tokens = int(self.starts[-1]) - skip  # the tokens this stream holds, after the skipped ones
 
     def tokens(self, start: int, length: int) -> np.ndarray:
-        """tokens[start : start + length] across shard boundaries, as int64."""
+        """tokens[start : start + length] of the stream (after the skipped tokens) across shards, as int64."""
         if start < 0 or start + length > self.n_tokens:
             raise IndexError(f"tokens [{start}, {start + length}) outside split {self.name} of {self.n_tokens}")
+        start += self.skip
         out, pos = [], start
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1
         while pos < start + length:
@@ -180,6 +233,16 @@ class Split:
         x = torch.from_numpy(rows[:, :-1].copy())
         y = torch.from_numpy(rows[:, 1:].copy())
         return x, y
+
+
+def open_split(data: DataConfig, split: str, directory: str | Path | None = None) -> Split:
+    """A split as a run reads it: data.dataset checked against the directory's meta.json, and the train / val
+    split's first data.start_train_token / data.start_val_token tokens skipped (the test slice never is).
+    `directory` overrides data.path (`python -m trainer.evaluate --data`)."""
+    directory = data.path if directory is None else directory
+    check_dataset_name(directory, data.dataset)
+    skip = {"train": data.start_train_token, "val": data.start_val_token}.get(split, 0)
+    return Split(directory, split, skip)
 
 
 class TrainOrder:

@@ -1,6 +1,6 @@
 """The fixed, deterministic test-set loss — in training and on any checkpoint afterwards.
 
-    python -m trainer.evaluate --checkpoint runs/ID/checkpoints/step_00033164.pt [--data DIR] [--json]
+    python -m trainer.evaluate --checkpoint runs/ID/checkpoints/step_00033165.pt [--data DIR] [--json]
 
 The test slice is always the first eval.test_sequences windows of the test split (the blog series: 3,200
 batches × 6 sequences × 1,024 tokens), evaluated in eval.amp precision with TF32 off for fp32, dropout off,
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.data import DataError, Split, fixed_slice
+from trainer.data import DataError, Split, fixed_slice, open_split
 
 
 def autocast(device: torch.device, amp: str):
@@ -38,6 +38,19 @@ def exact_fp32():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+# eval.batch_size was sized for GPT-2's context: 16 × 1,024 × 50,257 fp32 logits are 3.3 GB (and the cross-
+# entropy's log-softmax as much again). A longer sequence counts as seq_len/1,024 of them, so a 3,072-token
+# context evaluates 5 sequences per pass, not 16, and the logits stay within what the batch size was chosen for.
+REFERENCE_CONTEXT = 1024
+
+
+def sequences_per_pass(batch_size: int, seq_len: int) -> int:
+    """eval.batch_size sequences per forward pass, scaled down past REFERENCE_CONTEXT tokens (at least one)."""
+    if seq_len <= REFERENCE_CONTEXT:
+        return batch_size
+    return max(1, batch_size * REFERENCE_CONTEXT // seq_len)
 
 
 @torch.no_grad()
@@ -59,8 +72,9 @@ def mean_loss(
     mine = range(rank * per_rank, min(n_sequences, (rank + 1) * per_rank))
     total = torch.zeros((), dtype=torch.float64, device=device)
     with exact_fp32() if amp == "fp32" else contextlib.nullcontext():
-        for start in range(mine.start, mine.stop, batch_size):
-            x, y = split.sequences(range(start, min(mine.stop, start + batch_size)), seq_len)
+        per_pass = sequences_per_pass(batch_size, seq_len)
+        for start in range(mine.start, mine.stop, per_pass):
+            x, y = split.sequences(range(start, min(mine.stop, start + per_pass)), seq_len)
             x, y = x.to(device), y.to(device)
             with autocast(device, amp):
                 logits = model(x)
@@ -97,9 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     model = GPT(cfg.model).to(device)
     model.load_state_dict(state["model"])
-    n = args.sequences or (cfg.eval.test_sequences if args.split == "test" else cfg.eval.val_sequences)
+    n = args.sequences or (cfg.test_windows() if args.split == "test" else cfg.eval.val_sequences)
     try:
-        split = Split(args.data or cfg.data.path, args.split)
+        split = open_split(cfg.data, args.split, args.data)  # data.start_val_token skipped, as in training
         fixed_slice(split, cfg.model.context_length, n, f"eval.{args.split}_sequences")
     except (DataError, ConfigError) as exc:
         sys.exit(f"error: {exc}")

@@ -15,6 +15,8 @@ GPT-2 and build it from the same RNG draws in the same order:
 - model.qk_norm=true: RMSNorm of each head's q and k before attention (Dehghani et al. 2023, ViT-22B;
   OLMo 2, 2024), which bounds the attention logits.
 - model.logit_softcap=C: output logits C·tanh(logits/C) (Gemma 2, 2024: C=30; modded-nanogpt: 15 to 30).
+- model.moe.experts=E: a mixture of E experts of the MLP's shape in place of each MLP (trainer/moe.py); with
+  model.moe.balance=bias its routing bias is a buffer, in the state dict with the parameters.
 Nothing here is state outside parameters: RoPE's angles are computed in each forward pass from the positions,
 so checkpoints, resumes and DDP ranks see exactly the tensors the dense model has.
 """
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
+from trainer.moe import MoE
 
 
 class RMSNorm(nn.LayerNorm):
@@ -135,7 +138,8 @@ class Block(nn.Module):
         self.ln1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        # model.moe.experts > 0: a mixture of MLPs of this shape (trainer/moe.py); 0 draws exactly as before
+        self.mlp = MoE(cfg, lambda: MLP(cfg)) if cfg.moe.experts else MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.site_dropout("resid"))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -194,11 +198,13 @@ class GPT(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
-    def num_params(self) -> int:
+    def num_params(self, active: bool = False) -> int:
         """Distinct parameters (a tied tensor counts once): 163,009,536 for the untied gpt2-small preset.
-        The zero rows of model.pad_vocab are not counted: they are never trained and never read."""
+        The zero rows of model.pad_vocab are not counted: they are never trained and never read.
+        active=True: those one token uses, which differ only with a mixture of experts (top_k of its experts)."""
         padding = (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.n_embd
-        return sum(p.numel() for p in self.parameters()) - padding * (1 if self.cfg.tie_weights else 2)
+        inactive = sum(b.mlp.inactive_params() for b in self.blocks if isinstance(b.mlp, MoE)) if active else 0
+        return sum(p.numel() for p in self.parameters()) - padding * (1 if self.cfg.tie_weights else 2) - inactive
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus attention scores.
@@ -206,12 +212,13 @@ class GPT(nn.Module):
         PaLM (Chowdhery et al. 2022, appendix B) and nanoGPT's estimate_mfu: 6·N + 12·L·d·T, where N counts
         the weights that take part in matmuls — every parameter except the embedding lookups, but including
         the output head, which is a 50257-wide matmul even when tied. Model FLOPs of the unpadded vocabulary:
-        what model.pad_vocab adds is work the model does not need, so it must not raise MFU.
+        what model.pad_vocab adds is work the model does not need, so it must not raise MFU. With a mixture of
+        experts N counts the active weights: the router and top_k experts per layer (not the inactive ones).
         """
         cfg = self.cfg
         positions = self.pos_emb.weight.numel() if self.pos_emb is not None else 0  # RoPE has no table
         lookups = cfg.vocab_size * cfg.n_embd * (0 if cfg.tie_weights else 1) + positions
-        n_matmul = self.num_params() - lookups
+        n_matmul = self.num_params(active=True) - lookups
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.context_length
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -46,8 +47,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     )
 
 
+# LinearLR's start_factor in the seed repo's warmup (ddp_train.py): the first step trains at 1e-5 of the peak.
+TORCH_WARMUP_START = 1e-5
+
+
 def warmup_steps(cfg: ScheduleConfig, total_steps: int) -> int:
-    return cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup * total_steps)
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    if cfg.convention == "torch":  # the seed repo: (steps * warmup_period_percent) // 100, exactly
+        return math.floor(Fraction(repr(cfg.warmup)) * total_steps)
+    return round(cfg.warmup * total_steps)
 
 
 def lr_at(step: int, total_steps: int, peak: float, cfg: ScheduleConfig) -> float:
@@ -60,8 +69,11 @@ def lr_at(step: int, total_steps: int, peak: float, cfg: ScheduleConfig) -> floa
       linear    straight line from the peak down to min_lr_ratio·peak at the last step;
       wsd       warmup-stable-decay (Hu et al. 2024, MiniCPM): peak until the last `decay` fraction of
                 steps, then linear down to min_lr_ratio·peak.
+    schedule.convention=torch counts steps as the seed repo's PyTorch schedulers do instead (_torch_lr).
     """
     warm = warmup_steps(cfg, total_steps)
+    if cfg.convention == "torch":
+        return _torch_lr(step, total_steps, warm, peak, cfg)
     if step < warm:
         return peak * (step + 1) / warm
     floor = peak * cfg.min_lr_ratio
@@ -79,3 +91,16 @@ def lr_at(step: int, total_steps: int, peak: float, cfg: ScheduleConfig) -> floa
     if cfg.kind == "cosine":
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return peak - (peak - floor) * progress  # linear
+
+
+def _torch_lr(step: int, total_steps: int, warm: int, peak: float, cfg: ScheduleConfig) -> float:
+    """schedule.convention=torch: the closed forms of the seed repo's PyTorch schedulers. The LR of step s is
+    the one set after s scheduler steps: LinearLR from TORCH_WARMUP_START·peak over `warm` steps, then (cosine)
+    CosineAnnealingLR with T_max = total_steps - warm and eta_min = min_lr_ratio·peak, restarted at the peak
+    by SequentialLR at step `warm`. tests/test_seed_runs.py checks it against torch's own schedulers."""
+    if step < warm:
+        return peak * (TORCH_WARMUP_START + (1 - TORCH_WARMUP_START) * step / warm)
+    if cfg.kind == "constant":
+        return peak
+    floor = peak * cfg.min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))

@@ -13,15 +13,11 @@ meta.json is written last: a directory without it is an interrupted preparation.
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
-import io
 import json
 import shlex
 import sys
-import sysconfig
 import time
-import tokenize
 from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +25,7 @@ from typing import TextIO
 
 import numpy as np
 
+from trainer import embedded
 from trainer.data import SPLITS, write_shard
 from trainer.rundir import write_json
 from trainer.tokenizer import EOT, gpt2
@@ -52,49 +49,23 @@ class Meter:
 # Sources: each yields documents (strings).
 
 
-def embedded_corpus(meter: Meter | None = None) -> Iterator[str]:
+def embedded_corpus(meter: Meter | None = None, workers: int | None = None) -> Iterator[str]:
     """English prose that exists on any machine with Python and no network (~1.2M GPT-2 tokens on 3.11).
 
     The interpreter's help topics (pydoc_data, ~140K tokens), then every docstring and every comment block
-    of two or more lines in the standard library's sources, in sorted file order. It varies a little
-    between Python versions, so meta.json records the version and a hash of the tokens.
+    of two or more lines in the standard library's sources, in sorted file order, read by `workers`
+    processes (default: one per core; trainer/embedded.py). It varies a little between Python versions, so
+    meta.json records the version and a hash of the tokens.
     """
-    from pydoc_data.topics import topics
-
     meter = meter or Meter()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    paths = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
-    meter.total = sum(len(t) for t in topics.values()) + sum(p.stat().st_size for p in paths)
-    for key in sorted(topics):
-        meter.done += len(topics[key])
-        yield topics[key]
-    for path in paths:
-        source = path.read_bytes()
-        meter.done += len(source)
-        try:
-            tree = ast.parse(source)
-        except (SyntaxError, ValueError):  # the stdlib's deliberately broken test files
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 40:
-                    yield doc
-        yield from _comment_blocks(source)
-
-
-def _comment_blocks(source: bytes) -> Iterator[str]:
-    block: list[str] = []
-    try:
-        for tok in tokenize.tokenize(io.BytesIO(source).readline):
-            if tok.type == tokenize.COMMENT:
-                block.append(tok.string.lstrip("#").strip())
-            elif tok.type not in (tokenize.NL, tokenize.NEWLINE):
-                if len(block) >= 2:
-                    yield " ".join(block)
-                block = []
-    except (tokenize.TokenError, SyntaxError):
-        return
+    topics, paths = embedded.topics(), embedded.stdlib_files()
+    meter.total = sum(map(len, topics)) + sum(p.stat().st_size for p in paths)
+    for text in topics:
+        meter.done += len(text)
+        yield text
+    for size, documents in embedded.read(paths, workers):
+        meter.done += size
+        yield from documents
 
 
 def file_corpus(paths: Iterable[str], text_field: str = "text", meter: Meter | None = None) -> Iterator[str]:
@@ -325,6 +296,7 @@ def prepare(
     source: str,
     command: str,
     val_fraction: float,
+    dataset: str | None = None,
     test_fraction: float,
     shard_tokens: int = 100_000_000,
     max_tokens: int | None = None,
@@ -386,6 +358,7 @@ def prepare(
         raise SystemExit(f"error: split(s) {', '.join(empty)} got no documents: use more input or larger fractions")
     meta = {
         "source": source,
+        "dataset": dataset or source,  # what data.dataset is checked against (trainer/data.py)
         "command": command,
         "tokenizer": "gpt2",
         "documents": docs,
@@ -414,6 +387,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="stop after about this many tokens")
     parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     parser.add_argument("--sample", default=FINEWEB_SAMPLE, help="FineWeb sample folder on the hub")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="processes parsing the embedded corpus (default: one per core)"
+    )
+    parser.add_argument(
+        "--dataset",
+        help="the name meta.json gives the data, which a config's data.dataset must match "
+        "(default: HuggingFaceFW/fineweb/SAMPLE for fineweb, else the source)",
+    )
     args = parser.parse_args(argv)
     # The small embedded corpus needs larger held-out shares to fill the tiny preset's evaluation slices.
     small = args.source == "embedded"
@@ -425,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("'files' needs at least one input file or directory")
     meter = Meter()
     if args.source == "embedded":
-        docs = embedded_corpus(meter=meter)
+        docs = embedded_corpus(meter=meter, workers=args.workers)
     elif args.source == "files":
         docs = file_corpus(args.inputs, args.text_field, meter=meter)
     else:
@@ -435,6 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         docs,
         args.out,
         source=args.source,
+        dataset=args.dataset or (f"{FINEWEB_REPO}/{args.sample}" if args.source == "fineweb" else None),
         command=command,
         val_fraction=val,
         test_fraction=test,

@@ -3,9 +3,12 @@
     runs/<id>/config.json       the resolved TrainConfig (written by the launcher, or by the trainer for --preset)
     runs/<id>/metrics.jsonl     one JSON object per event, appended and flushed as training goes
     runs/<id>/checkpoints/      step_XXXXXXXX.pt, each written atomically; a relaunch resumes from the newest
+    runs/<id>/samples.json      a succeeded run's completions of sample.prompts, just before result.json
+                                (trainer/sample.py: prompt, kind greedy/sampled, temperature, seed, text, tokens)
     runs/<id>/result.json       written last, atomically: how the run ended and what it measured
     runs/<id>/STOP              created by the launcher: checkpoint and exit ("pruned" inside = pruned)
     runs/<id>/trainer.lock      held by the one trainer of the directory (trainer/runlock.py)
+    runs/<id>/init_from.json    a run.init_from run's source: checkpoint, sha256, step (trainer/init_from.py)
 
 metrics.jsonl is append-only so a reader can follow it by byte offset. After a resume the trainer appends
 {"event": "resume", "step": N}: events of steps > N written before it belong to the lost attempt and are
@@ -24,6 +27,7 @@ from typing import Any
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
+SAMPLES = "samples.json"
 STOP = "STOP"
 CHECKPOINTS = "checkpoints"
 

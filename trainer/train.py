@@ -9,6 +9,7 @@
     train_until_done  train_step after train_step; at sync points, sync_point (log_step, evaluate,
                       save_checkpoint, the stop decision), which may end the run early
     final_evaluation  validation and fixed-slice test loss (only for a run that reached its last step)
+    write_run_samples samples.json: completions of sample.prompts (trainer/sample.py; rank 0, succeeded runs)
     save_checkpoint   the last checkpoint (never of a model that went non-finite)
     build_result      result.json, written by write_result
 
@@ -37,15 +38,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainer import checkpoint
+from trainer import checkpoint, init_from
 from trainer.config import ConfigError, TrainConfig, same_run
-from trainer.data import Split, TrainOrder, fixed_slice
+from trainer.data import Split, TrainOrder, fixed_slice, open_split
 from trainer.distributed import Dist, StopRequest, all_gather, distributed
 from trainer.evaluate import autocast, mean_loss
 from trainer.model import GPT, cross_entropy
+from trainer.moe import Balancer, penalty
 from trainer.optim import build_optimizer, lr_at
 from trainer.perf import batch_layout, environment, peak_flops  # bench/trainer.py takes Dist, batch_layout from here
 from trainer.rundir import CONFIG, EXIT_CODES, METRICS, RESULT, Metrics, Status, write_json
+from trainer.sample import write_run_samples
+from trainer.spare import launch_began
 from trainer.state import TrainState
 
 
@@ -78,6 +82,8 @@ class Setup:
     peak: float | None  # per-device peak FLOP/s, for MFU; None where unknown
     total_steps: int
     started: float  # time.time() at this launch's start
+    moe: Balancer | None = None  # a mixture of experts' routing statistics and bias updates; None when dense
+    first_step_s: float | None = None  # from this launch's start (spare.launch_began) to its first step's end
 
     def tokens(self, step: int) -> int:
         return step * self.cfg.run.batch_size * self.cfg.model.context_length
@@ -90,6 +96,7 @@ class Setup:
 
 class TrainingLoss(torch.nn.Module):
     """(tokens, targets) -> the mean next-token loss under the run's autocast: what train_step differentiates.
+    With a mixture of experts, (that loss, that loss + the balancing terms): the second is differentiated.
 
     The model and its loss are one module so that torch.compile sees both: the float32 cross-entropy over the
     50,257 logits is then fused with the head instead of materialising a float32 copy of every logit (at 96 x
@@ -101,9 +108,13 @@ class TrainingLoss(torch.nn.Module):
         super().__init__()
         self.model, self.amp = model, amp
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         with autocast(x.device, self.amp):
-            return cross_entropy(self.model(x), y)
+            loss = cross_entropy(self.model(x), y)
+        if not self.model.cfg.moe.experts:
+            return loss
+        # A mixture of experts: the loss to log, and the objective to differentiate, its balancing terms added.
+        return loss, loss + penalty(self.model, self.model.cfg.moe)
 
 
 def training_model(model: GPT, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
@@ -143,6 +154,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> Status:
         s, state = set_up(cfg, Path(run_dir), d)
         status = train_until_done(s, state)
         test_loss = final_evaluation(s, state) if status is Status.SUCCEEDED else None
+        if status is Status.SUCCEEDED and d.master:  # before result.json, which says the launch is over
+            write_run_samples(s.run_dir, s.model, cfg, state.step)
         state.wall_time += time.time() - s.started
         if status is not Status.DIVERGED:  # never checkpoint a model that went non-finite
             save_checkpoint(s, state)
@@ -155,6 +168,10 @@ def train_until_done(s: Setup, state: TrainState) -> Status:
     window = Window(state.clipped_steps())
     while state.step < s.total_steps:
         out = train_step(s, state)
+        if s.first_step_s is None:  # start-up (imports, unless a warm spare did them), set-up, compile, one step
+            if s.d.device.type == "cuda":
+                torch.cuda.synchronize(s.d.device)
+            s.first_step_s = time.time() - launch_began()[0]
         window.steps += 1
         due_eval = _due(s.cfg.eval.interval, state.step, s.total_steps)
         due_ckpt = _due(s.cfg.run.checkpoint_interval, state.step, s.total_steps)
@@ -181,7 +198,7 @@ def set_up(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState]
     (initial weights, then dropout masks), then a checkpoint's RNG states over them, so that a fresh run and
     a resumed one draw the same numbers (tests/golden/tiny_run.json pins them)."""
     started = time.time()
-    total_steps = cfg.total_steps()  # a token budget under one step is a config error: before anything is written
+    total_steps = cfg.total_steps()  # run.tokens rounded up to whole steps, as the seed repo does
     prepare_run_dir(cfg, run_dir, d)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
     data = open_data(cfg)  # data first: a missing shard should fail in a second, not after building a model
@@ -194,14 +211,17 @@ def set_up(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState]
     torch.manual_seed(cfg.run.seed + d.rank)  # dropout masks differ between ranks, as their data does
 
     state = TrainState(d.device)
-    resume(cfg, run_dir, d, model, opt, scaler, state)  # may replace the RNG states just seeded
+    resumed = resume(cfg, run_dir, d, model, opt, scaler, state)  # may replace the RNG states just seeded
+    if not resumed and cfg.run.init_from is not None:  # weights only, and never over a checkpoint of this run
+        init_from.initialise(cfg, run_dir, d, model)
     state.launches += 1
     metrics = Metrics(run_dir / METRICS, d.master)
     if d.master and (run_dir / METRICS).stat().st_size > 0:
         metrics.log(event="resume", step=state.step, launch=os.environ.get("ORCH_LAUNCH_ID"), time=time.time())
     if d.master:
+        active = f" ({model.num_params(active=True):,} active)" if cfg.model.moe.experts else ""
         print(
-            f"{model.num_params():,} parameters | {d.world} × {d.device.type} | micro-batch {micro} × {accum} "
+            f"{model.num_params():,} parameters{active} | {d.world} × {d.device.type} | micro-batch {micro} × {accum} "
             f"accumulation | steps {state.step}→{total_steps}",
             flush=True,
         )
@@ -224,6 +244,7 @@ def set_up(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState]
         peak=peak_flops(d.device, cfg.precision.amp, cfg.precision.tf32, cfg.run.peak_tflops),
         total_steps=total_steps,
         started=started,
+        moe=Balancer.of(model, d.device),
     )
     return setup, state
 
@@ -237,10 +258,11 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, d: Dist) -> None:
 
 def open_data(cfg: TrainConfig) -> Data:
     T = cfg.model.context_length
-    train_split = Split(cfg.data.path, "train")
-    val_split, test_split = Split(cfg.data.path, "val"), Split(cfg.data.path, "test")
+    train_split = open_split(cfg.data, "train")  # data.dataset checked, data.start_*_token skipped
+    val_split, test_split = open_split(cfg.data, "val"), open_split(cfg.data, "test")
     fixed_slice(val_split, T, cfg.eval.val_sequences, "eval.val_sequences")
-    fixed_slice(test_split, T, cfg.eval.test_sequences, "eval.test_sequences")
+    test_key = "eval.test_sequences" if cfg.eval.test_tokens is None else "eval.test_tokens"
+    fixed_slice(test_split, T, cfg.test_windows(), test_key)
     return Data(TrainOrder(train_split, T, cfg.data.order, cfg.data.seed), val_split, test_split)
 
 
@@ -252,15 +274,16 @@ def resume(
     opt: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     state: TrainState,
-) -> None:
-    """Load the newest checkpoint of the run directory, if any, into model, optimizer, scaler and state.
+) -> bool:
+    """Load the newest checkpoint of the run directory, if any, into model, optimizer, scaler and state;
+    False when there is none (a fresh run).
 
     Rank 0 chooses it and every rank loads that file: a node whose view of a shared filesystem lags (NFS
     caches directory listings) must not resume from an older step than the others, which would train on
     silently wrong or hang in a collective. A node that cannot see the chosen file stops with that said."""
     path = all_gather(d, checkpoint.latest(run_dir))[0]
     if path is None:
-        return
+        return False
     if not Path(path).exists():
         raise ConfigError(
             f"rank {d.rank} cannot see {path}, which rank 0 resumes from: put the run directory on "
@@ -273,6 +296,7 @@ def resume(
     opt.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     state.load_state_dict(ckpt, d)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,8 +317,11 @@ def train_step(s: Setup, state: TrainState) -> StepOut:
         # DDP all-reduces gradients only on the last micro-batch of a step.
         sync = contextlib.nullcontext() if d.world == 1 or i == s.accum - 1 else s.train_model.no_sync()
         with sync:
-            loss = s.train_model(x, y)
-            s.scaler.scale(loss / s.accum).backward()
+            loss = objective = s.train_model(x, y)
+            if s.moe is not None:
+                loss, objective = loss
+                s.moe.record()
+            s.scaler.scale(objective / s.accum).backward()
         loss_sum += loss.detach()
     s.scaler.unscale_(s.opt)  # clipping and the logged norm see the true gradients, not the scaled ones
     max_norm = s.cfg.optim.grad_clip
@@ -306,6 +333,8 @@ def train_step(s: Setup, state: TrainState) -> StepOut:
     s.scaler.step(s.opt)
     s.scaler.update()
     s.opt.zero_grad(set_to_none=True)
+    if s.moe is not None:
+        s.moe.after_step(d.world)  # the loads of the whole step, over all ranks; the loss-free bias update
     state.note_step(loss_sum)
     return StepOut(loss_sum, norm, lr)
 
@@ -349,6 +378,7 @@ def log_step(s: Setup, state: TrainState, out: StepOut, window: Window, elapsed:
         tokens_per_s=rate,
         mfu=s.mfu(rate),
         loss_scale=s.scaler.get_scale() if s.scaler.is_enabled() else None,
+        **(s.moe.window_metrics(s.d.world) if s.moe is not None else {}),  # moe/load_e0, ... (trainer/moe.py)
         time=time.time(),
     )
     if s.d.master:
@@ -377,7 +407,7 @@ def evaluate(s: Setup, split: Split, n_sequences: int) -> float:
 def final_evaluation(s: Setup, state: TrainState) -> float:
     """Validation and test loss of the finished model, logged together; returns the test loss."""
     state.val_loss = evaluate(s, s.data.val, s.cfg.eval.val_sequences)
-    test_loss = evaluate(s, s.data.test, s.cfg.eval.test_sequences)
+    test_loss = evaluate(s, s.data.test, s.cfg.test_windows())
     s.metrics.log(
         step=state.step, tokens=s.tokens(state.step), val_loss=state.val_loss, test_loss=test_loss, time=time.time()
     )
@@ -420,17 +450,21 @@ def build_result(s: Setup, state: TrainState, status: Status, test_loss: float |
         "tokens_per_s": tokens_per_s,
         "mfu": s.mfu(tokens_per_s),
         "params": s.model.num_params(),
+        "active_params": s.model.num_params(active=True),  # fewer with a mixture of experts (top_k of them)
         "flops_per_token": s.flops_per_token,
         "micro_batch_size": s.micro,
         "grad_accum_steps": s.accum,
         "clipped_fraction": state.clipped_steps() / state.step if state.step and s.cfg.optim.grad_clip else 0.0,
         "launches": state.launches,
         "config_sha256": config_hash(s.cfg),
+        "init_from": init_from.recorded(s.run_dir),  # the source's checkpoint, sha256 and step; null from scratch
         "environment": environment(s.d.device, s.d.world),
         # Which launch wrote this, and how it exits: the launcher matches an ending to its own launch, and
         # records the trainer's code (75, 76, …) rather than torchrun's 1 for any non-zero exit.
         "launch_id": os.environ.get("ORCH_LAUNCH_ID"),
         "exit_code": EXIT_CODES[status],
+        "time_to_first_step_s": s.first_step_s,  # this launch's; MLflow: the tag result.time_to_first_step_s
+        "warm_start": launch_began()[1],  # whether a warm spare took this launch (orchestrator/launchers/spare.py)
     }
 
 

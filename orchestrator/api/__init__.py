@@ -49,6 +49,7 @@ from orchestrator.api.runs import (
     upgrade,
     worker,
 )
+from orchestrator.api.sampling import Sampled, sample
 from orchestrator.api.slurm import slurm_workers
 from orchestrator.api.sweeps import sweep_confirm, sweep_plot, sweep_run, sweep_status
 from orchestrator.more_seeds import Round
@@ -102,4 +103,6 @@ __all__ = [
     "user_message",
     "worker",
     "slurm_workers",
+    "Sampled",
+    "sample",
 ]

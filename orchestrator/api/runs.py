@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 
-from orchestrator import progress, queries, queue, specs, states
+from orchestrator import dependencies, progress, queries, queue, specs, states
 from orchestrator.api.connection import RUN_PREFIX, at_least, check_data, connect, refuse_password
 from orchestrator.db import Run
 from orchestrator.progress import QueueEta
@@ -44,7 +44,8 @@ class Submitted:
 
     def __str__(self) -> str:
         if self.dry_run:
-            return f"{len(self.runs)} runs (dry run: nothing queued)"
+            counts = f"would queue {len(self.queued)}, reuse {len(self.reused)}"
+            return f"{self.experiment}: {counts} (dry run: nothing written)"
         return f"{self.experiment}: {len(self.queued)} queued, {len(self.reused)} reused"
 
 
@@ -92,11 +93,48 @@ def submit(
     runs = specs.expand(exp, source=str(path), preset=preset, seeds=seeds, overrides=overrides or {})
     if check_data_here:
         check_data([r.config for r in runs])
+    # A run id in run.init_from: a run of this submission or of the database (a dry run creates none).
+    dependencies.check_sources(runs, lambda: _existing_db(db) if dry_run else connect(db, create=True))
     out = Submitted(exp.name, runs=runs, identical=specs.identical_arms(runs), dry_run=dry_run, plan=plan)
-    if not dry_run:
+    if dry_run:  # the same sorting as submit's, over the runs the database holds: the same counts
+        report = queue.sort_submission(runs, _existing_states(db, [r.id for r in runs]))
+    else:
         report = queue.submit(connect(db, create=True), exp, runs, source=str(path))
-        out.queued, out.reused = report.queued, report.reused
+    out.queued, out.reused = report.queued, report.reused
     return out
+
+
+def _existing_states(db: Db, ids: list[str]) -> dict[str, str]:
+    """id -> state of those runs the database holds, for a dry run, which must not create a database: where
+    there is none yet (no SQLite file, or no orch schema), none (a submit would create it and queue them all).
+    A database that cannot be reached or used fails here as it would for a submit."""
+    import sqlalchemy as sa
+
+    from orchestrator import migrations
+    from orchestrator.db import resolve_url
+
+    if not isinstance(db, Engine):
+        try:
+            url = sa.engine.make_url(resolve_url(db))
+        except (sa.exc.ArgumentError, ValueError):
+            url = None  # connect() below says what is wrong with it
+        if url is not None and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            path = Path(url.database)
+            if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+                return {}
+        if migrations.current(connect(db, check_schema=False)) is None:
+            return {}
+    return {r.id: r.state for r in queries.runs(connect(db), ids)}
+
+
+def _existing_db(db: Db) -> Engine | None:
+    """The database, if there is one."""
+    from orchestrator.db import SchemaError
+
+    try:
+        return connect(db)
+    except SchemaError:
+        return None
 
 
 def _seeds(seeds: int | str | None) -> int | str | None:

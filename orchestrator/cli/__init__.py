@@ -10,6 +10,7 @@ from orchestrator.cli import plan  # noqa: F401  isort: skip
 from orchestrator.cli import sweep  # noqa: F401  isort: skip
 from orchestrator.cli import slurm  # noqa: F401  isort: skip
 from orchestrator.cli import export  # noqa: F401  isort: skip
+from orchestrator.cli import sample  # noqa: F401  isort: skip
 from orchestrator.cli.common import app
 
 __all__ = ["app"]

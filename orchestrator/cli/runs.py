@@ -61,9 +61,11 @@ def submit(
         typer.echo(out.plan.auto_line())
     for a, b in out.identical:
         typer.secho(f"warning: {b!r} is identical to {a!r} at this preset; they share runs", fg="yellow", err=True)
-    if out.dry_run:
-        for r in out.runs:
+    if out.dry_run:  # the runs a submit would queue and reuse, counted as it counts them
+        for r in out.queued:
             typer.echo(f"would queue {r.id}  {out.experiment}/{r.arm}  seed {r.seed}  repeat {r.repeat}")
+        for r, state in out.reused:
+            typer.echo(f"would reuse {r.id}  {out.experiment}/{r.arm}  seed {r.seed}  repeat {r.repeat}  ({state})")
         typer.echo(str(out))
         return
     for r in out.queued:
@@ -77,19 +79,18 @@ def _submitted_json(out) -> dict:
     def run(r, action: str, state: str | None) -> dict:
         return {"id": r.id, "arm": r.arm, "seed": r.seed, "repeat": r.repeat, "action": action, "state": state}
 
-    queued = {r.id for r in out.queued}
-    reused = {r.id: state for r, state in out.reused}
+    # By object, not run id: of two arms that are the same run, submit queues the first and reuses it for the other.
+    queued = {id(r) for r in out.queued}
+    reused = {id(r): state for r, state in out.reused}
     return {
         "experiment": out.experiment,
         "dry_run": out.dry_run,
         "seeds_auto": out.plan.auto_line() if out.plan is not None else None,
         "identical_arms": [list(pair) for pair in out.identical],
         "runs": [
-            run(r, "would queue", None)
-            if out.dry_run
-            else run(r, "queued", "queued")
-            if r.id in queued
-            else run(r, "reused", str(reused.get(r.id)))
+            run(r, "would queue" if out.dry_run else "queued", None if out.dry_run else "queued")
+            if id(r) in queued
+            else run(r, "would reuse" if out.dry_run else "reused", str(reused.get(id(r))))
             for r in out.runs
         ],
     }

@@ -71,18 +71,21 @@ class LocalLauncher:
         self.owner, self.nproc, self.cpu_slots = owner, nproc_per_node, cpu_slots
 
     def launch(self, run: Run, slot: Slot, run_dir: Path, env: dict[str, str]) -> LocalHandle:
-        env = {**env, "ORCH_WORKER_PID": str(os.getpid())}
-        if slot.gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(slot.gpus)
-            nproc = len(slot.gpus)
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-            nproc = self.nproc
-            # Without a limit every rank of every slot would start one thread per core.
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (self.cpu_slots * nproc))))
+        env, nproc = self.slot_env(slot, env)
         cmd = trainer_command(run_dir, nproc)
         with open(run_dir / LOG, "ab") as log:
             log.write(log_header(run, self.owner, cmd).encode())
             log.flush()  # before the child's first line
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         return LocalHandle(proc)
+
+    def slot_env(self, slot: Slot, env: dict[str, str]) -> tuple[dict[str, str], int]:
+        """A trainer's environment on `slot` (its devices, its threads) and its number of processes."""
+        env = {**env, "ORCH_WORKER_PID": str(os.getpid())}
+        if slot.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(slot.gpus)
+            return env, len(slot.gpus)
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        # Without a limit every rank of every slot would start one thread per core.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (self.cpu_slots * self.nproc))))
+        return env, self.nproc
