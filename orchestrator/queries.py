@@ -10,7 +10,7 @@ from typing import NamedTuple
 import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from orchestrator import dependencies
 from orchestrator.db import Experiment as ExperimentRow
@@ -72,6 +72,22 @@ def queued(engine: Engine) -> list[tuple[str, str | None]]:
                 .outerjoin(Membership, Membership.run_id == Run.id)
                 .where(Run.state == RunState.QUEUED)
                 .group_by(Run.id, Run.priority, Run.created_at)
+                .order_by(Run.priority.desc(), Run.created_at, Run.id)
+            ).all()
+        ]
+
+
+def waiting(engine: Engine) -> list[tuple[str, str, str]]:
+    """(run id, source run id, the source's state) of each queued run held back until the run it starts from
+    (run.init_from, orchestrator/dependencies.py) has succeeded, in claim order."""
+    source = aliased(Run)
+    with engine.connect() as conn:
+        return [
+            tuple(r)
+            for r in conn.execute(
+                sa.select(Run.id, source.id, source.state)
+                .join(source, source.id == dependencies.source_id())
+                .where(Run.state == RunState.QUEUED, source.state != str(RunState.SUCCEEDED))
                 .order_by(Run.priority.desc(), Run.created_at, Run.id)
             ).all()
         ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -345,6 +346,15 @@ def test_a_run_waits_in_the_queue_until_its_source_succeeds(db_url, tmp_path):
     queue.finish(engine, base[43], "w", "failed", result={"status": "failed", "retryable": False})
     assert [r.id for r in queue.claim(engine, "w", limit=4)] == [long[42]]  # seed 43's source failed: it waits
     assert queries.counts(engine)["queued"] == 1 and queries.claimable(engine) == 0
+    # orch status says why the queued run is not claimed, and how to let it go on
+    from orchestrator import api
+    from orchestrator.cli.runs import status_view
+
+    now = api.status(db_url, pilots=False)
+    [w] = now.waiting
+    assert (w.run_id, w.source, w.source_state) == (long[43], base[43], "failed")
+    assert w.fix == f"orch retry {base[43][:8]} (or orch cancel {long[43][:8]})"
+    assert f"{long[43][:8]} waits for {base[43][:8]} (failed): orch retry" in render(status_view(now))
     for source, words in ((base[43], "is failed and would never be waited out: `orch retry"), ("f" * 16, "no run")):
         runs = specs.expand(experiment(interventions=[]), overrides={"run.init_from": source})
         with pytest.raises(SpecError, match=words):
@@ -357,6 +367,14 @@ def test_a_run_waits_in_the_queue_until_its_source_succeeds(db_url, tmp_path):
     (tmp_path / "runs" / base[42] / "config.json").write_text("{}")
     config, why = dependencies.launch_config(engine, run, tmp_path / "runs")
     assert why is None and config["run"]["init_from"] == str((tmp_path / "runs" / base[42]).resolve())
+
+
+def render(renderable) -> str:
+    from rich.console import Console
+
+    console = Console(width=100, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(renderable)
+    return console.export_text()
 
 
 def write_file(path: Path, name: str, base: dict, interventions: str = "", include_baseline: bool = True) -> Path:

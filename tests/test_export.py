@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from typer.testing import CliRunner
 
 from conftest import ok, run_trainer
@@ -114,10 +114,17 @@ def test_a_key_the_export_does_not_know_is_refused_unless_at_its_default():
     assert refusals(FutureModelConfig(router="expert-choice")) == [("model.router", "expert-choice", "top-k")]
 
 
-def off_default(name: str, others: dict | None = None):
-    """A valid value other than the default for a ModelConfig key (with `others` set), or None."""
-    info = ModelConfig.model_fields[name]
+def off_default(name: str, others: dict | None = None, cls: type[BaseModel] = ModelConfig):
+    """A valid value other than the default for a key of `cls` (with `others` set), or None; for a section
+    (model.moe), {key: value} of its first key that has one."""
+    info = cls.model_fields[name]
     default = info.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        for sub in type(default).model_fields:
+            value = off_default(sub, cls=type(default))
+            if value is not None:
+                return {sub: value}
+        return None
 
     def choices(ann):
         if typing.get_origin(ann) is typing.Literal:
@@ -132,7 +139,7 @@ def off_default(name: str, others: dict | None = None):
     candidates += [True, 30.0, 2, 0.5, 1e-6]
     for value in candidates:
         try:
-            value = getattr(ModelConfig(**(others or {}), **{name: value}), name)  # as validated (True -> 1.0)
+            value = getattr(cls(**(others or {}), **{name: value}), name)  # as validated (True -> 1.0)
         except (ValidationError, TypeError, ValueError):
             continue
         if value != default:
@@ -159,7 +166,9 @@ def test_every_model_switch_gpt2_lacks_is_refused_by_name(name, tmp_path):
         make_checkpoint(tmp_path / "run", **others, **{name: value})
     except Exception as exc:  # a switch that needs others with it
         pytest.skip(f"model.{name}={value!r} alone does not build: {exc}")
-    line = one_line_error(invoke(str(tmp_path / "run"), str(tmp_path / "out")), f"model.{name}={value!r}")
+    [(key, shown)] = value.items() if isinstance(value, dict) else [(name, value)]  # a section: its key
+    key = key if key == name else f"{name}.{key}"
+    line = one_line_error(invoke(str(tmp_path / "run"), str(tmp_path / "out")), f"model.{key}={shown!r}")
     assert "cannot export as GPT-2" in line
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["run"]
 

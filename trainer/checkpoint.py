@@ -17,7 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.config import TrainConfig, validate
 from trainer.rundir import CHECKPOINTS, checkpoint_paths, write_atomic
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable checkpoint of this trainer, named, with what is wrong with it."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -53,6 +58,18 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
 def load(path: str | Path) -> dict[str, Any]:
     # weights_only=False: the file also holds RNG states and plain Python counters; checkpoints are our own.
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_model(path: str | Path) -> tuple[TrainConfig, dict[str, torch.Tensor], int]:
+    """The config, model weights and step of a trainer checkpoint (orch export, orch sample), or one clear
+    CheckpointError for a truncated copy or a foreign file."""
+    try:
+        state = load(path)
+    except Exception as exc:  # a truncated copy, a foreign file: pickle, zip and torch errors alike
+        raise CheckpointError(f"{path} is not a readable trainer checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
+        raise CheckpointError(f"{path} is not a trainer checkpoint (no model, config and step in it)")
+    return validate(state["config"], source=f"config of {path}"), state["model"], int(state["step"])
 
 
 def latest(run_dir: Path) -> Path | None:

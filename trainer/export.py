@@ -43,9 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from trainer import checkpoint
-from trainer.config import ModelConfig, TrainConfig, validate
+from trainer.config import ModelConfig, TrainConfig
 from trainer.rundir import CHECKPOINTS
 
 FORMATS = ("hf",)
@@ -115,26 +116,28 @@ def checkpoint_in(path: str | os.PathLike) -> Path:
 def load_checkpoint(path: Path) -> tuple[TrainConfig, dict[str, torch.Tensor], int]:
     """The config, model weights and step of a trainer checkpoint."""
     try:
-        state = checkpoint.load(path)
-    except Exception as exc:  # a truncated copy, a foreign file: pickle, zip and torch errors alike
-        raise ExportError(f"{path} is not a readable trainer checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
-        raise ExportError(f"{path} is not a trainer checkpoint (no model, config and step in it)")
-    return validate(state["config"], source=f"config of {path}"), state["model"], int(state["step"])
+        return checkpoint.read_model(path)
+    except checkpoint.CheckpointError as exc:
+        raise ExportError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The mapping
 
 
-def refusals(cfg: ModelConfig) -> list[tuple[str, Any, Any]]:
+def refusals(cfg: BaseModel, prefix: str = "model") -> list[tuple[str, Any, Any]]:
     """(key, value, default) of every model key that GPT-2 has no equivalent of: a key outside MAPPED that is
-    not at its default. Defaults come from the config class, so a switch added later is refused until mapped."""
+    not at its default. Defaults come from the config class, so a switch added later is refused until mapped;
+    a section (model.moe) is looked into, so that the message names its keys (model.moe.experts=6)."""
     out = []
     for name, info in type(cfg).model_fields.items():
         value, default = getattr(cfg, name), info.get_default(call_default_factory=True)
-        if name not in MAPPED and value != default:
-            out.append((f"model.{name}", value, default))
+        if prefix == "model" and name in MAPPED:
+            continue
+        if isinstance(value, BaseModel):
+            out += refusals(value, f"{prefix}.{name}")
+        elif value != default:
+            out.append((f"{prefix}.{name}", value, default))
     return out
 
 

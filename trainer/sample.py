@@ -218,19 +218,15 @@ def write_run_samples(run_dir: Path, model: GPT, cfg: TrainConfig, step: int) ->
 def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, TrainConfig, int]:
     """The model of a trainer checkpoint, in eval mode on `device`, with its config and step."""
     from trainer import checkpoint
-    from trainer.config import validate
     from trainer.model import GPT
 
     try:
-        state = checkpoint.load(path)
-    except Exception as exc:  # a truncated copy, a foreign file: pickle, zip and torch errors alike
-        raise SampleError(f"{path} is not a readable trainer checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
-        raise SampleError(f"{path} is not a trainer checkpoint (no model, config and step in it)")
-    cfg = validate(state["config"], source=f"config of {path}")
+        cfg, weights, step = checkpoint.read_model(path)
+    except checkpoint.CheckpointError as exc:
+        raise SampleError(str(exc)) from None
     model = GPT(cfg.model)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, int(state["step"])
+    model.load_state_dict(weights)
+    return model.to(device).eval(), cfg, step
 
 
 # ---------------------------------------------------------------------------------------------------------

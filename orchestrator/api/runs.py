@@ -292,11 +292,28 @@ class Running:
 
 
 @dataclass
+class Waiting:
+    """A queued run that no worker claims before the run it starts from (run.init_from) has succeeded."""
+
+    run_id: str
+    source: str
+    source_state: str
+
+    @property
+    def fix(self) -> str | None:
+        """What lets it go on, when the source can no longer succeed by itself."""
+        if self.source_state in (str(RunState.FAILED), str(RunState.CANCELLED)):
+            return f"orch retry {self.source[:8]} (or orch cancel {self.run_id[:8]})"
+        return None
+
+
+@dataclass
 class Status:
     counts: dict[str, int]  # every state, 0 where no run is in it
     running: list[Running]
     pilots: list = field(default_factory=list)  # slurm.Pilot: this user's pilot jobs, where Slurm is installed
     queue_eta: QueueEta | None = None  # when the queue should be empty, and how that was estimated
+    waiting: list[Waiting] = field(default_factory=list)  # queued runs held back by the run they start from
 
 
 def eta_s(run: Run) -> float | None:
@@ -335,7 +352,10 @@ def status(db: Db = None, *, pilots: bool = True) -> Status:
         [experiment for _, experiment in queries.queued(engine)],
         queries.durations(engine),
     )
-    return Status({str(s): counts.get(s, 0) for s in RunState}, running, slurm.pilots() if pilots else [], queue_eta)
+    waiting = [Waiting(*w) for w in queries.waiting(engine)]
+    return Status(
+        {str(s): counts.get(s, 0) for s in RunState}, running, slurm.pilots() if pilots else [], queue_eta, waiting
+    )
 
 
 def known_experiments(engine: Engine, names: Sequence[str]) -> list[str]:

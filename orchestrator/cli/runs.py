@@ -213,6 +213,9 @@ def status_view(now):
     parts = [summary, _RunningTable(now.running) if now.running else "nothing running"]
     if now.queue_eta is not None and (now.running or now.queue_eta.queued):
         parts.append(now.queue_eta.how)
+    for w in now.waiting:  # why a queued run is not claimed: the run it starts from has not succeeded
+        fix = f": {w.fix}" if w.fix else ""
+        parts.append(f"{w.run_id[:8]} waits for {w.source[:8]} ({w.source_state}){fix}")
     if now.pilots:
         from rich.table import Table
 
