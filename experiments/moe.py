@@ -13,8 +13,8 @@ Differs from the seed: the router runs in float32 under fp16 autocast (Switch's 
 to the lower expert index (the seed: torch.topk's unspecified pick); the seed's balancing code and α are not in
 its repo (that run's model.json equals the unbalanced one's), so α and f's normalisation (over slots, not tokens:
 the seed notebook's aux is k = 2 times this one) are Switch's and DeepSeek-V2's. The seed's micro-batches were
-3 sequences (1 × RTX 3090, 32 accumulation steps); here the trainer picks them ('auto'), which moves only the
-aux arm (its loss is per micro-batch): add "run.micro_batch_size": 3 to `base` for the seed's exactly.
+3 sequences (1 × RTX 3090, 32 accumulation steps). The trainer picks them elsewhere ('auto'), except in the aux
+arm: its loss is per forward pass, so the config requires a fixed size there, and it takes the seed's 3.
 """
 
 from orchestrator.specs import Experiment, Intervention
@@ -38,7 +38,7 @@ experiment = Experiment(
         Intervention(name="moe-6x2", set=MOE, description="6 experts, top-2, no balancing"),
         Intervention(
             name="moe-6x2-aux",
-            set={**MOE, "model.moe.balance": "aux", "model.moe.aux_coef": 0.01},
+            set={**MOE, "model.moe.balance": "aux", "model.moe.aux_coef": 0.01, "run.micro_batch_size": 3},
             description="Switch/GShard auxiliary loss, α = 0.01",
         ),
         Intervention(

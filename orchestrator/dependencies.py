@@ -180,7 +180,9 @@ def check_sources(runs: Sequence[RunSpec], open_db: Callable[[], Engine | None])
         if source not in stored:
             raise SpecError(
                 f"{what} names no run of the database (see `orch ls`): give a whole run id, another arm "
-                "(Intervention(init_from='baseline')), or the path of a run directory or checkpoint"
+                "(Intervention(init_from='baseline'), whose runs this submission must hold: with "
+                "include_baseline=False the baseline is not submitted, so set it to True), or the path of a run "
+                "directory or checkpoint"
             )
         state, config = stored[source]
         if (config or {}).get("imported"):

@@ -27,7 +27,8 @@ GAMMA = 0.001
 
 
 def moe_cfg(preset: str = "tiny", **moe) -> ModelConfig:
-    return config.load(preset_name=preset, overrides={f"model.moe.{k}": v for k, v in moe.items()}).model
+    sets = {f"model.moe.{k}": v for k, v in moe.items()}
+    return config.load(preset_name=preset, overrides={**sets, "run.micro_batch_size": 8}).model  # fixed: aux
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,6 +94,9 @@ def test_capacity_keeps_first_choices_first_and_drops_the_rest():
     want = torch.stack([2.5 * X[0], (g0 * 1 + g3 * 4) * X[1], torch.zeros(4), torch.zeros(4)])
     torch.testing.assert_close(y, want, rtol=1e-6, atol=0)
     assert layer.routing.counts.tolist() == [2, 3, 2, 1] and int(layer.routing.dropped) == 4
+    y = layer.eval()(X[None])[0]  # evaluation and sampling drop nothing: the test loss ignores the eval batch
+    assert int(layer.routing.dropped) == 0
+    torch.testing.assert_close(y[2:], torch.stack([2.5 * X[2], 1.5 * X[3]]), rtol=1e-6, atol=0)
 
 
 def test_aux_loss_and_z_loss_on_a_hand_case():
@@ -209,6 +213,8 @@ def test_set_switches_it_on_and_errors_name_the_key_and_the_fix():
     from trainer.__main__ import parse_sets
 
     cfg = config.load(preset_name="tiny", overrides=parse_sets(["model.moe.experts=6", "model.moe.balance=bias"]))
+    aux = ["model.moe.experts=6", "model.moe.balance=aux", "run.micro_batch_size=4"]  # a fixed size: accepted
+    assert config.load(preset_name="tiny", overrides=parse_sets(aux)).model.moe.balance == "aux"
     assert (cfg.model.moe.experts, cfg.model.moe.top_k, cfg.model.moe.balance) == (6, 2, "bias")
     cases = {
         ("model.moe.top_k=3",): ["model.moe.top_k applies only", "model.moe.experts"],
@@ -218,6 +224,8 @@ def test_set_switches_it_on_and_errors_name_the_key_and_the_fix():
         ("model.moe.experts=4", "model.moe.aux_coef=0.1"): ["aux_coef applies only with model.moe.balance=aux"],
         ("model.moe.experts=4", "model.moe.balance=fair"): ["model.moe.balance", "'none', 'aux' or 'bias'"],
         ("model.moe.expert=4",): ["did you mean 'experts'"],
+        ("model.moe.experts=4", "model.moe.balance=aux"): ["model.moe.balance=aux act on each forward pass", "set"],
+        ("model.moe.experts=4", "model.moe.capacity_factor=1.25"): ["capacity_factor act", "run.micro_batch_size"],
     }
     for sets, words in cases.items():
         with pytest.raises(ConfigError) as err:
@@ -256,7 +264,13 @@ def test_export_refuses_a_mixture_by_name():
 # Real tiny runs (FAST: 12 steps of 8 × 16 tokens, a metric line every step, a checkpoint every 4)
 
 MOE_KEYS = ["moe/load_e0", "moe/load_e1", "moe/load_e2", "moe/load_e3", "moe/saturation", "moe/aux_loss"]
-AUX = {"model.moe.experts": 4, "model.moe.balance": "aux", "model.moe.z_loss": 0.001, "model.moe.capacity_factor": 2.0}
+AUX = {
+    "model.moe.experts": 4,
+    "model.moe.balance": "aux",
+    "model.moe.z_loss": 0.001,
+    "model.moe.capacity_factor": 2.0,
+    "run.micro_batch_size": 8,  # per-pass terms: the config wants the size fixed, not 'auto'
+}
 BIAS = {"model.moe.experts": 4, "model.moe.balance": "bias", "model.moe.z_loss": 0.001}
 
 

@@ -204,7 +204,7 @@ def test_config_inputs_count_the_models_parameters():
     inputs = scaling.config_inputs(config.load(preset_name="gpt2-small"))
     assert inputs == {
         "params": 163_009_536,
-        "tokens": 33_164 * 96 * 1024,
+        "tokens": 33_165 * 96 * 1024,  # the seed rounds the budget up to whole steps
         "batch_sequences": 96,
         "lr": 4e-4,
         "context": 1024,
@@ -280,7 +280,8 @@ def test_cli_suggest_prints_formulas_and_emits_a_loadable_file(tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stderr
-    assert "λ = B / (η · τ_opt · D)" in out.stdout and "0.3372" in out.stdout and "sequences" in out.stdout
+    # D = 33,165 steps × 96 sequences (the seed's budget rounded up to whole steps): λ = 0.33719, the series' 0.3372
+    assert "λ = B / (η · τ_opt · D)" in out.stdout and "0.33719" in out.stdout and "sequences" in out.stdout
     runs = specs.expand(specs.load_experiment(out_file))
     assert {r.arm for r in runs} >= {"baseline"} and len({r.arm for r in runs}) == 2
     bad = subprocess.run(

@@ -203,6 +203,8 @@ def test_the_setting_is_checked_and_gpu_slots_get_spares_by_default(monkeypatch,
     monkeypatch.setenv("ORCH_WARM_SPARE", "sometimes")
     with pytest.raises(ValueError, match="ORCH_WARM_SPARE='sometimes': expected one of auto, on, off"):
         setting()
+    for key in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(key, raising=False)  # an earlier test's import of inductor in this process sets one
     caches = compile_caches(tmp_path / "runs")
     assert caches["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and Path(caches["TRITON_CACHE_DIR"]).is_absolute()
     assert caches["TORCHINDUCTOR_CACHE_DIR"].startswith(str((tmp_path / "runs" / ".compile-cache").absolute()))

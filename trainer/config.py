@@ -342,6 +342,19 @@ class TrainConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _moe_objective_fixed(self) -> TrainConfig:
+        moe = self.model.moe
+        switches = {"balance=aux": moe.balance == "aux", "capacity_factor": moe.capacity_factor is not None}
+        per_pass = [name for name, on in switches.items() if on]
+        if moe.experts and per_pass and self.run.micro_batch_size == "auto":
+            raise ValueError(
+                f"model.moe.{' and model.moe.'.join(per_pass)} act on each forward pass of run.micro_batch_size "
+                "sequences, so 'auto' (the largest that fits the GPU) would make what is trained depend on the "
+                "hardware under one run id: set run.micro_batch_size (the seed repo's MoE runs used 3)"
+            )
+        return self
+
     def test_windows(self) -> int:
         """Windows of model.context_length tokens in the fixed test slice (eval.test_sequences or test_tokens)."""
         if self.eval.test_tokens is not None:
@@ -392,11 +405,19 @@ LATER_KEYS: dict[str, Any] = {
 }
 
 
+# Sections that change nothing a run trains or measures, so not what a run is: another prompt in `sample` must
+# not retrain every run of an experiment (3B tokens each at gpt2-small), nor refuse a relaunch. A run's
+# samples.json follows the config it was launched with; `orch sample` gives any other prompt from its weights.
+NOT_IDENTITY = ("sample",)
+
+
 def without_later_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """A config dict (a model_dump, or one stored by an older orch) minus LATER_KEYS at their neutral value,
-    and minus a section that this leaves empty (one made only of later keys, as `sample`: a config stored before
-    the section existed has no such section at all)."""
+    """A config dict (a model_dump, or one stored by an older orch) minus NOT_IDENTITY, minus LATER_KEYS at
+    their neutral value, and minus a section that this leaves empty (one made only of later keys: a config
+    stored before such a section existed has no such section at all)."""
     data = _test_slice_as_windows(json.loads(json.dumps(data)))  # a deep copy
+    for section in NOT_IDENTITY:
+        data.pop(section, None)
     for dotted, neutral in LATER_KEYS.items():
         *parents, leaf = dotted.split(".")
         chain = [data]  # the dicts from the top down to the key's section

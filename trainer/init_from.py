@@ -164,11 +164,22 @@ def initialise(cfg: TrainConfig, run_dir: Path, d: Dist, model: GPT) -> dict[str
         )
     import torch
 
-    ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated copy, a foreign file: pickle, zip and torch errors alike
+        raise ConfigError(
+            f"run.init_from: {path} is not a readable trainer checkpoint ({type(exc).__name__}: {exc}); "
+            "point run.init_from at a finished run or one of its checkpoints/step_*.pt"
+        ) from None
     del data
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+    if (
+        not isinstance(ckpt, dict)
+        or "model" not in ckpt
+        or not isinstance(ckpt.get("config"), dict)
+        or not isinstance(ckpt["config"].get("model"), dict)
+    ):
         raise ConfigError(f"run.init_from: {path} is not a trainer checkpoint (no model weights and config)")
-    check_compatible(ckpt["config"].get("model", {}), cfg, str(path))
+    check_compatible(ckpt["config"]["model"], cfg, str(path))
     weights = ckpt["model"]
     source_T = ckpt["config"]["model"]["context_length"]
     T, rule = cfg.model.context_length, "none"

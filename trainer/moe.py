@@ -21,7 +21,8 @@ Dropless by default: every expert takes every token routed to it, in one batch p
 sizes depend on the data and each MoE layer reads them on the host (one device sync per layer and pass).
 model.moe.capacity_factor=c caps each expert at C = ceil(c·k·N/E) of a pass's N·k routing slots (GShard,
 Lepikhin et al. 2020; Switch §2.2): first choices of all tokens before second choices, then by token
-position; a dropped slot adds nothing (the residual carries the token). Every expert runs on every pass,
+position; a dropped slot adds nothing (the residual carries the token). In training only: evaluation and
+sampling drop nothing, so the test loss does not depend on the eval batch. Every expert runs on every pass,
 with zero rows if none came: every parameter is in every graph, as DDP requires.
 
 Load balancing, per MoE layer and forward pass of N tokens (counts over the pass's k·N slots, before drops):
@@ -143,7 +144,7 @@ class MoE(nn.Module):
         order = torch.argsort(expert_of, stable=True)
         counts = torch.bincount(expert_of, minlength=E)
         kept = counts
-        if self.capacity_factor is not None:
+        if self.capacity_factor is not None and self.training:  # evaluation and sampling route every token
             capacity = math.ceil(self.capacity_factor * k * N / E)
             first = torch.cumsum(counts, 0) - counts  # where each expert's slots start in `order`
             place = torch.arange(k * N, device=h.device) - first[expert_of[order]]

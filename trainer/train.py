@@ -24,6 +24,7 @@ noticed at sync points; the step at which the loss first went non-finite is trac
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -154,13 +155,25 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> Status:
         s, state = set_up(cfg, Path(run_dir), d)
         status = train_until_done(s, state)
         test_loss = final_evaluation(s, state) if status is Status.SUCCEEDED else None
-        if status is Status.SUCCEEDED and d.master:  # before result.json, which says the launch is over
-            write_run_samples(s.run_dir, s.model, cfg, state.step)
         state.wall_time += time.time() - s.started
         if status is not Status.DIVERGED:  # never checkpoint a model that went non-finite
             save_checkpoint(s, state)
+        if status is Status.SUCCEEDED and d.master:  # after the checkpoint, before result.json (the launch's end)
+            samples(s, cfg, state)
         write_result(s, build_result(s, state, status, test_loss))
         return status
+
+
+def samples(s: Setup, cfg: TrainConfig, state: TrainState) -> None:
+    """samples.json (trainer/sample.py). A smoke test, not a result: whatever breaks it (a tokenizer file, memory)
+    is said in one line and costs the run nothing, its final checkpoint already written. A full disk is the
+    exception: it goes to the launcher like any other write's, which relaunches once space is free."""
+    try:
+        write_run_samples(s.run_dir, s.model, cfg, state.step)
+    except Exception as exc:  # noqa: BLE001 - see above
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"no samples: {type(exc).__name__}: {exc}", flush=True)
 
 
 def train_until_done(s: Setup, state: TrainState) -> Status:

@@ -304,6 +304,8 @@ class Waiting:
         """What lets it go on, when the source can no longer succeed by itself."""
         if self.source_state in (str(RunState.FAILED), str(RunState.CANCELLED)):
             return f"orch retry {self.source[:8]} (or orch cancel {self.run_id[:8]})"
+        if self.source_state in (str(RunState.DIVERGED), str(RunState.PRUNED)):  # a retry would end alike
+            return f"orch cancel {self.run_id[:8]}: its source {self.source_state}"
         return None
 
 
