@@ -439,3 +439,25 @@ def test_bf16_amp_runs(data_dir, tmp_path):
     # With a peak given, MFU = tokens/s × FLOPs per token / peak FLOP/s.
     assert lines[-1]["mfu"] == pytest.approx(lines[-1]["tokens_per_s"] * result["flops_per_token"] / 1e9)
     assert result["mfu"] == pytest.approx(result["tokens_per_s"] * result["flops_per_token"] / 1e9)
+
+
+def test_a_checkpoint_from_before_rounding_up_keeps_its_step_count(data_dir, tmp_path):
+    """run.tokens that is not whole steps: orch once floored it, now rounds up (as the seed repo does). A run
+    checkpointed under the old rule (no total_steps in its checkpoint) finishes at its old count; a new one at
+    the count its checkpoint records."""
+    sets = {"run.steps": None, "run.tokens": 1250, "run.checkpoint_interval": 4, "eval.interval": 0}
+    full = tmp_path / "full"
+    ok(run_trainer(full, data_dir, sets))  # 1,250 tokens at 8 × 16 a step: 9.77 steps, rounded up to 10
+    assert read_result(full)["step"] == 10
+    eight = next(p for p in checkpoint_paths(full) if p.name == "step_00000008.pt")
+    for name, keep_count, steps in (("new", True, 10), ("old", False, 9)):
+        run = tmp_path / name
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copy(full / "config.json", run / "config.json")
+        ckpt = checkpoint.load(eight)
+        assert ckpt["total_steps"] == 10
+        if not keep_count:
+            del ckpt["total_steps"]  # as orch wrote checkpoints before it rounded up
+        torch.save(ckpt, run / "checkpoints" / eight.name)
+        ok(run_trainer(run, data_dir, sets))
+        assert read_result(run)["step"] == steps, name

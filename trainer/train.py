@@ -225,8 +225,9 @@ def set_up(cfg: TrainConfig, run_dir: Path, d: Dist) -> tuple[Setup, TrainState]
 
     state = TrainState(d.device)
     resumed = resume(cfg, run_dir, d, model, opt, scaler, state)  # may replace the RNG states just seeded
-    if not resumed and cfg.run.init_from is not None:  # weights only, and never over a checkpoint of this run
+    if resumed is None and cfg.run.init_from is not None:  # weights only, and never over a checkpoint of this run
         init_from.initialise(cfg, run_dir, d, model)
+    total_steps = resumed or total_steps  # a resumed run keeps the step count it started with (resume says why)
     state.launches += 1
     metrics = Metrics(run_dir / METRICS, d.master)
     if d.master and (run_dir / METRICS).stat().st_size > 0:
@@ -287,16 +288,20 @@ def resume(
     opt: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     state: TrainState,
-) -> bool:
-    """Load the newest checkpoint of the run directory, if any, into model, optimizer, scaler and state;
-    False when there is none (a fresh run).
+) -> int | None:
+    """Load the newest checkpoint of the run directory, if any, into model, optimizer, scaler and state, and
+    return the run's step count as the checkpoint records it; None when there is none (a fresh run).
+
+    The step count is the checkpoint's, not recomputed: orch before 2026-12-05 floored run.tokens to whole
+    steps (33,164 for gpt2-small), now it rounds up as the seed repo does (33,165), and a run started under the
+    old rule must finish under it, its LR schedule unchanged. A checkpoint without the count is from then.
 
     Rank 0 chooses it and every rank loads that file: a node whose view of a shared filesystem lags (NFS
     caches directory listings) must not resume from an older step than the others, which would train on
     silently wrong or hang in a collective. A node that cannot see the chosen file stops with that said."""
     path = all_gather(d, checkpoint.latest(run_dir))[0]
     if path is None:
-        return False
+        return None
     if not Path(path).exists():
         raise ConfigError(
             f"rank {d.rank} cannot see {path}, which rank 0 resumes from: put the run directory on "
@@ -309,7 +314,9 @@ def resume(
     opt.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     state.load_state_dict(ckpt, d)
-    return True
+    if "total_steps" in ckpt:
+        return int(ckpt["total_steps"])
+    return cfg.run.steps or cfg.run.tokens // (cfg.run.batch_size * cfg.model.context_length)  # the old floor
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -436,6 +443,7 @@ def save_checkpoint(s: Setup, state: TrainState) -> None:
             "optimizer": s.opt.state_dict(),
             "scaler": s.scaler.state_dict(),
             "config": s.cfg.model_dump(mode="json"),
+            "total_steps": s.total_steps,  # kept by a resume, whatever rule computes it then
             **train_state,
         }
         checkpoint.save(s.run_dir, state.step, ckpt, s.cfg.run.keep_checkpoints)
