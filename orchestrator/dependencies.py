@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.states import RunState
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import ConfigError, TrainConfig, validate
 from trainer.init_from import RUN_ID, check_compatible, resolve, sha256_of
 from trainer.rundir import CONFIG
 
@@ -132,7 +132,7 @@ def pinned(data: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"run.init_from: {file} has sha256 {sha[:12]}…, not run.init_sha256 {pinned_sha[:12]}…")
     run_dir = file.parent.parent if file.parent.name == "checkpoints" else None
     if run_dir is not None and (run_dir / CONFIG).is_file():  # the source's model, without loading the file
-        cfg = TrainConfig.model_validate(data)
+        cfg = validate(data)  # ConfigError, one line a key, for a config that is wrong besides
         check_compatible(json.loads((run_dir / CONFIG).read_text()).get("model", {}), cfg, str(file))
     data = json.loads(json.dumps(data))
     data["run"].update(init_from=str(file), init_sha256=sha)

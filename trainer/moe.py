@@ -142,7 +142,9 @@ class MoE(nn.Module):
         E = len(self.experts)
         expert_of = idx.t().reshape(-1)  # (k·N,)
         order = torch.argsort(expert_of, stable=True)
-        counts = torch.bincount(expert_of, minlength=E)
+        # scatter_add rather than bincount: the same counts, but a fixed output shape, so torch.compile keeps it
+        # in the graph; the one graph break left is the host read of the batch sizes below.
+        counts = expert_of.new_zeros(E).scatter_add_(0, expert_of, torch.ones_like(expert_of))
         kept = counts
         if self.capacity_factor is not None and self.training:  # evaluation and sampling route every token
             capacity = math.ceil(self.capacity_factor * k * N / E)
