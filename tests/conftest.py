@@ -222,6 +222,24 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: flo
     raise AssertionError(f"trainer did not reach step {step} within {timeout}s")
 
 
+def killed_and_resumed(run_dir, data_dir, overrides: dict, step: int = 5) -> None:
+    """A run SIGKILLed once it has logged `step` (no handler, no last checkpoint: back to its newest), then
+    relaunched to the end; it must have resumed, not started over."""
+    import signal
+
+    from trainer.rundir import read_metrics
+
+    proc = start_trainer(run_dir, data_dir, overrides)
+    try:
+        wait_for_step(run_dir, proc, step)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.communicate()
+    assert not (run_dir / "result.json").exists()
+    ok(run_trainer(run_dir, data_dir, overrides))
+    assert any(e.get("event") == "resume" for e in read_metrics(run_dir))
+
+
 def train_losses(run_dir) -> list[tuple[int, float]]:
     from trainer.rundir import read_metrics
 

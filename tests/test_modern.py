@@ -9,13 +9,12 @@ file (tests/test_golden.py) and the LATER_KEYS test below keep exact.
 from __future__ import annotations
 
 import math
-import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, ok, read_result, run_trainer, start_trainer, wait_for_step
+from conftest import FAST, killed_and_resumed, ok, read_result, run_trainer
 from trainer import config
 from trainer.config import ConfigError, ModelConfig, OptimConfig
 from trainer.model import GPT, MLP, CausalSelfAttention, RMSNorm, apply_rope, cross_entropy, rope_angles
@@ -346,15 +345,7 @@ def test_all_switches_stacked_train(stacked_run):
 
 def test_all_switches_stacked_resume_bitwise(stacked_run, data_dir, tmp_path):
     run = tmp_path / "resumed"
-    proc = start_trainer(run, data_dir, STACKED)
-    try:
-        wait_for_step(run, proc, 5)  # logged after the step-4 checkpoint
-        proc.send_signal(signal.SIGKILL)  # no handler, no last checkpoint: back to step 4
-    finally:
-        proc.communicate()
-    assert not (run / "result.json").exists()
-    ok(run_trainer(run, data_dir, STACKED))
-    assert any(e.get("event") == "resume" for e in read_metrics(run))
+    killed_and_resumed(run, data_dir, STACKED)  # killed after step 5, back to the step-4 checkpoint
     assert losses_and_norms(run) == losses_and_norms(stacked_run)
     result, want = read_result(run), read_result(stacked_run)
     assert result["launches"] == 2 and result["test_loss"] == want["test_loss"]

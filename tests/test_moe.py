@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import signal
 import time
 
 import pytest
@@ -16,7 +15,7 @@ import sqlalchemy as sa
 import torch
 from torch import nn
 
-from conftest import ok, read_result, run_trainer, start_trainer, wait_for_step
+from conftest import killed_and_resumed, ok, read_result, run_trainer
 from trainer import checkpoint, config
 from trainer.config import ConfigError, ModelConfig, MoEConfig
 from trainer.model import GPT
@@ -355,15 +354,7 @@ def test_the_report_plots_expert_load_for_moe_arms(aux_run, tmp_path):
 
 def test_a_moe_run_resumes_bitwise_after_sigkill(bias_run, data_dir, tmp_path):
     run = tmp_path / "resumed"
-    proc = start_trainer(run, data_dir, BIAS)
-    try:
-        wait_for_step(run, proc, 5)  # logged after the step-4 checkpoint
-        proc.send_signal(signal.SIGKILL)  # no handler, no last checkpoint: back to step 4
-    finally:
-        proc.communicate()
-    assert not (run / "result.json").exists()
-    ok(run_trainer(run, data_dir, BIAS))
-    assert any(e.get("event") == "resume" for e in read_metrics(run))
+    killed_and_resumed(run, data_dir, BIAS)  # killed after step 5, back to the step-4 checkpoint
     assert losses_and_moe(run) == losses_and_moe(bias_run)
     a, b = final_biases(run), final_biases(bias_run)
     assert len(a) == 2 and all(torch.equal(a[k], b[k]) for k in a) and any(a[k].abs().sum() > 0 for k in a)
