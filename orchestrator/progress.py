@@ -21,6 +21,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from orchestrator.db import Run
+from trainer.units import duration
 
 
 @dataclass
@@ -100,16 +101,6 @@ def eta_s(step: int | None, total_steps: int | None, tokens_per_s: float | None,
     if not (step and total_steps and tokens_per_s and per_step):
         return None
     return max(0, total_steps - step) * per_step / tokens_per_s
-
-
-def duration(s: float) -> str:
-    """Seconds for people: "45 s", "3 min 05 s", "2 h 10 min"."""
-    s = round(s)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 # ---------------------------------------------------------------------------------------------------------

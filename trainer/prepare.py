@@ -29,6 +29,7 @@ from trainer import embedded
 from trainer.data import SPLITS, write_shard
 from trainer.rundir import write_json
 from trainer.tokenizer import EOT, gpt2
+from trainer.units import duration
 
 FINEWEB_REPO = "HuggingFaceFW/fineweb"
 FINEWEB_SAMPLE = "sample/10BT"
@@ -235,7 +236,7 @@ class Reporter:
             of = f"of {_size(size)} read" if self.meter.unit == "bytes" else f"of {size:,.0f} {self.meter.unit}"
         return (
             f"tokenised {_count(self.tokens)}/{total} tokens ({f:.0%} {of}), {rate}, "
-            f"ETA {_duration(elapsed * (1 - f) / f)}"
+            f"ETA {duration(elapsed * (1 - f) / f)}"
         )
 
     def update(self, docs: int, tokens: int) -> None:
@@ -258,7 +259,7 @@ class Reporter:
         if finished:
             elapsed = time.monotonic() - self.t0
             print(
-                f"tokenised {self.tokens:,} tokens ({self.docs:,} documents) in {_duration(elapsed)}, "
+                f"tokenised {self.tokens:,} tokens ({self.docs:,} documents) in {duration(elapsed)}, "
                 f"{_count(self.tokens / elapsed if elapsed > 0 else 0)} tokens/s",
                 file=self.stream,
                 flush=True,
@@ -278,15 +279,6 @@ def _size(n: float) -> str:
         if n >= div:
             return f"{n / div:.1f} {suffix}"
     return f"{n:.0f} B"
-
-
-def _duration(s: float) -> str:
-    s = round(s)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def prepare(

@@ -238,7 +238,7 @@ class _RunningTable:
         from rich import box
         from rich.table import Table
 
-        from orchestrator.progress import duration
+        from trainer.units import duration
 
         t = Table(title="running", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title_justify="left")
         t.add_column("run", no_wrap=True)
