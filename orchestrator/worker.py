@@ -180,6 +180,8 @@ class Worker:
             self._stop_all()
         for launch in list(self.active.values()):
             self._advance(launch)
+        if hasattr(self.launcher, "tend") and not self.stopping:  # warm spares: start those now due
+            self.launcher.tend()
         if self.stopping:
             if not self.active:
                 return True

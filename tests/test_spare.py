@@ -19,7 +19,7 @@ from orchestrator import queries
 from orchestrator.db import Run, connect
 from orchestrator.launchers import LOG, Slot
 from orchestrator.launchers.local import LocalHandle
-from orchestrator.launchers.spare import Spare, SpareLauncher, WarmHandle, setting
+from orchestrator.launchers.spare import Due, Spare, SpareLauncher, WarmHandle, setting
 from orchestrator.node import compile_caches
 from tests.conftest import FAST, PYTHON, read_result, subprocess_env, tiny_config, train_losses
 from tests.test_faults import alive, children
@@ -78,7 +78,13 @@ def finish(handle: LocalHandle, timeout: float = 240) -> int:
 
 
 def wait_ready(launcher: SpareLauncher) -> None:
-    wait_until(lambda: not launcher.warming(SLOT), timeout=180, what="the spare to warm up")
+    """Tend the launcher, as a worker does every loop iteration, until the slot's spare has started and warmed."""
+
+    def ready() -> bool:
+        launcher.tend()
+        return SLOT.index in launcher.spares and not launcher.warming(SLOT)
+
+    wait_until(ready, timeout=180, what="the spare to start and warm up")
     assert launcher.spares[SLOT.index].ready(), launcher.spares[SLOT.index].state
 
 
@@ -117,11 +123,47 @@ def test_a_run_through_a_spare_ends_exactly_as_its_cold_launch(tmp_path, data_di
     # The log: the launch's header first, then what the trainer printed, as a cold launch has it.
     assert log_body(cold_dir)[2:] == log_body(warm_dir)[2:]
     assert log_body(warm_dir)[:2] == ["", log_body(cold_dir)[1].replace("cold.1", "warm.1")]
-    # A new spare waits for the next run; close() ends it (a worker returning from run()).
+    # A new spare waits for the next run (started once the run logged); close() ends it (a worker returning).
+    launcher.tend()
     successor = launcher.spares[SLOT.index].proc
     assert successor.pid != spare.pid and successor.poll() is None
     launcher.close()
     assert successor.poll() is not None and not launcher.spares
+
+
+def test_the_next_spare_starts_only_once_the_run_has_logged_past_its_set_up(tmp_path, data_dir, launcher):
+    """A spare warming up beside a run's micro-batch search would take GPU memory that the search measures:
+    the slot's next spare waits for the run's first metrics line since its launch (a resumed run's file
+    already has lines), or for its end."""
+    config = tiny_config(data_dir, **{**fast(), "run__steps": 400, "run__log_interval": 3})
+    handle, d = launch(launcher, tmp_path, "long", config)
+    try:
+        launcher.tend()  # the trainer is still starting: nothing logged yet
+        assert not launcher.spares and launcher.due[SLOT.index].metrics == d / "metrics.jsonl"
+        wait_until(lambda: max(logged_steps(d), default=0) >= 3, timeout=180, what="step 3")
+        assert not launcher.spares  # the launcher starts spares only when tended
+        launcher.tend()
+        assert launcher.spares[SLOT.index].state in ("warming", "ready") and not launcher.due
+    finally:
+        handle.kill()
+    # A resumed run's metrics.jsonl holds its earlier launches' lines: only a line appended since counts.
+    running = LocalHandle(subprocess.Popen(["sleep", "60"]))
+    earlier = Due({}, running, d / "metrics.jsonl", (d / "metrics.jsonl").stat().st_size)
+    assert not earlier.now()
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write('{"event": "resume", "step": 3}\n')
+    assert earlier.now()
+    running.kill()
+    # A run that ends before it logs (a config error) is past its set-up too.
+    launcher.close()
+    broken = tiny_config(data_dir, **fast()).model_dump(mode="json")
+    broken["data"]["path"] = str(tmp_path / "no-such-data")
+    cold, cold_dir = launch(launcher, tmp_path, "broken", broken)
+    launcher.tend()
+    assert not launcher.spares and launcher.due[SLOT.index].metrics == cold_dir / "metrics.jsonl"
+    assert type(cold) is LocalHandle and finish(cold) == 2 and not (cold_dir / "metrics.jsonl").exists()
+    launcher.tend()
+    assert SLOT.index in launcher.spares and not launcher.due
 
 
 def test_a_spare_fails_as_its_cold_launch_does(tmp_path, data_dir, launcher):
@@ -152,6 +194,7 @@ def test_a_dead_or_unfit_spare_falls_back_to_a_cold_launch(tmp_path, data_dir, l
     wait_ready(launcher)
     killed = launcher.spares[SLOT.index].proc
     os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)  # dead before the next launch looks (a dying one fails the handoff instead: also cold)
     assert finish(first) == 0
     second, second_dir = launch(launcher, tmp_path, "second", config)
     assert type(second) is LocalHandle and second.pid != killed.pid  # cold, and a fresh spare started

@@ -4,8 +4,13 @@ is claimed, while the finished trainer tears down (trainer/spare.py is the spare
 A cold launch spends ~1.5 s of this 2-core CPU on the interpreter, `import torch` and the trainer's imports
 before set-up begins, and ~1 s more importing torch._dynamo when the optimizer is built; on a GPU add the CUDA
 context. A spare does all that while the slot's current run trains. When a slot launches a run, it hands it
-to its spare if one is ready (a cold launch otherwise), then starts the slot's next spare. Multi-process slots
-keep torchrun's agent and have no spare.
+to its spare if one is ready (a cold launch otherwise). The slot's next spare starts once that run is past its
+set-up: when it appends its first line to metrics.jsonl (a resume event or its first logged step, both written
+after the micro-batch search), or when it ends, whichever comes first (the worker calls tend() every loop
+iteration). A spare that opened its CUDA context and cuBLAS workspace during the run's micro-batch search
+would take memory the search measures, and could make it pick a smaller micro-batch, so that the same run
+would train differently beside a spare; on a CPU its imports would compete with the run's start-up and
+compile. Multi-process slots keep torchrun's agent and have no spare.
 
 Correctness is the cold launch's: a spare holds no run and no lock and claims nothing; it dies with the worker
 (parent-death signal, and end-of-file on its socket; close() ends them when the worker returns); a spare that
@@ -32,11 +37,13 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.launchers import LOG, Slot, log_header
 from orchestrator.launchers.local import LocalHandle, LocalLauncher, trainer_command
+from trainer.rundir import METRICS
 from trainer.spare import MAX_MESSAGE, PER_LAUNCH
 
 if TYPE_CHECKING:
@@ -148,6 +155,27 @@ class Spare:
         self.sock.close()
 
 
+@dataclass
+class Due:
+    """A slot's next spare, to start once the slot's current run is past its set-up."""
+
+    env: dict[str, str]
+    run: LocalHandle  # the slot's current run
+    metrics: Path  # its metrics.jsonl
+    size: int  # its size at the launch (a resumed run's file holds its earlier launches' lines)
+
+    def now(self) -> bool:
+        """Whether the run has appended a line since its launch (append-only: trainer/rundir.py) or ended."""
+        return _size(self.metrics) > self.size or self.run.poll() is not None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 class SpareLauncher(LocalLauncher):
     """LocalLauncher with a warm spare per one-process slot (where the setting wants one)."""
 
@@ -155,6 +183,7 @@ class SpareLauncher(LocalLauncher):
         super().__init__(owner, nproc_per_node, cpu_slots)
         self.setting, self.echo = setting(warm), echo
         self.spares: dict[int, Spare] = {}
+        self.due: dict[int, Due] = {}  # per slot: the spare to start once its run is past set-up (see tend)
         self.failures: dict[int, int] = {}  # per slot: spares in a row that died or broke before a run came
 
     def wanted(self, slot: Slot) -> bool:
@@ -176,9 +205,19 @@ class SpareLauncher(LocalLauncher):
         if handle is None:
             handle = super().launch(run, slot, run_dir, env)
         if slot.index not in self.spares and self.wanted(slot):
-            # After the launch: the run's trainer is under way before its successor's spare starts importing.
-            self.spares[slot.index] = Spare({k: v for k, v in slot_env.items() if k not in PER_LAUNCH})
+            env = {k: v for k, v in slot_env.items() if k not in PER_LAUNCH}
+            self.due[slot.index] = Due(env, handle, run_dir / METRICS, _size(run_dir / METRICS))
         return handle
+
+    def tend(self) -> None:
+        """Start each slot's due spare whose run has logged its first line since its launch, or ended (the
+        worker calls this every loop iteration, before it claims: a slot's next run waits for a spare that
+        is warming, which is sooner than a cold launch)."""
+        for index, due in list(self.due.items()):
+            if due.now():
+                del self.due[index]
+                if index not in self.spares:
+                    self.spares[index] = Spare(due.env)
 
     def _hand_off(self, run: Run, slot: Slot, run_dir: Path, env: dict[str, str]) -> WarmHandle | None:
         """The run's trainer, if the slot's spare takes it; None: launch cold."""
@@ -209,5 +248,6 @@ class SpareLauncher(LocalLauncher):
 
     def close(self) -> None:
         """End every waiting spare (the worker is done; they would die with its process anyway)."""
+        self.due.clear()
         while self.spares:
             self.spares.popitem()[1].kill()
