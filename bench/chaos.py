@@ -1157,13 +1157,13 @@ class Campaign:
     def f_claimers(self, rec: dict) -> None:
         """N processes claim from a queue of M dummy runs (their own database) at once; each run must be
         claimed exactly once. Runs while the other faults go on (a database restart may hit it)."""
-        from orchestrator import queue, specs
+        from orchestrator import runspec, specs, submission
         from orchestrator.db import Run, connect
 
         n, m = self.args.claimers, self.args.claim_runs
         eng = connect(self.claims_db, create=True)
         exp = specs.Experiment(name="claims", seeds=m)
-        queue.submit(eng, exp, specs.expand(exp))
+        submission.submit(eng, exp, runspec.expand(exp))
         start_at = time.time() + 4.0
         script = (
             "import json, sys, time\n"

@@ -50,7 +50,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from trainer import config, init_from
+    from trainer import config, init_from, presets
     from trainer.data import Split
     from trainer.distributed import Dist
     from trainer.evaluate import mean_loss
@@ -67,7 +67,7 @@ def main() -> None:
     if "sample" in config.TrainConfig.model_fields:
         common["sample.prompts"] = []
     source_sets = {**common, "model.context_length": args.short, "run.steps": args.source_steps}
-    source = config.load(preset_name="tiny", overrides=source_sets)
+    source = presets.load(preset_name="tiny", overrides=source_sets)
     source_dir = Path(args.source) if args.source else work / "source"
     if not args.source:
         train(source, source_dir)
@@ -94,7 +94,7 @@ def main() -> None:
     }
     configs = {}
     for name, sets in arms.items():
-        cfg = configs[name] = config.load(preset_name="tiny", overrides={**long_sets, **sets})
+        cfg = configs[name] = presets.load(preset_name="tiny", overrides={**long_sets, **sets})
         torch.manual_seed(cfg.run.seed)
         model = GPT(cfg.model)
         if cfg.run.init_from is not None:

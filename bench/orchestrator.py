@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import sqlalchemy as sa  # noqa: E402
 
-from orchestrator import queries, queue, specs, table_render  # noqa: E402
+from orchestrator import queries, queue, runspec, specs, submission, table_render  # noqa: E402
 from orchestrator import table as tbl  # noqa: E402
 from orchestrator.db import Run, connect  # noqa: E402
 from orchestrator.states import RunState  # noqa: E402
@@ -159,14 +159,19 @@ def finish_all_bulk(engine, rng: random.Random) -> None:
 def queue_benchmarks(args, backends: dict[str, callable]) -> None:
     exp = big_experiment(args.runs)
     for r in range(args.repeats):
-        dt, runs = clock(specs.expand, exp)
+        dt, runs = clock(runspec.expand, exp)
         n = len(runs)
-        rec(f"expand {n:,} runs (specs.expand)", "-", "s", dt)
+        rec(f"expand {n:,} runs (runspec.expand)", "-", "s", dt)
         for backend, fresh_url in backends.items():
             url = fresh_url(r)
             engine = connect(url)
-            rec(f"submit {n:,} new runs (queue.submit)", backend, "s", clock(queue.submit, engine, exp, runs)[0])
-            rec(f"resubmit {n:,} runs, all reused", backend, "s", clock(queue.submit, engine, exp, runs)[0])
+            rec(
+                f"submit {n:,} new runs (submission.submit)",
+                backend,
+                "s",
+                clock(submission.submit, engine, exp, runs)[0],
+            )
+            rec(f"resubmit {n:,} runs, all reused", backend, "s", clock(submission.submit, engine, exp, runs)[0])
             elapsed, lat = claim_all(engine, url, args.claimers, {x.id for x in runs})
             rec(f"claim {n:,} runs, {args.claimers} processes", backend, "s", elapsed)
             rec("  claims per second", backend, "claims/s", n / elapsed)
@@ -303,7 +308,7 @@ def worker_gaps(
     from orchestrator.worker import Worker
 
     engine = connect(f"sqlite:///{root / 'results.db'}")
-    queue.submit(engine, exp, specs.expand(exp))
+    submission.submit(engine, exp, runspec.expand(exp))
     log: list[tuple[float, str]] = []
     w = Worker(
         engine,
@@ -315,7 +320,7 @@ def worker_gaps(
     )  # CLI defaults: poll 0.2 s, heartbeat 5 s
     watcher = ExitWatcher(w)
     watcher.start()
-    n_runs = len(specs.expand(exp))
+    n_runs = len(runspec.expand(exp))
     done = w.run(until_empty=True)
     assert done == n_runs, f"{done} of {n_runs} runs finished; the worker said:\n" + "\n".join(m for _, m in log)
     watcher.done = True
@@ -395,11 +400,11 @@ def startup_components(data_dir: Path) -> dict[str, float]:
     spare.kill()
     import torch
 
-    from trainer import config
+    from trainer import presets
     from trainer.data import Split
     from trainer.model import GPT
 
-    cfg = config.load(preset_name="tiny", overrides={"data.path": str(data_dir), "model.context_length": 16})
+    cfg = presets.load(preset_name="tiny", overrides={"data.path": str(data_dir), "model.context_length": 16})
     out["dataset open (3 splits, in-process)"] = clock(
         lambda: [Split(cfg.data.path, s) for s in ("train", "val", "test")]
     )[0]
@@ -414,10 +419,10 @@ def startup_components(data_dir: Path) -> dict[str, float]:
 
 def mlflow_benchmark(args, label: str, uri: str) -> None:
     from orchestrator.tracking import Tracker
-    from trainer import config
+    from trainer import presets
 
     tracker = Tracker(uri)
-    cfg = config.preset("tiny")
+    cfg = presets.preset("tiny")
     keys = ["tokens", "loss", "lr", "grad_norm", "clipped", "tokens_per_s", "mfu", "loss_scale"]
     for r in range(args.repeats):
         ids = [

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a
 
 import torch
 
-from trainer import config
+from trainer import presets
 from trainer.__main__ import (
     parse_sets,  # the same --set syntax and errors as `python -m trainer`
 )
@@ -47,8 +47,9 @@ from trainer.perf import (
     environment,
     peak_flops,
 )
+from trainer.setup import Data, Setup, training_model
 from trainer.state import TrainState
-from trainer.train import Data, Setup, train_step, training_model
+from trainer.train import train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -265,7 +266,7 @@ def parse_variant(p: argparse.ArgumentParser, text: str) -> tuple[str, list[str]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(config.PRESETS))
+    p.add_argument("--preset", default="tiny", choices=sorted(presets.PRESETS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per timed block")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compile happens here)")
@@ -296,18 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     sets = parse_sets(args.set)  # every variant goes through the trainer's own config validation
     if args.variant:
         variants = [
-            Variant(label, config.load(preset_name=args.preset, overrides={**sets, **parse_sets(changes)}))
+            Variant(label, presets.load(preset_name=args.preset, overrides={**sets, **parse_sets(changes)}))
             for label, changes in (parse_variant(p, text) for text in args.variant)
         ]
     elif args.compare:
         variants = [
             Variant(
-                f"{key}={text}", config.load(preset_name=args.preset, overrides={**sets, key: config.parse_value(text)})
+                f"{key}={text}",
+                presets.load(preset_name=args.preset, overrides={**sets, key: presets.parse_value(text)}),
             )
             for text in values.split(",")
         ]
     else:
-        variants = [Variant(args.preset, config.load(preset_name=args.preset, overrides=sets))]
+        variants = [Variant(args.preset, presets.load(preset_name=args.preset, overrides=sets))]
     device, load_start = torch.device(args.device), os.getloadavg()[0]
     for v in variants:  # all micro-batch probes first, so no variant resident on the GPU shrinks another's
         v.run_cfg = resolve_micro(v.cfg, device)

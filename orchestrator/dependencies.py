@@ -31,15 +31,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.states import RunState
-from trainer.config import ConfigError, TrainConfig, validate
+from trainer.config import ConfigError, TrainConfig
 from trainer.init_from import RUN_ID, check_compatible, resolve, sha256_of
+from trainer.presets import validate
 from trainer.rundir import CONFIG
 
 if TYPE_CHECKING:  # SQLAlchemy is imported where SQL is made: specs.py imports this module
     from sqlalchemy.engine import Engine
 
     from orchestrator.db import Run
-    from orchestrator.specs import Experiment, Intervention, RunSpec
+    from orchestrator.runspec import RunSpec
+    from orchestrator.specs import Experiment, Intervention
 
 BASELINE = "baseline"  # as orchestrator/specs.py names it
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from orchestrator import queue
+from orchestrator import submission
 from orchestrator.specs import BASELINE, Experiment, Intervention, SpecError, check_name
 from trainer.rundir import Status
 
@@ -113,11 +113,13 @@ def import_results(engine: Engine, path: str | Path, experiment: str, baseline: 
     same file imported again adds nothing: a run's id hashes its experiment, arm, seed, test loss (and repeat)."""
     rows, spec = plan_import(path, experiment, baseline)
     runs = imported_runs(rows, str(path), experiment, baseline)
-    queue.add_imported(engine, spec, str(path), runs)
+    submission.add_imported(engine, spec, str(path), runs)
     return len(runs)
 
 
-def imported_runs(rows: list[dict], source: str, experiment: str, baseline: str = BASELINE) -> list[queue.Imported]:
+def imported_runs(
+    rows: list[dict], source: str, experiment: str, baseline: str = BASELINE
+) -> list[submission.Imported]:
     """One run per row, each with its own id. `repeat` counts the arm's earlier rows with the same given seed
     (without a seed: the arm's earlier seedless rows); result["seed"] is the given seed or None, and only a
     given seed pairs runs in the table (table.pairing_key). Run.seed, a required column, holds the given seed,
@@ -144,7 +146,7 @@ def imported_runs(rows: list[dict], source: str, experiment: str, baseline: str 
             rid = _run_id(key)
         ids.add(rid)
         runs.append(
-            queue.Imported(
+            submission.Imported(
                 id=rid,
                 arm=arm,
                 seed=seed,

@@ -17,17 +17,18 @@ from typing import NamedTuple
 
 from sqlalchemy.engine import Engine
 
-from orchestrator import queries, queue, stats, table_render
+from orchestrator import queries, stats, submission, table_render
 from orchestrator import table as tbl
 from orchestrator.noise import parent, seed0_configs
-from orchestrator.specs import BASELINE, Looks, RunSpec, SpecError, run_id, seeded
+from orchestrator.runspec import RunSpec, run_id, seeded
+from orchestrator.specs import BASELINE, Looks, SpecError
 
 
 class Round(NamedTuple):
     """One look at the verdicts: what it queued, per arm why it got more seeds or not, and how many of the
     experiment's runs were still queued or running afterwards."""
 
-    report: queue.SubmitReport
+    report: submission.SubmitReport
     reasons: dict[str, str]
     active: int = 0
 
@@ -57,7 +58,7 @@ def more_seeds(
         done[arm] = done.get(arm, 0) + tbl.finished(r)
     first = min((n for arm, n in done.items() if arm != BASELINE), default=2)
     spec.looks = Looks(first=max(2, min(first, max_seeds)), last=max_seeds).union(spec.looks)
-    queue.submit(engine, spec, [], source=None)  # records the looks; submit keeps any stored ones too
+    submission.submit(engine, spec, [], source=None)  # records the looks; submit keeps any stored ones too
     [board] = [b for b in tbl.build(runs, {experiment: spec}, options=options) if b.experiment == experiment]
     targets: dict[str, int] = {}
     reasons: dict[str, str] = {}
@@ -108,10 +109,10 @@ def more_seeds(
         for s in range(target):
             cfg, repeat = seeded(templates[arm], spec.vary if spec.vary != "none" else "init", s, 0, 1, source=arm)
             new.append(RunSpec(run_id(cfg, repeat), experiment, arm, cfg, repeat, spec.nodes))
-    report = queue.SubmitReport()
+    report = submission.SubmitReport()
     if new:
         spec.seeds = max(spec.seeds, *targets.values())
-        report = queue.submit(engine, spec, new, source=None, priority=1)
+        report = submission.submit(engine, spec, new, source=None, priority=1)
     return Round(report, reasons, queries.active(engine, [experiment]))
 
 

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 from sqlalchemy.engine import Engine
 
-from orchestrator import queries, queue
+from orchestrator import queries, submission
 from orchestrator.db import Run
-from orchestrator.specs import BASELINE, Experiment, RunSpec, SpecError, run_id, seeded
+from orchestrator.runspec import RunSpec, run_id, seeded
+from orchestrator.specs import BASELINE, Experiment, SpecError
 
 VARY = ("init", "data", "both", "none")
 NOISE_SEP = ".noise-"  # `orch noise EXP --vary V` writes experiment "EXP.noise-V"
@@ -48,7 +49,7 @@ def seed0_configs(engine: Engine, experiment: str) -> dict[str, dict]:
     return {arm: r.config for arm, r in first.items()}
 
 
-def noise(engine: Engine, experiment: str, repeats: int, vary: str) -> queue.SubmitReport:
+def noise(engine: Engine, experiment: str, repeats: int, vary: str) -> submission.SubmitReport:
     """Queue `repeats` runs of the experiment's baseline varying `vary` only, as experiment EXP.noise-VARY."""
     if vary not in VARY:
         raise SpecError(f"--vary must be one of {', '.join(VARY)}, not {vary!r}")
@@ -71,4 +72,4 @@ def noise(engine: Engine, experiment: str, repeats: int, vary: str) -> queue.Sub
     for s in range(repeats):
         cfg, repeat = seeded(base, vary, s, 0, 1, source=name)
         runs.append(RunSpec(run_id(cfg, repeat), name, BASELINE, cfg, repeat))
-    return queue.submit(engine, study, runs, source=f"orch noise {experiment} --vary {vary}")
+    return submission.submit(engine, study, runs, source=f"orch noise {experiment} --vary {vary}")

@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from orchestrator import specs
+from orchestrator import runspec, specs
 from trainer.config import TrainConfig
 
 CHINCHILLA = "Hoffmann et al. 2022, 'Training Compute-Optimal Large Language Models' (≈20 tokens per parameter)"
@@ -435,7 +435,7 @@ def emit_experiment_file(
     )
     namespace: dict[str, Any] = {}
     exec(compile(text, f"<experiment {name}>", "exec"), namespace)  # what load_experiment will run
-    runs = specs.expand(namespace["experiment"], source=f"experiment {name!r}")  # SpecError: bad preset or value
+    runs = runspec.expand(namespace["experiment"], source=f"experiment {name!r}")  # SpecError: bad preset or value
     if "weight_decay" in which:
         cfg = next(r.config for r in runs if r.arm != specs.BASELINE)
         actual = {"B": cfg.run.batch_size, "η": cfg.optim.lr, "D": cfg.total_steps() * cfg.run.batch_size}

@@ -8,9 +8,9 @@
 
 A final run is never modified except by an explicit retry, the contract of Optuna's storages
 (`check_trial_is_updatable`); procrastinate's `finish_job` likewise refuses a job that is not in the state
-it should leave. Every write of a run's state (queue.py) asks this table for the move: the SQL condition is
-the event's source states (`sources`), the new state its target (`target`); a request the table does not allow
-is refused with `IllegalMove`, which says what would be allowed.
+it should leave. Every write of a run's state (queue.py; submission.py when it creates runs) asks this table
+for the move: the SQL condition is the event's source states (`sources`), the new state its target
+(`target`); a request the table does not allow is refused with `IllegalMove`, which says what would be allowed.
 
 Whether a crash is retried or fails the run (attempts left?), and whether a preemption costs an attempt, are
 queue.py's accounting; which event an ending is, is `ending_event`'s.

@@ -34,9 +34,10 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 from sqlalchemy.engine import Engine
 
-from orchestrator import leases, queries, queue, states
+from orchestrator import leases, queries, queue, states, submission
 from orchestrator.db import Run
-from orchestrator.specs import Experiment, LogUniform, Sweep, Uniform, sweep_base, trial_runs
+from orchestrator.runspec import sweep_base, trial_runs
+from orchestrator.specs import Experiment, LogUniform, Sweep, Uniform
 from orchestrator.states import RunState
 from trainer.rundir import Status
 
@@ -276,7 +277,7 @@ class Driver:
         params = _suggest(trial, self.sweep)
         runs = trial_runs(self.sweep, self.base, params, f"trial-{trial.number}")
         trial.set_user_attr(RUNS_ATTR, [r.id for r in runs])  # before queuing: a crash here resubmits
-        report = queue.submit(self.engine, self.experiment, runs, source=f"sweep {self.sweep.name}")
+        report = submission.submit(self.engine, self.experiment, runs, source=f"sweep {self.sweep.name}")
         reused = f" ({len(report.reused)} reused)" if report.reused else ""
         self.echo(f"trial {trial.number}: {format_params(params)} -> {len(runs)} run(s){reused}")
         return True
@@ -295,7 +296,7 @@ class Driver:
                 specs_ = trial_runs(self.sweep, self.base, frozen.params, f"trial-{frozen.number}")
                 if run_ids is None:
                     trial.set_user_attr(RUNS_ATTR, [r.id for r in specs_])
-                queue.submit(self.engine, self.experiment, specs_, source=f"sweep {self.sweep.name}")
+                submission.submit(self.engine, self.experiment, specs_, source=f"sweep {self.sweep.name}")
                 continue
             if frozen.user_attrs.get("pruning"):  # re-asked each pass: a requeue clears a stop request
                 own = self._stop(runs, f"trial-{frozen.number}")

@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import TrialState
 from sqlalchemy.engine import Engine
 
-from orchestrator import queries, queue, specs
+from orchestrator import queries, runspec, specs, submission
 from orchestrator.specs import Experiment
 from orchestrator.sweep import RUNS_ATTR, STOPPED_ATTR, best_trial, format_params, storage, trial_counts
 
@@ -208,7 +208,7 @@ def plot(engine: Engine, name: str, out_dir: str | Path, echo: Callable[[str], N
     return [html, *written]
 
 
-def confirm(engine: Engine, name: str, seeds: int) -> tuple[Experiment, queue.SubmitReport]:
+def confirm(engine: Engine, name: str, seeds: int) -> tuple[Experiment, submission.SubmitReport]:
     """Queue the best trial's parameters as an intervention against the sweep's base, with `seeds` seeds
     each, as experiment NAME.confirm: `orch table NAME.confirm` then gives the noise-aware verdict."""
     best = status(engine, name).best
@@ -223,4 +223,4 @@ def confirm(engine: Engine, name: str, seeds: int) -> tuple[Experiment, queue.Su
         seeds=seeds,
         interventions=[specs.Intervention(name=f"best-trial-{best.number}", set=best.params)],
     )
-    return exp, queue.submit(engine, exp, specs.expand(exp, source=f"sweep {name} confirm"))
+    return exp, submission.submit(engine, exp, runspec.expand(exp, source=f"sweep {name} confirm"))

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from tests.servers import Postgres, pg_bin  # noqa: E402
-from trainer import config  # noqa: E402
+from trainer import config, identity, presets  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -130,7 +130,7 @@ def tiny_config(data_dir, **overrides) -> config.TrainConfig:
     """The `tiny` preset reading `data_dir`; keyword overrides use '__' for '.' (optim__lr=1e-2)."""
     sets = {"data.path": str(data_dir)}
     sets.update({k.replace("__", "."): v for k, v in overrides.items()})
-    return config.load(preset_name="tiny", overrides=sets)
+    return presets.load(preset_name="tiny", overrides=sets)
 
 
 # A fast training config for end-to-end runs: 8 sequences × 16 tokens per step (the 50257-wide output layer
@@ -147,10 +147,10 @@ FAST = {
 
 
 def before_later_keys(cfg: config.TrainConfig) -> dict:
-    """`cfg` as a config.json or checkpoint written before any of trainer.config.LATER_KEYS existed: each such
+    """`cfg` as a config.json or checkpoint written before any of trainer.identity.LATER_KEYS existed: each such
     key removed, and a section left empty by that (a section that came later) removed too."""
     old = cfg.model_dump(mode="json")
-    for dotted in config.LATER_KEYS:
+    for dotted in identity.LATER_KEYS:
         section, *rest = dotted.split(".")
         node = old[section]
         for part in rest[:-1]:

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, REPO, subprocess_env
-from trainer import config
+from trainer import presets
 from trainer.config import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------
@@ -16,7 +16,7 @@ from trainer.config import ConfigError
 
 
 def test_gpt2_small_preset_is_the_blog_baseline():
-    cfg = config.load(preset_name="gpt2-small")
+    cfg = presets.load(preset_name="gpt2-small")
     m, o, s, p, e, r = cfg.model, cfg.optim, cfg.schedule, cfg.precision, cfg.eval, cfg.run
     assert (m.vocab_size, m.context_length, m.n_embd, m.n_layer, m.n_head) == (50257, 1024, 768, 12, 12)
     assert m.dropout == 0.1
@@ -39,7 +39,7 @@ def test_gpt2_small_preset_is_the_blog_baseline():
 
 
 def test_tiny_preset_is_small_and_runs_a_fixed_number_of_steps():
-    cfg = config.load(preset_name="tiny")
+    cfg = presets.load(preset_name="tiny")
     m = cfg.model
     assert (m.vocab_size, m.n_embd, m.n_layer, m.context_length) == (50257, 64, 2, 64)
     assert m.n_embd % m.n_head == 0
@@ -49,23 +49,23 @@ def test_tiny_preset_is_small_and_runs_a_fixed_number_of_steps():
 
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(ConfigError, match=r"unknown preset 'huge'.*gpt2-small.*tiny"):
-        config.load(preset_name="huge")
+        presets.load(preset_name="huge")
 
 
 def test_exactly_one_of_file_and_preset(tmp_path):
     with pytest.raises(ConfigError, match="exactly one"):
-        config.load()
+        presets.load()
     path = tmp_path / "c.json"
     path.write_text("{}")
     with pytest.raises(ConfigError, match="exactly one"):
-        config.load(str(path), "tiny")
+        presets.load(str(path), "tiny")
 
 
 def test_resolved_config_round_trips_through_a_json_file(tmp_path):
-    cfg = config.load(preset_name="tiny", overrides={"optim.lr": 3e-3, "model.qkv_bias": True})
+    cfg = presets.load(preset_name="tiny", overrides={"optim.lr": 3e-3, "model.qkv_bias": True})
     path = tmp_path / "config.json"
     path.write_text(cfg.to_json())
-    again = config.load(str(path))
+    again = presets.load(str(path))
     assert again == cfg
     assert again.to_json() == cfg.to_json()
 
@@ -74,7 +74,7 @@ def test_tokens_budget_sets_the_step_count_rounded_up_to_whole_steps():
     # The seed repo's rule (ddp_train.py, load_dataset): the fewest whole steps that reach the budget.
     step = 16 * 64  # tokens per step of the tiny preset
     for tokens, steps in ((step * 7, 7), (step * 7 + 5, 8), (step * 8 - 1, 8), (100, 1), (1, 1)):
-        cfg = config.load(preset_name="tiny", overrides={"run.steps": None, "run.tokens": tokens})
+        cfg = presets.load(preset_name="tiny", overrides={"run.steps": None, "run.tokens": tokens})
         assert cfg.total_steps() == steps, tokens
 
 
@@ -102,14 +102,14 @@ def test_tokens_budget_sets_the_step_count_rounded_up_to_whole_steps():
     ],
 )
 def test_blog_switch_exists(key, value):
-    cfg = config.load(preset_name="gpt2-small", overrides={key: value})
+    cfg = presets.load(preset_name="gpt2-small", overrides={key: value})
     section, name = key.split(".")
     assert getattr(getattr(cfg, section), name) == value
 
 
 def test_blog_stacked_run_validates():
     """The series' best run: clipping 3.5 + no dropout + 5% warmup, cosine to 10% of 1.4e-3 + wd 0.01."""
-    cfg = config.load(
+    cfg = presets.load(
         preset_name="gpt2-small",
         overrides={
             "optim.grad_clip": 3.5,
@@ -134,7 +134,7 @@ def test_blog_stacked_run_validates():
 
 def test_unknown_override_key_names_it_and_suggests_the_close_match():
     with pytest.raises(ConfigError) as info:
-        config.load(preset_name="tiny", overrides={"model.dropot": 0})
+        presets.load(preset_name="tiny", overrides={"model.dropot": 0})
     msg = str(info.value)
     assert "model.dropot" in msg
     assert "did you mean 'dropout'" in msg
@@ -142,53 +142,53 @@ def test_unknown_override_key_names_it_and_suggests_the_close_match():
 
 def test_unknown_section_suggests_the_close_match():
     with pytest.raises(ConfigError, match=r"'optimm\.lr'.*did you mean 'optim'"):
-        config.load(preset_name="tiny", overrides={"optimm.lr": 1e-3})
+        presets.load(preset_name="tiny", overrides={"optimm.lr": 1e-3})
 
 
 def test_wrong_type_names_the_key_and_the_value():
     with pytest.raises(ConfigError) as info:
-        config.load(preset_name="tiny", overrides={"model.n_layer": "two"})
+        presets.load(preset_name="tiny", overrides={"model.n_layer": "two"})
     msg = str(info.value)
     assert "model.n_layer" in msg and "integer" in msg and "'two'" in msg
 
 
 def test_wrong_literal_lists_the_choices():
     with pytest.raises(ConfigError) as info:
-        config.load(preset_name="tiny", overrides={"schedule.kind": "cosin"})
+        presets.load(preset_name="tiny", overrides={"schedule.kind": "cosin"})
     msg = str(info.value)
     assert "schedule.kind" in msg and "'cosine'" in msg and "'cosin'" in msg
 
 
 def test_heads_not_dividing_width_names_both_and_a_fix():
     with pytest.raises(ConfigError) as info:
-        config.load(preset_name="tiny", overrides={"model.n_embd": 66, "model.n_head": 4})
+        presets.load(preset_name="tiny", overrides={"model.n_embd": 66, "model.n_head": 4})
     msg = str(info.value)
     assert "model.n_embd (66)" in msg and "model.n_head (4)" in msg
     assert "try n_embd=" in msg
     fix = int(msg.split("try n_embd=")[1].split()[0].rstrip(";,)"))
     assert fix % 4 == 0  # the suggested fix is itself valid
-    assert config.load(preset_name="tiny", overrides={"model.n_embd": fix, "model.n_head": 4}).model.n_embd == fix
+    assert presets.load(preset_name="tiny", overrides={"model.n_embd": fix, "model.n_head": 4}).model.n_embd == fix
 
 
 def test_negative_lr_is_refused():
     with pytest.raises(ConfigError) as info:
-        config.load(preset_name="tiny", overrides={"optim.lr": -1e-3})
+        presets.load(preset_name="tiny", overrides={"optim.lr": -1e-3})
     msg = str(info.value)
     assert "optim.lr" in msg and "greater than 0" in msg and "-0.001" in msg
 
 
 def test_both_tokens_and_steps_is_refused():
     with pytest.raises(ConfigError, match=r"exactly one of run.tokens and run.steps"):
-        config.load(preset_name="tiny", overrides={"run.tokens": 100_000, "run.steps": 10})
+        presets.load(preset_name="tiny", overrides={"run.tokens": 100_000, "run.steps": 10})
     with pytest.raises(ConfigError, match=r"exactly one of run.tokens and run.steps"):
-        config.load(preset_name="gpt2-small", overrides={"run.tokens": None})  # neither
+        presets.load(preset_name="gpt2-small", overrides={"run.tokens": None})  # neither
 
 
 def test_setting_one_budget_clears_the_other():
     """`--set run.steps=40` works on a preset budgeted in tokens, and the other way round."""
-    cfg = config.load(preset_name="gpt2-small", overrides={"run.steps": 40})
+    cfg = presets.load(preset_name="gpt2-small", overrides={"run.steps": 40})
     assert cfg.run.tokens is None and cfg.total_steps() == 40
-    cfg = config.load(preset_name="tiny", overrides={"run.tokens": 16 * 64 * 9})
+    cfg = presets.load(preset_name="tiny", overrides={"run.tokens": 16 * 64 * 9})
     assert cfg.run.steps is None and cfg.total_steps() == 9
 
 
@@ -204,12 +204,12 @@ def test_setting_one_budget_clears_the_other():
 )
 def test_impossible_values_name_the_key(key, value, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
-        config.load(preset_name="tiny", overrides={key: value})
+        presets.load(preset_name="tiny", overrides={key: value})
 
 
 def test_wsd_decay_and_warmup_must_fit():
     with pytest.raises(ConfigError, match=r"schedule.warmup .* schedule.decay"):
-        config.load(
+        presets.load(
             preset_name="tiny", overrides={"schedule.kind": "wsd", "schedule.warmup": 0.9, "schedule.decay": 0.2}
         )
 
@@ -227,7 +227,7 @@ def _write(tmp_path, obj) -> str:
 def test_file_unknown_key_names_it_and_suggests_the_close_match(tmp_path):
     path = _write(tmp_path, {"model": {"dropot": 0.0}})
     with pytest.raises(ConfigError) as info:
-        config.load(path)
+        presets.load(path)
     msg = str(info.value)
     assert path in msg
     assert "model.dropot" in msg and "did you mean 'dropout'" in msg
@@ -235,34 +235,34 @@ def test_file_unknown_key_names_it_and_suggests_the_close_match(tmp_path):
 
 def test_file_unknown_section_suggests_the_close_match(tmp_path):
     with pytest.raises(ConfigError, match=r"optimizer.*did you mean 'optim'"):
-        config.load(_write(tmp_path, {"optimizer": {"lr": 1e-3}}))
+        presets.load(_write(tmp_path, {"optimizer": {"lr": 1e-3}}))
 
 
 def test_file_wrong_type(tmp_path):
     with pytest.raises(ConfigError, match=r"optim\.lr.*number.*'fast'"):
-        config.load(_write(tmp_path, {"optim": {"lr": "fast"}}))
+        presets.load(_write(tmp_path, {"optim": {"lr": "fast"}}))
 
 
 def test_file_impossible_values(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.n_embd \(100\).*model\.n_head \(12\).*try n_embd=96"):
-        config.load(_write(tmp_path, {"model": {"n_embd": 100}}))
+        presets.load(_write(tmp_path, {"model": {"n_embd": 100}}))
     with pytest.raises(ConfigError, match=r"optim\.lr.*greater than 0"):
-        config.load(_write(tmp_path, {"optim": {"lr": -1}}))
+        presets.load(_write(tmp_path, {"optim": {"lr": -1}}))
     with pytest.raises(ConfigError, match=r"exactly one of run.tokens and run.steps"):
-        config.load(_write(tmp_path, {"run": {"steps": 10}}))  # the default run.tokens is still set
+        presets.load(_write(tmp_path, {"run": {"steps": 10}}))  # the default run.tokens is still set
 
 
 def test_file_overrides_apply_on_top(tmp_path):
     path = _write(tmp_path, {"run": {"steps": 10, "tokens": None}})
-    cfg = config.load(path, overrides={"optim.lr": 2e-3})
+    cfg = presets.load(path, overrides={"optim.lr": 2e-3})
     assert cfg.run.steps == 10 and cfg.optim.lr == 2e-3
 
 
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        config.load(str(tmp_path / "nope.json"))
+        presets.load(str(tmp_path / "nope.json"))
     with pytest.raises(ConfigError, match="not valid JSON"):
-        config.load(_write(tmp_path, "{not json"))
+        presets.load(_write(tmp_path, "{not json"))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator import dependencies, queries, queue, specs
+from orchestrator import dependencies, queries, queue, runspec, specs, submission
 from orchestrator.db import connect
 from orchestrator.specs import Experiment, Intervention, SpecError
 from tests.conftest import (
@@ -25,7 +25,7 @@ from tests.conftest import (
     train_losses,
     wait_for_step,
 )
-from trainer import checkpoint, config, init_from
+from trainer import checkpoint, config, identity, init_from, presets
 from trainer.config import ConfigError
 from trainer.data import Split
 from trainer.distributed import Dist
@@ -39,7 +39,7 @@ NO_SAMPLES = {"sample.prompts": []} if "sample" in config.TrainConfig.model_fiel
 
 
 def tiny(**sets) -> config.TrainConfig:
-    return config.load(preset_name="tiny", overrides={"data.path": "unused", **NO_SAMPLES, **sets})
+    return presets.load(preset_name="tiny", overrides={"data.path": "unused", **NO_SAMPLES, **sets})
 
 
 def save_source(run_dir: Path, cfg: config.TrainConfig, seed: int = 1, step: int = 7, finished: bool = True) -> Path:
@@ -71,16 +71,16 @@ def test_test_slice_in_tokens_is_a_config_alternative():
     cfg = tiny(**{"model.context_length": LONG, "eval.test_tokens": 96 * 64})  # tiny's 96 windows of 64 tokens
     assert cfg.eval.test_sequences is None and cfg.test_windows() == 32
     assert tiny().test_windows() == 128 and tiny().eval.test_tokens is None
-    back = config.load(preset_name="tiny", overrides={"eval.test_tokens": 4096, "eval.test_sequences": None})
+    back = presets.load(preset_name="tiny", overrides={"eval.test_tokens": 4096, "eval.test_sequences": None})
     assert (
-        config.apply_overrides(back.model_dump(mode="json"), {"eval.test_sequences": 8})["eval"]["test_tokens"] is None
+        presets.apply_overrides(back.model_dump(mode="json"), {"eval.test_sequences": 8})["eval"]["test_tokens"] is None
     )
     with pytest.raises(ConfigError, match=r"eval.test_tokens \(1000\) must be a multiple of model.context_length"):
         tiny(**{"eval.test_tokens": 1000})
     # A run's id is the slice it is tested on, however written: 8,192 tokens at 64 are tiny's 128 windows.
     spelt = tiny(**{"eval.test_tokens": 128 * 64})
-    assert specs.run_id(spelt, 0) == specs.run_id(tiny(), 0) and config.same_run(spelt.model_dump(), tiny())
-    assert specs.run_id(tiny(**{"eval.test_tokens": 64 * 64}), 0) != specs.run_id(tiny(), 0)
+    assert runspec.run_id(spelt, 0) == runspec.run_id(tiny(), 0) and identity.same_run(spelt.model_dump(), tiny())
+    assert runspec.run_id(tiny(**{"eval.test_tokens": 64 * 64}), 0) != runspec.run_id(tiny(), 0)
 
 
 def test_evaluation_batch_follows_the_context(data_dir):
@@ -275,14 +275,14 @@ def experiment(**kw) -> Experiment:
 
 
 def test_an_arm_starts_from_the_same_seed_of_its_source_arm():
-    runs = specs.expand(experiment(seeds=2))
+    runs = runspec.expand(experiment(seeds=2))
     by = {(r.arm, r.seed): r for r in runs}
     assert [r.arm for r in runs] == ["baseline", "baseline", "long", "long"]
     for seed in (42, 43):
         assert by[("long", seed)].config.run.init_from == by[("baseline", seed)].id
-    other = specs.expand(experiment(seeds=2), overrides={"optim.lr": 2e-3})
+    other = runspec.expand(experiment(seeds=2), overrides={"optim.lr": 2e-3})
     assert {r.id for r in other}.isdisjoint(r.id for r in runs)  # another source: other ids all the way down
-    alone = specs.expand(experiment(include_baseline=False))
+    alone = runspec.expand(experiment(include_baseline=False))
     assert [r.arm for r in alone] == ["long"] and alone[0].config.run.init_from == runs[0].id
 
 
@@ -305,27 +305,27 @@ def test_bad_arm_sources_are_refused(interventions, words):
 def test_arms_must_be_tested_on_the_same_tokens():
     exp = experiment(interventions=[Intervention(name="long", set={"model.context_length": 32})])
     with pytest.raises(SpecError, match=r"over 1,024 tokens \(32 × 32\), the baseline's over 512.*test_tokens=512"):
-        specs.expand(exp)
+        runspec.expand(exp)
     shape = experiment(interventions=[Intervention(name="wide", init_from="baseline", set={"model.n_embd": 128})])
     with pytest.raises(SpecError, match=r"model.n_embd \(source 64, this run 128\)"):
-        specs.expand(shape)
+        runspec.expand(shape)
 
 
 def test_a_path_source_is_pinned_by_its_content(tmp_path):
     path = save_source(tmp_path / "src", tiny(**FAST))
     exp = experiment(interventions=[Intervention(name="from-dir", set={"run.init_from": str(tmp_path / "src")})])
-    (run,) = [r for r in specs.expand(exp) if r.arm == "from-dir"]
+    (run,) = [r for r in runspec.expand(exp) if r.arm == "from-dir"]
     assert run.config.run.init_from == str(path.resolve())
     assert run.config.run.init_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     path.write_bytes(path.read_bytes() + b"\0")  # the same name, other weights: another run
-    (again,) = [r for r in specs.expand(exp) if r.arm == "from-dir"]
+    (again,) = [r for r in runspec.expand(exp) if r.arm == "from-dir"]
     assert again.id != run.id
 
 
 def test_context_extension_experiment_file():
     exp = specs.load_experiment(Path(__file__).parent.parent / "experiments" / "context_extension.py")
-    runs = {r.arm: r for r in specs.expand(exp)}
-    stacked = {r.arm: r for r in specs.expand(specs.load_experiment("experiments/stacked.py"))}
+    runs = {r.arm: r for r in runspec.expand(exp)}
+    stacked = {r.arm: r for r in runspec.expand(specs.load_experiment("experiments/stacked.py"))}
     assert runs["baseline"].id == stacked["stacked"].id  # the two files share the baseline's runs
     assert runs["extend-3072"].config.run.init_from == runs["baseline"].id
     long = runs["ctx-3072"].config
@@ -335,8 +335,8 @@ def test_context_extension_experiment_file():
 def test_a_run_waits_in_the_queue_until_its_source_succeeds(db_url, tmp_path):
     engine = connect(db_url, create=True)
     exp = experiment(seeds=2)
-    runs = specs.expand(exp)
-    queue.submit(engine, exp, runs)
+    runs = runspec.expand(exp)
+    submission.submit(engine, exp, runs)
     base = {r.seed: r.id for r in runs if r.arm == "baseline"}
     long = {r.seed: r.id for r in runs if r.arm == "long"}
     assert queries.claimable(engine) == 2  # the two baselines; the long runs wait
@@ -356,7 +356,7 @@ def test_a_run_waits_in_the_queue_until_its_source_succeeds(db_url, tmp_path):
     assert w.fix == f"orch retry {base[43][:8]} (or orch cancel {long[43][:8]})"
     assert f"{long[43][:8]} waits for {base[43][:8]} (failed): orch retry" in render(status_view(now))
     for source, words in ((base[43], "is failed and would never be waited out: `orch retry"), ("f" * 16, "no run")):
-        runs = specs.expand(experiment(interventions=[]), overrides={"run.init_from": source})
+        runs = runspec.expand(experiment(interventions=[]), overrides={"run.init_from": source})
         with pytest.raises(SpecError, match=words):
             dependencies.check_sources(runs, lambda: engine)
     # The launch: config.json's run.init_from is the source's directory, where this worker can see it.

@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator import api, queries, queue, specs
+from orchestrator import api, queries, runspec, specs, submission
 from orchestrator.cli import app
 from orchestrator.db import connect
 from tests.test_stats import simulate
@@ -23,7 +23,7 @@ def db(tmp_path):
         seeds=2,
         interventions=[specs.Intervention(name="clip", set={"optim.grad_clip": 1.0, "model.dropout": 0.0})],
     )
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     simulate(eng, lambda run, arm: {"baseline": 3.70, "clip": 3.68}[arm])
     return url, {(m.arm, m.run.seed): m.run for m in queries.runs_of(eng, ["pair"])}
 

@@ -21,9 +21,10 @@ from orchestrator import api
 from orchestrator.api.exporting import checkpoint_of
 from orchestrator.cli import app
 from trainer import checkpoint
-from trainer.config import ModelConfig, TrainConfig, load
+from trainer.config import ModelConfig, TrainConfig
 from trainer.export import MAPPED, ExportError, check_mappable, hf_state_dict, refusals
 from trainer.model import GPT
+from trainer.presets import load
 from trainer.tokenizer import gpt2
 
 INSTALL = "pip install -e '.[hf]'"

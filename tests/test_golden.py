@@ -90,7 +90,7 @@ def start_golden(run_dir: Path, data_dir: Path) -> subprocess.Popen:
 
 
 def resolved_config(data_dir: Path) -> dict:
-    """The run's full config as it identifies the run (trainer.config.LATER_KEYS at their neutral value left
+    """The run's full config as it identifies the run (trainer.identity.LATER_KEYS at their neutral value left
     out), without the (per-session) data path."""
     cfg = tiny_config(data_dir, **{k.replace(".", "__"): v for k, v in OVERRIDES.items()}).identity()
     cfg["data"].pop("path")

@@ -9,7 +9,7 @@ import json
 import pytest
 from scipy import stats as sps
 
-from orchestrator import api, queue, stats
+from orchestrator import api, stats, submission
 from orchestrator.db import Run, connect
 from orchestrator.specs import Experiment, Intervention
 
@@ -127,7 +127,7 @@ def test_runs_imported_without_a_recorded_seed_pair_with_nothing(tmp_path):
     engine = connect(url(tmp_path))
     spec = Experiment(name="old", interventions=[Intervention(name="clip")])
     runs = [
-        queue.Imported(
+        submission.Imported(
             id=f"impold{arm}{seed}",
             arm=arm,
             seed=seed,
@@ -137,7 +137,7 @@ def test_runs_imported_without_a_recorded_seed_pair_with_nothing(tmp_path):
         for arm, losses in (("baseline", BASE), ("clip", CLIP))
         for seed, loss in enumerate(losses)
     ]
-    assert queue.add_imported(engine, spec, "old.csv", runs) == 6
+    assert submission.add_imported(engine, spec, "old.csv", runs) == 6
     clip = rows(tmp_path, "old")["clip"]
     assert clip.n == 3 and clip.test == "welch"
     assert clip.p_value == pytest.approx(sps.ttest_ind(BASE, CLIP, equal_var=False).pvalue, rel=1e-12)
@@ -145,7 +145,7 @@ def test_runs_imported_without_a_recorded_seed_pair_with_nothing(tmp_path):
     # Imported again by this version, with the seeds the file gave: the stored runs learn them, and pair.
     for r in runs:
         r.result = {**r.result, "seed": r.seed}
-    assert queue.add_imported(engine, spec, "old.csv", runs) == 0
+    assert submission.add_imported(engine, spec, "old.csv", runs) == 0
     clip = rows(tmp_path, "old")["clip"]
     assert clip.n == 3 and clip.test == "paired"
     assert clip.p_value == pytest.approx(sps.ttest_rel(BASE, CLIP).pvalue, rel=1e-12)

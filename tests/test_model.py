@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer import config
+from trainer import presets
 from trainer.config import ModelConfig
 from trainer.evaluate import autocast
 from trainer.model import GPT, cross_entropy
@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 def tiny_model_cfg(**overrides) -> ModelConfig:
     """The tiny preset's model section with overrides (full GPT-2 vocabulary)."""
-    return config.load(preset_name="tiny", overrides={f"model.{k}": v for k, v in overrides.items()}).model
+    return presets.load(preset_name="tiny", overrides={f"model.{k}": v for k, v in overrides.items()}).model
 
 
 def small_model_cfg(**overrides) -> ModelConfig:
@@ -77,7 +77,7 @@ def test_one_batch_overfits_full_vocabulary():
 
 
 def test_gpt2_small_parameter_count():
-    cfg = config.load(preset_name="gpt2-small").model
+    cfg = presets.load(preset_name="gpt2-small").model
     assert n_params(cfg) == 163_009_536
     with torch.device("meta"):
         model = GPT(cfg)
@@ -86,7 +86,7 @@ def test_gpt2_small_parameter_count():
 
 
 def test_qkv_bias_adds_three_d_per_layer():
-    for cfg in (tiny_model_cfg(), config.load(preset_name="gpt2-small").model):
+    for cfg in (tiny_model_cfg(), presets.load(preset_name="gpt2-small").model):
         with_bias = n_params(cfg.model_copy(update={"qkv_bias": True}))
         assert with_bias - n_params(cfg) == 3 * cfg.n_embd * cfg.n_layer
     assert GPT(tiny_model_cfg(qkv_bias=True)).blocks[1].attn.qkv.bias.shape == (3 * 64,)
@@ -97,7 +97,7 @@ def test_tying_shares_one_tensor_and_removes_vocab_times_d():
     model = GPT(cfg)
     assert model.head.weight is model.tok_emb.weight
     assert n_params(tiny_model_cfg()) - model.num_params() == cfg.vocab_size * cfg.n_embd
-    small = config.load(preset_name="gpt2-small", overrides={"model.tie_weights": True}).model
+    small = presets.load(preset_name="gpt2-small", overrides={"model.tie_weights": True}).model
     assert n_params(small) == 163_009_536 - 50257 * 768
     # The tie survives training: one gradient, one update.
     x = torch.randint(0, cfg.vocab_size, (2, 8))
@@ -234,16 +234,16 @@ def test_padded_vocabulary_is_the_unpadded_model(tie, init):
 
 def test_padded_vocabulary_keeps_run_ids():
     """pad_vocab came after run ids were handed out: its neutral value leaves every id as it was."""
-    from orchestrator.specs import run_id
+    from orchestrator.runspec import run_id
     from tests.conftest import before_later_keys
-    from trainer.config import LATER_KEYS, same_run
+    from trainer.identity import LATER_KEYS, same_run
 
-    cfg = config.load(preset_name="tiny")
+    cfg = presets.load(preset_name="tiny")
     old = before_later_keys(cfg)  # a config.json or checkpoint written before the key (and later ones) existed
     assert "model.pad_vocab" in LATER_KEYS
     assert same_run(old, cfg)
     assert run_id(cfg, 0) == _old_run_id(old, 0)
-    padded = config.load(preset_name="tiny", overrides={"model.pad_vocab": 64})
+    padded = presets.load(preset_name="tiny", overrides={"model.pad_vocab": 64})
     assert run_id(padded, 0) != run_id(cfg, 0) and not same_run(old, padded)
 
 

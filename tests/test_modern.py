@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FAST, killed_and_resumed, ok, read_result, run_trainer
-from trainer import config
+from trainer import presets
 from trainer.config import ConfigError, ModelConfig, OptimConfig
 from trainer.model import GPT, MLP, CausalSelfAttention, RMSNorm, apply_rope, cross_entropy, rope_angles
 from trainer.optim import param_groups
@@ -33,7 +33,7 @@ STACKED = {k: v for switch in SWITCHES.values() for k, v in switch.items()}
 
 
 def model_cfg(preset: str = "tiny", **overrides) -> ModelConfig:
-    return config.load(preset_name=preset, overrides={f"model.{k}": v for k, v in overrides.items()}).model
+    return presets.load(preset_name=preset, overrides={f"model.{k}": v for k, v in overrides.items()}).model
 
 
 def stacked_cfg(preset: str = "tiny", **overrides) -> ModelConfig:
@@ -252,22 +252,22 @@ def test_defaults_are_gpt2_and_new_keys_keep_run_ids():
     import hashlib
     import json
 
-    from orchestrator.specs import run_id
+    from orchestrator.runspec import run_id
     from tests.conftest import before_later_keys
-    from trainer.config import LATER_KEYS, same_run
+    from trainer.identity import LATER_KEYS, same_run
 
     def old_run_id(config_dict: dict, repeat: int) -> str:  # as computed before any LATER_KEYS existed
         canonical = json.dumps({"config": config_dict, "repeat": repeat}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-    cfg = config.load(preset_name="tiny")
+    cfg = presets.load(preset_name="tiny")
     for key in ("pad_vocab", "position", "rope_base", "norm", "mlp", "bias", "qk_norm", "logit_softcap"):
         assert f"model.{key}" in LATER_KEYS
         assert LATER_KEYS[f"model.{key}"] == ModelConfig.model_fields[key].default
     old = before_later_keys(cfg)  # a config.json or checkpoint written before the switches (and later keys)
     assert same_run(old, cfg) and run_id(cfg, 0) == old_run_id(old, 0)
     for name, sets in SWITCHES.items():
-        changed = config.load(preset_name="tiny", overrides=sets)
+        changed = presets.load(preset_name="tiny", overrides=sets)
         assert run_id(changed, 0) != run_id(cfg, 0) and not same_run(old, changed), name
 
 
@@ -326,7 +326,7 @@ def test_each_switch_trains(name, data_dir, tmp_path):
     run = tmp_path / name
     ok(run_trainer(run, data_dir, {**SWITCHES[name], **SHORT}))
     assert_learns(run, SHORT["run.steps"])
-    cfg = config.load(str(run / "config.json"))
+    cfg = presets.load(str(run / "config.json"))
     assert read_result(run)["params"] == n_params(cfg.model) == expected_params(cfg.model)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from conftest import killed_and_resumed, ok, read_result, run_trainer
-from trainer import checkpoint, config
+from trainer import checkpoint, presets
 from trainer.config import ConfigError, ModelConfig, MoEConfig
 from trainer.model import GPT
 from trainer.moe import Balancer, MoE, Routing, balance_loss, choose, penalty, z_loss
@@ -27,7 +27,7 @@ GAMMA = 0.001
 
 def moe_cfg(preset: str = "tiny", **moe) -> ModelConfig:
     sets = {f"model.moe.{k}": v for k, v in moe.items()}
-    return config.load(preset_name=preset, overrides={**sets, "run.micro_batch_size": 8}).model  # fixed: aux
+    return presets.load(preset_name=preset, overrides={**sets, "run.micro_batch_size": 8}).model  # fixed: aux
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,8 +184,8 @@ def dense_mlp(m: ModelConfig) -> int:
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
 @pytest.mark.parametrize("experts,k", [(6, 2), (4, 3)])
 def test_total_and_active_parameters_by_formula(preset, mlp, experts, k):
-    dense = config.load(preset_name=preset, overrides={"model.mlp": mlp}).model
-    cfg = config.load(
+    dense = presets.load(preset_name=preset, overrides={"model.mlp": mlp}).model
+    cfg = presets.load(
         preset_name=preset, overrides={"model.mlp": mlp, "model.moe.experts": experts, "model.moe.top_k": k}
     ).model
     with torch.device("meta"):
@@ -211,9 +211,9 @@ def test_gpt2_small_six_experts_two_active():
 def test_set_switches_it_on_and_errors_name_the_key_and_the_fix():
     from trainer.__main__ import parse_sets
 
-    cfg = config.load(preset_name="tiny", overrides=parse_sets(["model.moe.experts=6", "model.moe.balance=bias"]))
+    cfg = presets.load(preset_name="tiny", overrides=parse_sets(["model.moe.experts=6", "model.moe.balance=bias"]))
     aux = ["model.moe.experts=6", "model.moe.balance=aux", "run.micro_batch_size=4"]  # a fixed size: accepted
-    assert config.load(preset_name="tiny", overrides=parse_sets(aux)).model.moe.balance == "aux"
+    assert presets.load(preset_name="tiny", overrides=parse_sets(aux)).model.moe.balance == "aux"
     assert (cfg.model.moe.experts, cfg.model.moe.top_k, cfg.model.moe.balance) == (6, 2, "bias")
     cases = {
         ("model.moe.top_k=3",): ["model.moe.top_k applies only", "model.moe.experts"],
@@ -228,18 +228,18 @@ def test_set_switches_it_on_and_errors_name_the_key_and_the_fix():
     }
     for sets, words in cases.items():
         with pytest.raises(ConfigError) as err:
-            config.load(preset_name="tiny", overrides=parse_sets(list(sets)))
+            presets.load(preset_name="tiny", overrides=parse_sets(list(sets)))
         assert all(w in str(err.value) for w in words), (sets, str(err.value))
     with pytest.raises(ConfigError, match="'experts'"):  # an unknown key inside the section, from a file
-        config.validate({"model": {"moe": {"expertz": 4}}})
+        presets.validate({"model": {"moe": {"expertz": 4}}})
 
 
 def test_the_dense_default_keeps_run_ids_and_moe_changes_them():
-    from orchestrator.specs import run_id
-    from trainer.config import LATER_KEYS, same_run
+    from orchestrator.runspec import run_id
+    from trainer.identity import LATER_KEYS, same_run
 
     assert LATER_KEYS["model.moe"] == MoEConfig().model_dump(mode="json")
-    cfg = config.load(preset_name="tiny")
+    cfg = presets.load(preset_name="tiny")
     assert "moe" not in cfg.identity()["model"]
     for stored in ({}, {"experts": 0}, MoEConfig().model_dump(mode="json")):  # older or partial sections too
         old = cfg.model_dump(mode="json")
@@ -247,7 +247,7 @@ def test_the_dense_default_keeps_run_ids_and_moe_changes_them():
         if not stored:
             del old["model"]["moe"]
         assert same_run(old, cfg)
-    moe = config.load(preset_name="tiny", overrides={"model.moe.experts": 6})
+    moe = presets.load(preset_name="tiny", overrides={"model.moe.experts": 6})
     assert run_id(moe, 0) != run_id(cfg, 0) and not same_run(cfg.model_dump(mode="json"), moe)
     assert moe.identity()["model"]["moe"]["experts"] == 6
 
@@ -308,7 +308,7 @@ def test_a_moe_run_trains_and_logs_the_expert_load(aux_run):
         assert 1.0 <= e["moe/saturation"] <= 4 / 2  # at most E/k
         assert e["moe/aux_loss"] >= 0.99 and e["moe/z_loss"] > 0 and 0 <= e["moe/dropped"] < 1
     result = read_result(aux_run)
-    model = GPT(config.load(str(aux_run / "config.json")).model)
+    model = GPT(presets.load(str(aux_run / "config.json")).model)
     assert (result["params"], result["active_params"]) == (model.num_params(), model.num_params(active=True))
     assert result["active_params"] < result["params"] and math.isfinite(result["test_loss"])
     assert result["flops_per_token"] == model.flops_per_token()
@@ -327,13 +327,13 @@ def test_the_load_metrics_reach_mlflow(aux_run, tmp_path):
 
 
 def test_the_report_plots_expert_load_for_moe_arms(aux_run, tmp_path):
-    from orchestrator import queue, report, specs
+    from orchestrator import report, runspec, specs, submission
     from orchestrator.db import Run, connect
 
     engine = connect(f"sqlite:///{tmp_path / 'results.db'}")
     exp = specs.Experiment(name="moe-rep", interventions=[specs.Intervention(name="moe", set={"model.moe.experts": 4})])
-    runs = specs.expand(exp)
-    queue.submit(engine, exp, runs)
+    runs = runspec.expand(exp)
+    submission.submit(engine, exp, runs)
     dense = tmp_path / "dense"  # the baseline: a dense run's lines (no moe/*), written by hand
     dense.mkdir()
     events = [dict(step=s, tokens=128 * s, loss=10 - s / 4, time=time.time()) for s in range(1, 13)]

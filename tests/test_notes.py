@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator import api, queries, queue, specs
+from orchestrator import api, queries, runspec, specs, submission
 from orchestrator.cli import app
 from orchestrator.db import connect
 from orchestrator.tracking import NOTE_TAG, Tracker
@@ -16,7 +16,7 @@ from orchestrator.tracking import NOTE_TAG, Tracker
 def where(tmp_path):
     db = f"sqlite:///{tmp_path / 'results.db'}"
     exp = specs.Experiment(name="noted", description="does clipping help?", tags={"owner": "ana"})
-    queue.submit(connect(db), exp, specs.expand(exp))
+    submission.submit(connect(db), exp, runspec.expand(exp))
     return db, f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
@@ -34,7 +34,7 @@ def test_notes_and_tags_are_kept_and_reach_mlflow(where):
     assert "stage" not in tracker.client.get_experiment(exp_id).tags
     # The file submitted again (its own tags, no notes) keeps what `orch tag` / `orch note` added.
     again = specs.Experiment(name="noted", description="does clipping help?", tags={"owner": "bo"})
-    queue.submit(connect(db), again, specs.expand(again))
+    submission.submit(connect(db), again, runspec.expand(again))
     stored = queries.spec(connect(db), "noted")
     assert stored.tags == {"owner": "bo"} and stored.notes == ["seed 44 ran on a slow node"]
 

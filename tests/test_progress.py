@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from orchestrator import queue, specs
+from orchestrator import queue, runspec, specs, submission
 from orchestrator.cli import app
 from orchestrator.db import Run, connect
 from orchestrator.launch import Launch
@@ -106,7 +106,7 @@ def test_the_terminal_bar_runs_and_leaves_the_summary(tmp_path):
 def engine(tmp_path):
     eng = connect(f"sqlite:///{tmp_path / 'results.db'}")
     exp = specs.load_experiment(QUICKSTART)
-    queue.submit(eng, exp, specs.expand(exp, source=str(QUICKSTART)), source=str(QUICKSTART))
+    submission.submit(eng, exp, runspec.expand(exp, source=str(QUICKSTART)), source=str(QUICKSTART))
     return eng
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from orchestrator import leases, queries, queue, specs
+from orchestrator import leases, queries, queue, runspec, specs, submission
 from orchestrator.db import SchemaError, connect
 
 
@@ -22,16 +22,16 @@ def experiment(n_seeds=2, name="exp", **kw):
 def test_submit_queues_then_reuses(db_url):
     eng = connect(db_url)
     exp = experiment()
-    runs = specs.expand(exp)
-    first = queue.submit(eng, exp, runs)
+    runs = runspec.expand(exp)
+    first = submission.submit(eng, exp, runs)
     assert len(first.queued) == 4 and not first.reused
-    again = queue.submit(eng, exp, runs)
+    again = submission.submit(eng, exp, runs)
     assert not again.queued and len(again.reused) == 4
     # Another experiment with the same baseline shares its runs.
     other = specs.Experiment(
         name="other", interventions=[specs.Intervention(name="bias", set={"model.qkv_bias": True})], seeds=2
     )
-    rep = queue.submit(eng, other, specs.expand(other))
+    rep = submission.submit(eng, other, runspec.expand(other))
     assert len(rep.queued) == 2 and {r.arm for r, _ in rep.reused} == {"baseline"}
     assert queries.counts(eng) == {"queued": 6}
     assert {(e, a) for e, a, _ in queries.runs_of(eng, ["other"])} == {("other", "baseline"), ("other", "bias")}
@@ -40,7 +40,7 @@ def test_submit_queues_then_reuses(db_url):
 def test_claim_heartbeat_finish(db_url):
     eng = connect(db_url)
     exp = experiment()
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     [run] = queue.claim(eng, "w1", 1)
     assert run.state == "running" and run.worker == "w1" and run.attempts == 0 and run.launches == 1
     assert queue.start(eng, run, "w1") and run.attempts == 1 and run.open_launch == 1  # its trainer starts
@@ -61,7 +61,7 @@ def test_claim_heartbeat_finish(db_url):
 def test_failures_retry_until_attempts_run_out(db_url):
     eng = connect(db_url)
     exp = experiment(n_seeds=1, include_baseline=False)
-    queue.submit(eng, exp, specs.expand(exp), max_attempts=2)
+    submission.submit(eng, exp, runspec.expand(exp), max_attempts=2)
     [r] = queue.claim(eng, "w", 1)
     assert queue.start(eng, r, "w")
     assert queue.finish(eng, r.id, "w", "failed", exit_code=1, error="boom") == "queued"
@@ -89,7 +89,7 @@ def test_failures_retry_until_attempts_run_out(db_url):
 def test_stale_runs_are_requeued_on_the_database_clock(db_url):
     eng = connect(db_url)
     exp = experiment(n_seeds=1)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     a, b = queue.claim(eng, "dead", 2)
     time.sleep(0.6)
     queue.heartbeat(eng, "dead", {b.id: {}})  # b still beats
@@ -103,7 +103,7 @@ def test_stale_runs_are_requeued_on_the_database_clock(db_url):
 def test_cancel(db_url):
     eng = connect(db_url)
     exp = experiment()
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     [running] = queue.claim(eng, "w", 1)
     assert len(queue.cancel(eng, [r.id for _, _, r in queries.runs_of(eng)]).done) == 4
     assert queries.counts(eng) == {"cancelled": 4}
@@ -126,7 +126,7 @@ def _lose(eng, worker: str = "dead"):
 def test_a_lost_launch_that_checkpointed_costs_no_attempt(db_url):
     eng = connect(db_url)
     exp = experiment(n_seeds=1, include_baseline=False)
-    queue.submit(eng, exp, specs.expand(exp), max_attempts=2)
+    submission.submit(eng, exp, runspec.expand(exp), max_attempts=2)
     for _ in range(5):  # five worker deaths, each after its trainer checkpointed: never "no attempts left"
         lost, r = _lose(eng)
         ending = {"status": "preempted", "launch_id": lost.launch_id(), "step": 4}
@@ -141,7 +141,7 @@ def test_a_lost_launch_that_checkpointed_costs_no_attempt(db_url):
 def test_a_lost_launch_without_an_ending_was_a_crash(db_url):
     eng = connect(db_url)
     exp = experiment(n_seeds=1, include_baseline=False)
-    queue.submit(eng, exp, specs.expand(exp), max_attempts=2)
+    submission.submit(eng, exp, runspec.expand(exp), max_attempts=2)
     lost, r = _lose(eng)
     assert queue.judge_lost(eng, r, "next", None) == "launch" and r.attempts == 1  # counted: one left
     assert queue.start(eng, r, "next") and r.attempts == 2
@@ -156,7 +156,7 @@ def test_a_lost_launch_without_an_ending_was_a_crash(db_url):
 def test_a_lost_launch_that_finished_is_recorded_not_retrained(db_url):
     eng = connect(db_url)
     exp = experiment(n_seeds=1, include_baseline=False)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     lost, r = _lose(eng)
     ending = {"status": "succeeded", "launch_id": lost.launch_id(), "test_loss": 6.25, "step": 12, "exit_code": 0}
     assert queue.judge_lost(eng, r, "next", ending) == "succeeded"
@@ -169,7 +169,7 @@ def test_a_claim_that_never_started_costs_nothing_and_leaves_the_open_launch_ope
     launch 1 (which checkpointed): no attempt is charged for either."""
     eng = connect(db_url)
     exp = experiment(n_seeds=1, include_baseline=False)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     lost, b = _lose(eng, "A")
     time.sleep(0.05)
     queue.requeue_stale(eng, 0.0)  # B never started anything
@@ -183,8 +183,8 @@ def test_shared_names_the_other_experiments_of_a_run(db_url):
     eng = connect(db_url)
     a = specs.Experiment(name="a", interventions=[specs.Intervention(name="x", set={"optim.lr": 1e-3})])
     b = specs.Experiment(name="b")  # its baseline is a's baseline: one run, two experiments
-    queue.submit(eng, a, specs.expand(a))
-    queue.submit(eng, b, specs.expand(b))
+    submission.submit(eng, a, runspec.expand(a))
+    submission.submit(eng, b, runspec.expand(b))
     ids = {arm: r.id for exp, arm, r in queries.runs_of(eng, ["a"])}
     assert queries.shared(eng, ids.values(), "a") == {ids["baseline"]: ["b"]}
     assert queries.shared(eng, ids.values(), "b") == {ids["x"]: ["a"]}
@@ -210,7 +210,7 @@ def test_a_spec_another_version_wrote_keeps_the_tables_stacks_and_looks(db_url):
 
     eng = connect(db_url)
     a = specs.Experiment(name="a", seeds=2, interventions=[specs.Intervention(name="x", set={"optim.lr": 1e-3})])
-    queue.submit(eng, a, specs.expand(a))
+    submission.submit(eng, a, runspec.expand(a))
     raw = {
         "name": "old",
         "future_key": 1,
@@ -227,7 +227,7 @@ def test_a_spec_another_version_wrote_keeps_the_tables_stacks_and_looks(db_url):
 def test_eight_concurrent_claimers_claim_each_run_exactly_once(db_url):
     eng = connect(db_url)
     exp = specs.Experiment(name="many", seeds=200)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     claimed: collections.Counter = collections.Counter()
     errors = []
     lock = threading.Lock()
@@ -310,7 +310,7 @@ def test_a_database_from_the_previous_schema_is_refused_then_upgraded_with_its_d
 def test_non_finite_numbers_are_stored_as_null_on_both_databases(db_url):
     eng = connect(db_url)
     exp = experiment(n_seeds=1, include_baseline=False)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     [r] = queue.claim(eng, "w", 1)
     assert queue.heartbeat(eng, "w", {r.id: {"train_loss": float("nan"), "val_curve": [[2, float("inf")]]}}).owned == {
         r.id: None
@@ -324,7 +324,7 @@ def test_non_finite_numbers_are_stored_as_null_on_both_databases(db_url):
 def test_a_prune_request_outlives_a_preemption(db_url):
     eng = connect(db_url)
     exp = experiment(n_seeds=1, include_baseline=False)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     [r] = queue.claim(eng, "w", 1)
     queue.request_stop(eng, [r.id], "pruned")
     # The worker was stopped (SIGTERM) before it passed the request on: the trainer says "preempted".
@@ -334,7 +334,7 @@ def test_a_prune_request_outlives_a_preemption(db_url):
 def test_find_treats_like_wildcards_as_characters(db_url):
     eng = connect(db_url)
     exp = experiment(n_seeds=1)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     assert queries.find(eng, "%") == [] and queries.find(eng, "_") == []
     [r] = queue.claim(eng, "w", 1)
     assert [x.id for x in queries.find(eng, r.id[:6])] == [r.id]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from orchestrator import queries, queue, report, specs
+from orchestrator import queries, report, runspec, specs, submission
 from orchestrator import table as tbl
 from orchestrator.db import Run, connect
 from tests.test_worker import Orch, write_experiment
@@ -123,8 +123,8 @@ def test_imported_and_failed_runs(tmp_path):
             specs.Intervention(name="tied", set={"model.tie_weights": True}),
         ],
     )
-    runs = specs.expand(exp)
-    queue.submit(engine, exp, runs)
+    runs = runspec.expand(exp)
+    submission.submit(engine, exp, runs)
     losses = {
         "baseline": [5.0, 5.1, 5.2],
         "qkv-bias": [4.8, 4.91, None],  # paired on the 2 seeds it shares: p = 0.016

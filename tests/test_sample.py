@@ -18,9 +18,9 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import ok, read_result, trainer_cmd
-from orchestrator import queries, queue, report, specs
+from orchestrator import queries, report, runspec, specs, submission
 from orchestrator.cli import app
-from trainer import checkpoint, config
+from trainer import checkpoint, config, identity, presets
 from trainer.config import ConfigError, ModelConfig
 from trainer.model import GPT
 from trainer.rundir import SAMPLES, read_metrics
@@ -57,28 +57,28 @@ def small_model(**model) -> GPT:
 def test_a_config_stored_before_the_sample_section_keeps_its_run_id_and_resumes():
     import hashlib
 
-    from orchestrator.specs import run_id
+    from orchestrator.runspec import run_id
 
-    cfg = config.load(preset_name="tiny")
+    cfg = presets.load(preset_name="tiny")
     assert cfg.sample.prompts == [PROMPT] and "sample" not in cfg.identity()  # not part of what a run is
     # The presets' ids as orch handed them out before the section existed (commit 58b3531).
     assert run_id(cfg, 0) == "d0a7d796c05fcd99"
-    assert run_id(config.load(preset_name="gpt2-small"), 0) == "d4e6cd87edbb9e37"
+    assert run_id(presets.load(preset_name="gpt2-small"), 0) == "d4e6cd87edbb9e37"
     old = cfg.model_dump(mode="json")
     del old["sample"]  # a config.json or checkpoint written before the section existed
-    old = config.without_later_keys(old)  # ... and before the other later keys
+    old = identity.without_later_keys(old)  # ... and before the other later keys
     canonical = json.dumps({"config": old, "repeat": 0}, sort_keys=True)
     assert run_id(cfg, 0) == hashlib.sha256(canonical.encode()).hexdigest()[:16]
-    assert config.same_run(old, cfg)
-    for key, neutral in config.LATER_KEYS.items():
+    assert identity.same_run(old, cfg)
+    for key, neutral in identity.LATER_KEYS.items():
         if key.startswith("sample."):
             assert getattr(cfg.sample, key.removeprefix("sample.")) == neutral, key
-    # Samples change no trained or measured number: another prompt is the same run (config.NOT_IDENTITY), so
+    # Samples change no trained or measured number: another prompt is the same run (identity.NOT_IDENTITY), so
     # it retrains nothing and a relaunch with it resumes.
     for key, value in {"sample.prompts": ["Hello"], "sample.count": 0, "sample.temperature": 0.7}.items():
-        changed = config.load(preset_name="tiny", overrides={key: value})
+        changed = presets.load(preset_name="tiny", overrides={key: value})
         assert "sample" not in changed.identity() and getattr(changed.sample, key.removeprefix("sample.")) == value
-        assert run_id(changed, 0) == run_id(cfg, 0) and config.same_run(old, changed), key
+        assert run_id(changed, 0) == run_id(cfg, 0) and identity.same_run(old, changed), key
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_a_config_stored_before_the_sample_section_keeps_its_run_id_and_resumes(
 )
 def test_bad_sample_settings_name_the_key(key, value, says):
     with pytest.raises(ConfigError, match=says.replace(".", r"\.")):
-        config.load(preset_name="tiny", overrides={key: value})
+        presets.load(preset_name="tiny", overrides={key: value})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_a_model_that_cannot_take_gpt2_tokens_is_refused_and_its_run_still_ends(
         complete(net, PROMPT, 5)
     with pytest.raises(SampleError, match="empty"):
         encode("", 50257)
-    cfg = config.load(preset_name="tiny", overrides={"model.vocab_size": 1000})
+    cfg = presets.load(preset_name="tiny", overrides={"model.vocab_size": 1000})
     done = write_run_samples(tmp_path, net, cfg, step=7)
     assert done.samples == [] and "vocab_size is 1000" in done.note
     assert read_samples(tmp_path) == done
@@ -260,7 +260,7 @@ def runs(tmp_path_factory, data_dir) -> dict[str, Path]:
 
 def test_a_run_writes_its_samples_and_they_change_no_training_number(runs):
     done = read_samples(runs["with"])
-    cfg = config.load(str(runs["with"] / "config.json"))
+    cfg = presets.load(str(runs["with"] / "config.json"))
     assert [(s.prompt, s.kind, s.seed) for s in done.samples] == [
         (PROMPT, GREEDY, None),
         (PROMPT, SAMPLED, 0),
@@ -351,8 +351,8 @@ def tracked(runs, tmp_path_factory):
     exp = specs.Experiment(
         name="smoke", seeds=1, interventions=[specs.Intervention(name="no-dropout", set={"model.dropout": 0.0})]
     )
-    planned = specs.expand(exp)
-    queue.submit(engine, exp, planned)
+    planned = runspec.expand(exp)
+    submission.submit(engine, exp, planned)
     for r in planned:
         d = root / "runs" / r.id
         shutil.copytree(runs["with"], d, ignore=shutil.ignore_patterns("checkpoints", "*.lock"))

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from orchestrator import scaling, specs
-from trainer import config
+from orchestrator import runspec, scaling, specs
+from trainer import presets
 
 N_SERIES = 163_012_608  # the series' N: 20 · N = 3,260,252,160 tokens, its Cerebras D
 D_SERIES = 3_260_252_160  # tokens
@@ -170,14 +170,14 @@ def test_emit_intervention_is_python_for_an_intervention():
 
 @pytest.mark.parametrize("preset", ["gpt2-small", "tiny"])
 def test_emitted_experiment_file_loads_and_expands(tmp_path, preset):
-    cfg = config.load(preset_name=preset)
+    cfg = presets.load(preset_name=preset)
     s = scaling.suggest(**scaling.config_inputs(cfg))  # λ for the preset's own batch and lr
     text = scaling.emit_experiment_file(s, name="from-scaling", preset=preset, which=("weight_decay",))
     path = tmp_path / "suggested.py"
     path.write_text(text)
     exp = specs.load_experiment(path)
     assert exp.name == "from-scaling" and exp.preset == preset
-    runs = specs.expand(exp)
+    runs = runspec.expand(exp)
     arm = next(r for r in runs if r.arm != specs.BASELINE)
     assert arm.config.optim.weight_decay == float(f"{by_key(s)['weight_decay'].value:.5g}")
     assert {r.arm for r in runs} == {"baseline", exp.interventions[0].name}
@@ -188,7 +188,7 @@ def test_emitted_lr_and_weight_decay_file_loads_and_expands(tmp_path):
     s = scaling.suggest(N_SERIES, tokens=3_260_153_856, batch_sequences=96, n_layer=12, d_model=768)
     text = scaling.emit_experiment_file(s, which=("lr", "weight_decay"), intervention_name="deepseek-lr-cerebras-wd")
     (tmp_path / "e.py").write_text(text)
-    [_, arm] = specs.expand(specs.load_experiment(tmp_path / "e.py"))
+    [_, arm] = runspec.expand(specs.load_experiment(tmp_path / "e.py"))
     assert arm.arm == "deepseek-lr-cerebras-wd" and arm.config.optim.lr == float(f"{by_key(s)['lr'].value:.5g}")
 
 
@@ -197,11 +197,11 @@ def test_config_inputs_count_the_models_parameters():
 
     from trainer.model import GPT
 
-    assert scaling.config_inputs(config.load(preset_name="gpt2-small"))["params"] == 163_009_536
+    assert scaling.config_inputs(presets.load(preset_name="gpt2-small"))["params"] == 163_009_536
     for overrides in ({}, {"model.tie_weights": True}, {"model.qkv_bias": True}):
-        cfg = config.load(preset_name="tiny", overrides=overrides)
+        cfg = presets.load(preset_name="tiny", overrides=overrides)
         assert scaling.config_inputs(cfg)["params"] == GPT(cfg.model).num_params()
-    inputs = scaling.config_inputs(config.load(preset_name="gpt2-small"))
+    inputs = scaling.config_inputs(presets.load(preset_name="gpt2-small"))
     assert inputs == {
         "params": 163_009_536,
         "tokens": 33_165 * 96 * 1024,  # the seed rounds the budget up to whole steps
@@ -258,7 +258,7 @@ def test_cli_suggest_prints_formulas_and_emits_a_loadable_file(tmp_path):
     import subprocess
     import sys
 
-    from orchestrator import specs
+    from orchestrator import runspec, specs
     from tests.conftest import subprocess_env
 
     out_file = tmp_path / "suggested.py"
@@ -282,7 +282,7 @@ def test_cli_suggest_prints_formulas_and_emits_a_loadable_file(tmp_path):
     assert out.returncode == 0, out.stderr
     # D = 33,165 steps × 96 sequences (the seed's budget rounded up to whole steps): λ = 0.33719, the series' 0.3372
     assert "λ = B / (η · τ_opt · D)" in out.stdout and "0.33719" in out.stdout and "sequences" in out.stdout
-    runs = specs.expand(specs.load_experiment(out_file))
+    runs = runspec.expand(specs.load_experiment(out_file))
     assert {r.arm for r in runs} >= {"baseline"} and len({r.arm for r in runs}) == 2
     bad = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "suggest"], env=subprocess_env(), capture_output=True, text=True

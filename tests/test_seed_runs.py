@@ -45,12 +45,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from orchestrator import api, specs
+from orchestrator import api, runspec, specs
 from orchestrator.cli import app
 from tests.conftest import REPO
-from trainer import config
-from trainer.config import LATER_KEYS, ScheduleConfig
+from trainer import config, presets
+from trainer.config import ScheduleConfig
 from trainer.data import DataError, Split, TrainOrder, check_dataset, open_split
+from trainer.identity import LATER_KEYS
 from trainer.optim import lr_at, warmup_steps
 
 SEED_RUNS = REPO / "tests" / "golden" / "seed_runs"
@@ -225,7 +226,7 @@ def test_every_seed_run_is_accounted_for():
 @pytest.mark.parametrize("run", sorted(COVERED))
 def test_seed_run_is_an_arm_of_an_experiment_file(run, resolve):
     model, train = seed_run(run)
-    want = dotted(config.load(preset_name="gpt2-small", overrides=seed_to_orch(run, model, train)).model_dump())
+    want = dotted(presets.load(preset_name="gpt2-small", overrides=seed_to_orch(run, model, train)).model_dump())
     where = COVERED[run]
     arms = resolve(where.file, train["dataset"])
     assert (where.arm, where.repeat) in arms, f"{where.file} has no arm {where.arm!r} repeat {where.repeat}"
@@ -242,7 +243,7 @@ def test_the_step_count_is_the_seed_repos(run):
     batch_tokens *= model["context_length"]
     min_tokens = train["min_train_tokens"]
     seed_steps = min_tokens // batch_tokens + (min_tokens % batch_tokens != 0)
-    cfg = config.load(preset_name="gpt2-small", overrides=seed_to_orch(run, model, train))
+    cfg = presets.load(preset_name="gpt2-small", overrides=seed_to_orch(run, model, train))
     assert cfg.total_steps() == seed_steps
     if run == "8xa100m40-baseline":
         assert seed_steps == 33_165 and seed_steps * batch_tokens == 3_260_252_160
@@ -254,7 +255,7 @@ def test_runs_shipped_by_other_files(run):
     if not path.exists():
         pytest.skip(f"{path.name} (for {run}) is not written yet")
     assert run in path.read_text(), f"{path.name} should name the seed run it reproduces, {run}"
-    assert specs.expand(specs.load_experiment(path), source=str(path))
+    assert runspec.expand(specs.load_experiment(path), source=str(path))
 
 
 SUBMITTABLE = sorted(p for p in EXPERIMENTS.glob("*.py") if not p.stem.startswith("sweep"))  # sweeps: orch sweep
@@ -265,7 +266,7 @@ def test_every_experiment_file_dry_runs(path, tmp_path):
     db = tmp_path / "results.db"
     out = CliRunner().invoke(app, ["submit", str(path), "--dry-run", "--no-check-data", "--db", f"sqlite:///{db}"])
     assert out.exit_code == 0, out.output
-    runs = specs.expand(specs.load_experiment(path), source=str(path))
+    runs = runspec.expand(specs.load_experiment(path), source=str(path))
     lines = out.stdout.splitlines()
     assert sum(line.startswith("would queue ") for line in lines) == len({r.id for r in runs})
     assert lines[-1].startswith(f"{runs[0].experiment}: would queue {len({r.id for r in runs})}, reuse ")
@@ -312,7 +313,7 @@ def test_new_data_keys_are_later_keys_at_their_defaults():
 def test_start_tokens_skip_that_many_tokens_of_train_and_val_only(data_dir):
     whole = {s: Split(data_dir, s) for s in ("train", "val", "test")}
     skip = {"train": 1_000, "val": 77}
-    cfg = config.load(
+    cfg = presets.load(
         preset_name="tiny",
         overrides={"data.path": str(data_dir), "data.start_train_token": 1_000, "data.start_val_token": 77},
     )
@@ -341,7 +342,7 @@ def test_the_dataset_name_is_checked_against_meta_json(data_dir, tmp_path):
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
     assert meta["dataset"] == meta["source"] == "synthetic"  # prepare() names what it wrote
     check_dataset(data_dir, dataset="synthetic")
-    cfg = config.load(preset_name="tiny", overrides={"data.path": str(data_dir), "data.dataset": "synthetic"})
+    cfg = presets.load(preset_name="tiny", overrides={"data.path": str(data_dir), "data.dataset": "synthetic"})
     assert open_split(cfg.data, "train").n_tokens > 0
     for bad in ("gpjt/fineweb-gpt2-tokens", "Synthetic"):
         with pytest.raises(DataError, match=rf"data.dataset is '{bad}' but .* holds 'synthetic'"):
@@ -357,6 +358,6 @@ def test_the_dataset_name_is_checked_against_meta_json(data_dir, tmp_path):
 
 
 def test_fp32_is_strict_as_the_seeds_no_amp_run():
-    runs = specs.expand(specs.load_experiment(EXPERIMENTS / "amp.py"))
+    runs = runspec.expand(specs.load_experiment(EXPERIMENTS / "amp.py"))
     fp32 = next(r.config for r in runs if r.arm == "fp32")
     assert fp32.precision.amp == "fp32" and fp32.precision.tf32 is False

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 import sqlalchemy.orm
 
-from orchestrator import queue, slurm, specs
+from orchestrator import queue, runspec, slurm, specs, submission
 from orchestrator.db import Run, connect
 from orchestrator.launchers import Slot
 from orchestrator.launchers.slurm import SlurmLauncher, srun_command
@@ -121,7 +121,7 @@ def test_a_run_whose_checkpoint_another_host_holds_is_not_restarted_from_step_0(
     such runs are left, instead of training the run again from the start."""
     engine = connect(f"sqlite:///{tmp_path / 'results.db'}")
     exp = specs.Experiment(name="moved", preset="tiny", base={**FAST, "data.path": str(data_dir), "run.steps": 12})
-    queue.submit(engine, exp, specs.expand(exp))
+    submission.submit(engine, exp, runspec.expand(exp))
     with engine.begin() as conn:  # as a pilot on node-a would have left it: claimed, started, beaten to step 7
         conn.execute(sa.update(Run).values(node="node-a", slurm_job="41", step=7, launches=1))
     said: list[str] = []
@@ -151,13 +151,13 @@ def test_runs_are_claimed_only_by_workers_spanning_as_many_nodes(tmp_path, data_
     base = {**FAST, "data.path": str(data_dir), "run.steps": 12}
     one = specs.Experiment(name="one", preset="tiny", base=base, seeds=2)
     two = specs.Experiment(name="two", preset="tiny", base={**base, "run.steps": 14}, seeds=2, nodes=2)
-    runs_one, runs_two = specs.expand(one), specs.expand(two)
+    runs_one, runs_two = runspec.expand(one), runspec.expand(two)
     assert {r.nodes for r in runs_one} == {1} and {r.nodes for r in runs_two} == {2}
     # nodes is launch resources: the same config on two nodes is the same run
-    assert [r.id for r in specs.expand(one.model_copy(update={"nodes": 2}))] == [r.id for r in runs_one]
-    queue.submit(engine, one, runs_one)
-    queue.submit(engine, two, runs_two)
-    queue.submit(engine, two.model_copy(update={"nodes": 3}), specs.expand(two.model_copy(update={"nodes": 3})))
+    assert [r.id for r in runspec.expand(one.model_copy(update={"nodes": 2}))] == [r.id for r in runs_one]
+    submission.submit(engine, one, runs_one)
+    submission.submit(engine, two, runs_two)
+    submission.submit(engine, two.model_copy(update={"nodes": 3}), runspec.expand(two.model_copy(update={"nodes": 3})))
     assert queue.claim(engine, "w3", 10, nodes=3) == []  # the reused runs kept nodes=2
     got2 = queue.claim(engine, "w2", 10, nodes=2)
     assert sorted(r.id for r in got2) == sorted(r.id for r in runs_two) and {r.nodes for r in got2} == {2}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import specs
+from orchestrator import runspec, specs
 from tests.conftest import REPO, subprocess_env
 
 EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("*.py") if not p.stem.startswith("sweep"))
@@ -19,9 +19,9 @@ SWEEPS = sorted((REPO / "experiments").glob("sweep*.py"))
 def test_shipped_sweep_files_load_at_both_scales(path):
     sweep = specs.load_sweep(path)
     for preset in ("tiny", "gpt2-small"):
-        base = specs.sweep_base(sweep, preset=preset)
+        base = runspec.sweep_base(sweep, preset=preset)
         assert base["eval"]["interval"] > 0
-        runs = specs.trial_runs(sweep, base, {k: 1e-3 for k in sweep.space}, "trial-0")
+        runs = runspec.trial_runs(sweep, base, {k: 1e-3 for k in sweep.space}, "trial-0")
         assert len(runs) == sweep.seeds
 
 
@@ -29,16 +29,16 @@ def test_shipped_sweep_files_load_at_both_scales(path):
 def test_shipped_experiment_files_expand_at_both_scales(path):
     exp = specs.load_experiment(path)
     for preset in ("tiny", "gpt2-small"):
-        runs = specs.expand(exp, preset=preset)
+        runs = runspec.expand(exp, preset=preset)
         assert runs
         if preset == "gpt2-small":  # every intervention changes something at the scale it was written for
-            assert len({r.id for r in runs}) == len(runs) and not specs.identical_arms(runs)
+            assert len({r.id for r in runs}) == len(runs) and not runspec.identical_arms(runs)
 
 
 def test_an_intervention_that_changes_nothing_is_flagged():
     # The tiny preset already trains in fp32, so "fp32" is the baseline there: one run, and a warning.
-    runs = specs.expand(specs.load_experiment(REPO / "experiments/amp.py"), preset="tiny")
-    assert specs.identical_arms(runs) == [("baseline", "fp32")]
+    runs = runspec.expand(specs.load_experiment(REPO / "experiments/amp.py"), preset="tiny")
+    assert runspec.identical_arms(runs) == [("baseline", "fp32")]
 
 
 def test_family_files_cover_the_blog_series():
@@ -55,23 +55,23 @@ def test_family_files_cover_the_blog_series():
         "stacked",
         "quickstart",
     } <= names
-    wd = specs.expand(specs.load_experiment(REPO / "experiments/weight_decay.py"))
+    wd = runspec.expand(specs.load_experiment(REPO / "experiments/weight_decay.py"))
     assert {r.config.optim.weight_decay for r in wd} == {0.01, 0.1, 0.33724}
 
 
 def test_quickstart_is_a_real_demo():
     exp = specs.load_experiment(REPO / "experiments/quickstart.py")
-    runs = specs.expand(exp)
+    runs = runspec.expand(exp)
     arms = {r.arm for r in runs}
     assert "baseline" in arms and len(arms) >= 5 and exp.seeds >= 2
 
 
 def test_run_identity_is_the_resolved_config():
     exp = specs.Experiment(name="a", seeds=2, repeats=2)
-    runs = specs.expand(exp)
+    runs = runspec.expand(exp)
     assert len({r.id for r in runs}) == 4
     # The same baseline from another file, or spelled as an explicit no-op change, is the same run.
-    same = specs.expand(specs.Experiment(name="b", base={"model.dropout": 0.1}, seeds=2, repeats=2))
+    same = runspec.expand(specs.Experiment(name="b", base={"model.dropout": 0.1}, seeds=2, repeats=2))
     assert {r.id for r in same} == {r.id for r in runs}
     assert [r.seed for r in runs] == [42, 42, 43, 43]
 
@@ -106,7 +106,7 @@ def write(tmp_path: Path, body: str) -> Path:
 def test_spec_errors_name_file_intervention_and_key(tmp_path, body, expected):
     path = write(tmp_path, body)
     with pytest.raises(specs.SpecError) as info:
-        specs.expand(specs.load_experiment(path), source=str(path))
+        runspec.expand(specs.load_experiment(path), source=str(path))
     for fragment in expected:
         assert fragment in str(info.value)
 
@@ -159,7 +159,7 @@ experiment = Experiment(
 def test_every_bad_key_and_value_of_every_arm_is_reported_at_once(tmp_path):
     path = write(tmp_path, MANY_PROBLEMS)
     with pytest.raises(specs.SpecError) as info:
-        specs.expand(specs.load_experiment(path), source=str(path), overrides={"eval.batchsize": 4})
+        runspec.expand(specs.load_experiment(path), source=str(path), overrides={"eval.batchsize": 4})
     lines = str(info.value).splitlines()
     assert lines[0] == f"{path}: 9 problems, nothing queued:"
     want = [

@@ -1,5 +1,5 @@
-"""The transition table is the state machine: every write of a run's state goes through queue.py, and queue.py
-moves a run exactly as states.MOVES says — no more, no less."""
+"""The transition table is the state machine: every write of a run's state goes through queue.py (or, creating
+the run, submission.py), and they move a run exactly as states.MOVES says — no more, no less."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from orchestrator import queries, queue, specs, states
+from orchestrator import queries, queue, runspec, specs, states, submission
 from orchestrator.db import Run, connect
 from orchestrator.states import Event, IllegalMove, RunState
 from trainer.rundir import Status
 
 REPO = Path(__file__).resolve().parents[1]
-STATE_LAYER = REPO / "orchestrator" / "queue.py"
+# queue.py moves stored runs; submission.py creates them (submit, import). No other module writes a run.
+STATE_LAYER = (REPO / "orchestrator" / "queue.py", REPO / "orchestrator" / "submission.py")
 
 
 def _product_modules():
@@ -44,27 +45,30 @@ def _writes_runs(node: ast.AST) -> bool:
 def test_only_the_state_layer_writes_runs():
     offenders = []
     for path in _product_modules():
-        if path == STATE_LAYER:
+        if path in STATE_LAYER:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if _writes_runs(node):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
-    assert not offenders, f"runs written outside orchestrator/queue.py: {offenders}"
-    assert any(_writes_runs(n) for n in ast.walk(ast.parse(STATE_LAYER.read_text()))), "the scan finds nothing at all"
+    assert not offenders, f"runs written outside orchestrator/queue.py and submission.py: {offenders}"
+    for layer in STATE_LAYER:
+        assert any(_writes_runs(n) for n in ast.walk(ast.parse(layer.read_text()))), "the scan finds nothing at all"
 
 
 def test_the_state_layer_sets_state_only_through_the_table():
-    """In queue.py a `state=` value is written only by `_move` (an event's target) and by the two inserts,
-    whose state is the table's move from "not stored yet"."""
-    tree = ast.parse(STATE_LAYER.read_text())
-    writers = set()
-    for fn in ast.walk(tree):
-        if isinstance(fn, ast.FunctionDef):
-            for node in ast.walk(fn):
-                if isinstance(node, ast.keyword) and node.arg == "state":
-                    writers.add(fn.name)
-    assert writers == {"_move", "submit", "add_imported"}
+    """In queue.py a `state=` value is written only by `_move` (an event's target), and in submission.py only
+    by the two inserts, whose state is the table's move from "not stored yet"."""
+    trees = {layer.name: ast.parse(layer.read_text()) for layer in STATE_LAYER}
+    writers = {name: set() for name in trees}
+    for name, tree in trees.items():
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.keyword) and node.arg == "state":
+                        writers[name].add(fn.name)
+    assert writers == {"queue.py": {"_move"}, "submission.py": {"submit", "add_imported"}}
     for name in ("submit", "add_imported"):
+        tree = trees["submission.py"]
         fn = next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == name)
         assert "move(None, Event." in ast.unparse(fn)
 
@@ -95,7 +99,7 @@ def test_table_is_complete_and_refuses_the_rest():
 def _one_run_in(eng, state: RunState, worker: str = "w") -> str:
     """A new run put in `state` directly (tests may; product code may not), as if worker `w` had it."""
     exp = specs.Experiment(name=f"in-{state}", base={"run.seed": 1000 + list(RunState).index(state)})
-    [run] = queue.submit(eng, exp, specs.expand(exp), max_attempts=3).queued
+    [run] = submission.submit(eng, exp, runspec.expand(exp), max_attempts=3).queued
     with eng.begin() as conn:
         conn.execute(
             sa.update(Run)

@@ -10,7 +10,20 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from orchestrator import imports, more_seeds, noise, power, queries, queue, sequential, specs, stats, table_render
+from orchestrator import (
+    imports,
+    more_seeds,
+    noise,
+    power,
+    queries,
+    queue,
+    runspec,
+    sequential,
+    specs,
+    stats,
+    submission,
+    table_render,
+)
 from orchestrator import table as tbl
 from orchestrator.db import connect
 
@@ -132,7 +145,7 @@ def planted(n_seeds: int) -> specs.Experiment:
 
 def test_a_planted_effect_is_found_and_a_null_is_within_noise(eng):
     exp = planted(8)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     simulate(eng)
     rows, b = board(eng, "planted")
     assert rows["effect"].verdict == stats.BETTER and rows["effect"].test == "paired"
@@ -144,7 +157,7 @@ def test_a_planted_effect_is_found_and_a_null_is_within_noise(eng):
 
 def test_more_seeds_spends_runs_where_the_answer_is_open_and_stops_when_decided(eng):
     exp = planted(2)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     simulate(eng)
     rounds = 0
     while True:
@@ -168,13 +181,13 @@ def test_more_seeds_spends_runs_where_the_answer_is_open_and_stops_when_decided(
     assert b.looks == (2, 10) and rows["effect"].level == pytest.approx(sequential.sequential_alpha(2, 10, 0.025))
     assert rows["effect"].p_value < rows["effect"].level and rows["effect"].p_adjusted < 0.05
     assert any(line.startswith("sequential:") for line in table_render.summary(b))
-    queue.submit(eng, planted(2), specs.expand(planted(2)))
+    submission.submit(eng, planted(2), runspec.expand(planted(2)))
     assert board(eng, "planted")[1].looks == (2, 10)
 
 
 def test_more_seeds_refuses_a_noise_study_and_names_what_to_run(eng):
     exp = planted(2)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     simulate(eng)
     noise.noise(eng, "planted", 3, "init")
     with pytest.raises(specs.SpecError, match="noise study.*orch noise planted --repeats"):
@@ -184,7 +197,7 @@ def test_more_seeds_refuses_a_noise_study_and_names_what_to_run(eng):
 
 def test_a_sequential_board_with_one_baseline_run_says_both(eng):
     exp = planted(1)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     simulate(eng)
     more_seeds.more_seeds(eng, "planted", max_seeds=4)
     lines = table_render.summary(board(eng, "planted")[1])
@@ -194,7 +207,7 @@ def test_a_sequential_board_with_one_baseline_run_says_both(eng):
 
 def test_noise_study_varies_one_source_at_a_time(eng):
     exp = specs.Experiment(name="base", seeds=1)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     for vary in noise.VARY:
         rep = noise.noise(eng, "base", 4, vary)
         cfgs = [r.config for r in rep.queued + [r for r, _ in rep.reused]]
@@ -228,10 +241,10 @@ def test_stacks_show_the_sum_of_their_parts_and_conflicts_name_both(eng):
             specs.Intervention(name="ab", stack=["a", "b"]),
         ],
     )
-    runs = specs.expand(exp)
+    runs = runspec.expand(exp)
     ab = next(r for r in runs if r.arm == "ab").config
     assert ab.optim.grad_clip == 1.0 and ab.model.dropout == 0.0
-    queue.submit(eng, exp, runs)
+    submission.submit(eng, exp, runs)
     simulate(eng, lambda run, arm: {"baseline": 3.7, "a": 3.69, "b": 3.68, "ab": 3.675}[arm])
     rows, _ = board(eng, "stk")
     assert rows["ab"].parts == ["a", "b"]
@@ -245,7 +258,7 @@ def test_stacks_show_the_sum_of_their_parts_and_conflicts_name_both(eng):
         ],
     )
     with pytest.raises(specs.SpecError, match="stacks 'lo' and 'hi', which set optim.lr differently"):
-        specs.expand(bad)
+        runspec.expand(bad)
     with pytest.raises(ValueError, match="not another intervention"):
         specs.Experiment(name="y", interventions=[specs.Intervention(name="s", stack=["missing"])])
 
@@ -334,7 +347,7 @@ def test_a_more_seeds_decision_is_the_verdict_the_table_then_shows(eng):
     # Every look's decision is printed with the p and the method that `orch table` shows afterwards, even once
     # the baseline has seeds a decided arm lacks (it stays paired on the seeds it shares).
     exp = planted(2)
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     simulate(eng)
     for _ in range(12):
         look = more_seeds.more_seeds(eng, "planted", max_seeds=8, options=tbl.Options(sesoi=0.02))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from orchestrator import queries, queue
+from orchestrator import queries, queue, submission
 from orchestrator.db import connect
 from orchestrator.states import RunState
 from tests.conftest import FAST
@@ -237,15 +237,15 @@ def test_every_sampler_proposes_inside_the_space(sampler, tmp_path):
 def test_pruning_leaves_runs_that_other_experiments_share(tmp_path):
     # A pruned trial's own runs are cancelled or stopped; a run an ordinary experiment shares (the same
     # config, trained once for both) trains on, for that experiment's table.
-    from orchestrator import specs
+    from orchestrator import runspec, specs
     from orchestrator.sweep import Driver
 
     eng = connect(f"sqlite:///{tmp_path / 'results.db'}")
     sweep = specs.Sweep(name="sw", base={"run.steps": 4}, seeds=2)
     driver = Driver(eng, sweep, echo=lambda *_: None)
-    runs = specs.trial_runs(sweep, driver.base, {"optim.lr": 1e-3, "optim.weight_decay": 0.1}, "trial-0")
-    queue.submit(eng, driver.experiment, runs)
-    queue.submit(eng, specs.Experiment(name="other", include_baseline=False), runs[:1])  # shares seed 0
+    runs = runspec.trial_runs(sweep, driver.base, {"optim.lr": 1e-3, "optim.weight_decay": 0.1}, "trial-0")
+    submission.submit(eng, driver.experiment, runs)
+    submission.submit(eng, specs.Experiment(name="other", include_baseline=False), runs[:1])  # shares seed 0
     queue.claim(eng, "w", 2)
     driver._stop(queries.find(eng, runs[0].id) + queries.find(eng, runs[1].id), "trial-0")
     assert queue.heartbeat(eng, "w", {runs[0].id: {}, runs[1].id: {}}).owned == {runs[0].id: None, runs[1].id: "pruned"}
@@ -257,7 +257,7 @@ def test_pruning_leaves_runs_that_other_experiments_share(tmp_path):
 def test_a_pruned_trial_is_told_once_its_own_runs_stop_and_same_parameter_trials_share_runs(tmp_path):
     import optuna
 
-    from orchestrator import specs
+    from orchestrator import runspec, specs
     from orchestrator import sweep as sw
     from orchestrator.sweep import Driver
 
@@ -268,8 +268,8 @@ def test_a_pruned_trial_is_told_once_its_own_runs_stop_and_same_parameter_trials
     [frozen] = driver.study.get_trials(deepcopy=False)
     ids = frozen.user_attrs[sw.RUNS_ATTR]
     # A later trial that drew the same parameters shares both runs, under another arm of the same experiment.
-    again = specs.trial_runs(sweep, driver.base, frozen.params, "trial-9")
-    queue.submit(eng, driver.experiment, again)
+    again = runspec.trial_runs(sweep, driver.base, frozen.params, "trial-9")
+    submission.submit(eng, driver.experiment, again)
     assert set(queries.shared(eng, ids, "sw", "trial-0")) == set(ids)
     assert queries.shared(eng, ids, "sw") == {}  # no other experiment has them
     # Only seed 1 is shared now (seed 0's second membership removed): pruning stops seed 0 alone, and the
@@ -332,8 +332,8 @@ def test_an_until_empty_worker_waits_only_while_the_sweeps_driver_lives(tmp_path
 
 
 def test_a_pruned_rank_under_torchrun_exits_0_and_leaves_its_own_code_in_result_json(monkeypatch):
+    from trainer.result import exit_code
     from trainer.rundir import Status
-    from trainer.train import exit_code
 
     assert exit_code(Status.PRUNED) == 76
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")  # what torchrun's agent sets for its ranks

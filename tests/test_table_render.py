@@ -8,7 +8,7 @@ import io
 import pytest
 from rich.console import Console
 
-from orchestrator import queue, specs, table_render
+from orchestrator import runspec, specs, submission, table_render
 from orchestrator import table as tbl
 from orchestrator.db import connect
 from tests.test_stats import simulate
@@ -29,7 +29,7 @@ def boards(tmp_path):
             specs.Intervention(name=LONG, set={"optim.lr": 3e-3}),
         ],
     )
-    queue.submit(eng, exp, specs.expand(exp))
+    submission.submit(eng, exp, runspec.expand(exp))
     truth = {"baseline": 3.70, "effect": 3.66, "null": 3.70, LONG: 3.62}
     simulate(eng, lambda run, arm: truth[arm])
     from orchestrator import queries

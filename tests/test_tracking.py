@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from orchestrator import api, queue, specs, tracking
+from orchestrator import api, mlflow_ui, runspec, specs, submission, tracking
 from orchestrator.db import Run, connect
 from orchestrator.outbox import Outbox
 from orchestrator.tracking import Tracker
@@ -21,7 +21,7 @@ TEST_LOSSES = [3.875, 3.75, 3.625, 3.5]  # exact in binary: the UI shows them as
 STEPS = 20
 
 
-def tracked_experiment(root: Path, name: str = "ui-demo") -> tuple[sa.Engine, Tracker, list[specs.RunSpec]]:
+def tracked_experiment(root: Path, name: str = "ui-demo") -> tuple[sa.Engine, Tracker, list[runspec.RunSpec]]:
     """A small experiment (baseline and no-dropout, 2 seeds), its runs finished with hand-written metrics and
     results, and sent to a SQLite MLflow store under `root` by the outbox, as a worker sends them."""
     root.mkdir(parents=True, exist_ok=True)
@@ -32,8 +32,8 @@ def tracked_experiment(root: Path, name: str = "ui-demo") -> tuple[sa.Engine, Tr
         seeds=2,
         interventions=[specs.Intervention(name="no-dropout", set={"model.dropout": 0.0}, description="p = 0")],
     )
-    runs = specs.expand(exp)
-    queue.submit(engine, exp, runs)
+    runs = runspec.expand(exp)
+    submission.submit(engine, exp, runs)
     now = time.time()
     for r, test_loss in zip(runs, TEST_LOSSES):
         d = root / "runs" / r.id
@@ -80,7 +80,7 @@ def test_the_experiment_is_model_training_with_its_note_and_orchs_view(tracked):
     tags = exp.tags
     assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"  # not genai_development
     assert tags[tracking.NOTE_TAG] == DESCRIPTION
-    view = json.loads(tags[tracking.VIEW_TAG])
+    view = json.loads(tags[mlflow_ui.VIEW_TAG])
     assert view["name"] == "orch" and isinstance(view["createdAt"], int)
     state = json.loads(view["state"])
     assert state["orderByKey"] == "metrics.`test_loss`" and state["orderByAsc"] is True
@@ -88,7 +88,7 @@ def test_the_experiment_is_model_training_with_its_note_and_orchs_view(tracked):
     charts = [c["metricKey"] for c in state["compareRunCharts"]]
     assert charts[:3] == ["loss", "val_loss", "test_loss"]  # the curves first, then the test loss's bars
     assert {c["metricSectionId"] for c in state["compareRunCharts"]} == {s["uuid"] for s in state["compareRunSections"]}
-    url = tracking.runs_url("http://127.0.0.1:5000", exp.experiment_id)
+    url = mlflow_ui.runs_url("http://127.0.0.1:5000", exp.experiment_id)
     assert url == (
         f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
         "?workflowType=machine_learning&viewStateShareKey=orch"
@@ -103,7 +103,7 @@ def test_each_run_says_what_it_changed_and_logs_the_test_loss_once(tracked):
     for run in found:
         tags, metrics = run.data.tags, run.data.metrics
         arm = tags["orch.intervention"]
-        assert tags[tracking.CHANGES_TAG] == {"baseline": "(none)", "no-dropout": "model.dropout=0.0"}[arm]
+        assert tags[mlflow_ui.CHANGES_TAG] == {"baseline": "(none)", "no-dropout": "model.dropout=0.0"}[arm]
         assert tags.get(tracking.NOTE_TAG) == {"baseline": None, "no-dropout": "p = 0"}[arm]
         # The curves, and the test loss as one metric: no final.* metrics, one chart each.
         assert sorted(metrics) == ["grad_norm", "loss", "lr", "test_loss", "tokens", "val_loss"]
@@ -133,12 +133,12 @@ def test_an_older_experiment_is_brought_up_to_date_and_a_changed_view_is_kept(tm
     old = client.create_experiment("old", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
     assert Tracker(uri).experiment_id("old") == old
     tags = client.get_experiment(old).tags
-    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development" and tracking.VIEW_TAG in tags
-    client.set_experiment_tag(old, tracking.VIEW_TAG, '{"name": "mine"}')  # "Override saved view" in the UI
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development" and mlflow_ui.VIEW_TAG in tags
+    client.set_experiment_tag(old, mlflow_ui.VIEW_TAG, '{"name": "mine"}')  # "Override saved view" in the UI
     spec = specs.Experiment(name="old", description="now described", tags={"owner": "ana"})
     Tracker(uri).experiment_id("old", spec)  # another process, with the spec
     tags = client.get_experiment(old).tags
-    assert tags[tracking.VIEW_TAG] == '{"name": "mine"}'
+    assert tags[mlflow_ui.VIEW_TAG] == '{"name": "mine"}'
     assert tags[tracking.NOTE_TAG] == "now described" and tags["owner"] == "ana"
 
 
@@ -153,7 +153,7 @@ def test_a_report_is_kept_apart_from_the_training_runs(tracked, tmp_path):
     assert run.info.run_id == first and run.info.run_name == "report" and run.data.tags["orch.kind"] == "report"
     assert [a.path for a in tracker.client.list_artifacts(first)] == ["index.html"]
     assert reports.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    assert tracking.VIEW_TAG not in reports.tags  # its columns and charts are a training run's
+    assert mlflow_ui.VIEW_TAG not in reports.tags  # its columns and charts are a training run's
     training = tracker.client.get_experiment_by_name("ui-demo")
     assert len(tracker.client.search_runs([training.experiment_id])) == len(runs)
 
@@ -165,7 +165,7 @@ def test_a_sweep_trial_is_tagged_with_its_parameters(tracked):
     tracker.set_parent(child, parent, changes={"optim.lr": 0.001, "optim.weight_decay": 0.1})
     tags = tracker.client.get_run(child).data.tags
     assert tags["mlflow.parentRunId"] == parent
-    assert tags[tracking.CHANGES_TAG] == "optim.lr=0.001, optim.weight_decay=0.1"
+    assert tags[mlflow_ui.CHANGES_TAG] == "optim.lr=0.001, optim.weight_decay=0.1"
 
 
 def test_orch_ui_names_the_experiments_it_knows_and_starts_a_light_server(tracked, tmp_path):
@@ -173,6 +173,6 @@ def test_orch_ui_names_the_experiments_it_knows_and_starts_a_light_server(tracke
     with pytest.raises(ValueError, match=r"no experiment named 'nope'; known: .*ui-demo"):
         api.ui("nope", mlflow=tracker.uri, echo=lambda _: None)
     assert tracker.ui_pages() == [("ui-demo", tracker.experiment_id("ui-demo"))]  # not the reports, not Default
-    cmd, env = tracking.ui_server(tracker.uri, 5123)
+    cmd, env = mlflow_ui.ui_server(tracker.uri, 5123)
     assert cmd[1:4] == ["-m", "mlflow", "server"] and cmd[cmd.index("--workers") + 1] == "1"
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # no job runner, no huey consumers

@@ -28,8 +28,8 @@ from conftest import (
     wait_for_step,
 )
 from trainer import checkpoint
-from trainer.config import load
 from trainer.model import GPT
+from trainer.presets import load
 from trainer.rundir import checkpoint_paths, read_metrics
 
 # The reference run: FAST with 16 steps (checkpoints at 4, 8, 12 and the end), the tiny preset's dropout 0.1,

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer import config, runlock
+from trainer import presets, runlock
 from trainer.config import ConfigError
 from trainer.data import DataError
 
@@ -23,7 +23,7 @@ def parse_sets(items: list[str]) -> dict[str, object]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value (e.g. --set optim.lr=1e-3), got {item!r}")
-        overrides[key.strip()] = config.parse_value(value)
+        overrides[key.strip()] = presets.parse_value(value)
     return overrides
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="a TrainConfig JSON file")
-    source.add_argument("--preset", choices=sorted(config.PRESETS), help="a built-in config")
+    source.add_argument("--preset", choices=sorted(presets.PRESETS), help="a built-in config")
     parser.add_argument(
         "--set",
         action="append",
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_s = LOCK_WAIT_S if launch else 0.0
         try:
-            cfg = config.load(args.config, args.preset, parse_sets(args.set))
+            cfg = presets.load(args.config, args.preset, parse_sets(args.set))
         except ConfigError:
             # Even a config error's result is written by the holder only; but a mistyped --set by hand
             # creates no directory.
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 lock.acquire(wait_s=wait_s)
             raise
         lock.acquire(wait_s=wait_s)  # before anything is written: one trainer per run directory
-        from trainer.train import exit_code, train  # torch is imported only once the config is known good
+        from trainer.result import exit_code  # torch is imported only once the config is known good
+        from trainer.train import train
 
         return exit_code(train(cfg, args.run_dir))
     except (ConfigError, DataError) as exc:

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.config import TrainConfig, validate
+from trainer.config import TrainConfig
+from trainer.presets import validate
 from trainer.rundir import CHECKPOINTS, checkpoint_paths, write_atomic
 
 

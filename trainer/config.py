@@ -1,27 +1,18 @@
 """TrainConfig: the one typed description of a training run.
 
 Everything a run does is decided here and nowhere else, so that two runs with equal configs are the same
-experiment and a run's identity can be a hash of its resolved config. Unknown keys and impossible values are
-errors whose message names the key and says how to fix it: a mistake is fixed from one line of output,
-before any training time is spent on it.
-
-Presets:
-- `gpt2-small`: the blog series' baseline exactly (its run "8xa100m40-baseline"): GPT-2-small
-  shape (163M parameters, untied), dropout 0.1, no QKV bias, PyTorch's default initialisation (the series'
-  model is Raschka's, which never re-initialises), 96 × 1024-token sequences per step as 12 per GPU on 8 GPUs,
-  3,260,190,720 tokens rounded up to whole steps as the series' training repo does (33,165 steps,
-  3,260,252,160 tokens), AdamW lr 4e-4 wd 0.1 on every parameter, constant LR, no clipping, fp16 AMP + TF32,
-  seed 42, test loss on 3,200 × 6 sequences.
-- `tiny`: the same code path at a size that trains in seconds on a laptop CPU, for demos and tests.
+experiment and a run's identity can be a hash of its resolved config (trainer/identity.py says what counts).
+Unknown keys and impossible values are errors whose message names the key and says how to fix it: a mistake is
+fixed from one line of output, before any training time is spent on it. The presets, `--set` overrides and
+loading from a file are trainer/presets.py's.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ConfigError(ValueError):
@@ -371,212 +362,7 @@ class TrainConfig(Section):
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
 
     def identity(self) -> dict[str, Any]:
-        """The config as it identifies a run (run ids, resume checks): see LATER_KEYS."""
+        """The config as it identifies a run (run ids, resume checks): see trainer.identity.LATER_KEYS."""
+        from trainer.identity import without_later_keys  # here, not at the top: trainer.identity imports this module
+
         return without_later_keys(self.model_dump(mode="json"))
-
-
-# Keys added after run ids were first handed out, each with the value that means "as before". A config that
-# holds that value identifies a run as if the key did not exist, so a new switch changes no stored run's id
-# and a checkpoint written before the key existed still resumes (tests/test_config.py pins both).
-LATER_KEYS: dict[str, Any] = {
-    "model.pad_vocab": 1,
-    "model.position": "learned",
-    "model.rope_base": 10000.0,
-    "model.norm": "layernorm",
-    "model.mlp": "gelu",
-    "model.bias": True,
-    "model.qk_norm": False,
-    "model.logit_softcap": None,
-    "model.moe": MoEConfig().model_dump(mode="json"),  # the whole section: dense (see without_later_keys)
-    "sample.prompts": [DEFAULT_PROMPT],
-    "sample.tokens": 40,
-    "sample.temperature": 1.0,
-    "sample.top_k": None,
-    "sample.count": 2,
-    "sample.seed": 0,
-    "data.dataset": None,
-    "data.start_train_token": 0,
-    "data.start_val_token": 0,
-    "schedule.convention": "orch",
-    "eval.test_tokens": None,
-    "run.init_from": None,
-    "run.init_positions": "interpolate",
-    "run.init_sha256": None,
-}
-
-
-# Sections that change nothing a run trains or measures, so not what a run is: another prompt in `sample` must
-# not retrain every run of an experiment (3B tokens each at gpt2-small), nor refuse a relaunch. A run's
-# samples.json follows the config it was launched with; `orch sample` gives any other prompt from its weights.
-NOT_IDENTITY = ("sample",)
-
-
-def without_later_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """A config dict (a model_dump, or one stored by an older orch) minus NOT_IDENTITY, minus LATER_KEYS at
-    their neutral value, and minus a section that this leaves empty (one made only of later keys: a config
-    stored before such a section existed has no such section at all)."""
-    data = _test_slice_as_windows(json.loads(json.dumps(data)))  # a deep copy
-    for section in NOT_IDENTITY:
-        data.pop(section, None)
-    for dotted, neutral in LATER_KEYS.items():
-        *parents, leaf = dotted.split(".")
-        chain = [data]  # the dicts from the top down to the key's section
-        for part in parents:
-            chain.append(chain[-1].get(part) if isinstance(chain[-1], dict) else None)
-        node = chain[-1]
-        if isinstance(node, dict) and leaf in node and _is_neutral(node[leaf], neutral):
-            del node[leaf]
-            for parent, part, child in reversed(list(zip(chain, parents, chain[1:]))):
-                if child:
-                    break
-                del parent[part]
-    return data
-
-
-def _test_slice_as_windows(data: dict[str, Any]) -> dict[str, Any]:
-    """eval.test_tokens as the eval.test_sequences it amounts to: a run's identity is the slice it is tested
-    on, however it was written (19,660,800 tokens at 1,024 is the 19,200 sequences of the gpt2-small preset)."""
-    evals, T = data.get("eval"), (data.get("model") or {}).get("context_length")
-    if isinstance(evals, dict) and isinstance(evals.get("test_tokens"), int) and isinstance(T, int):
-        if evals["test_tokens"] % T == 0:
-            evals["test_sequences"] = evals.pop("test_tokens") // T
-    return data
-
-
-def _is_neutral(value: Any, neutral: Any) -> bool:
-    """A later key's value means "as before". For a whole later section (model.moe) that is every key it holds
-    at its neutral value: a section stored before one of its keys existed lacks that key."""
-    if isinstance(neutral, dict):
-        return isinstance(value, dict) and all(k in neutral and v == neutral[k] for k, v in value.items())
-    return value == neutral
-
-
-def same_run(stored: dict[str, Any], cfg: TrainConfig) -> bool:
-    """Whether a stored config (config.json, a checkpoint's) describes the same run as `cfg`."""
-    return isinstance(stored, dict) and without_later_keys(stored) == cfg.identity()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Presets, overrides and loading.
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2-small": {},  # the defaults above are the blog baseline
-    "tiny": {
-        "model": {"context_length": 64, "n_embd": 64, "n_layer": 2, "n_head": 4, "init": "gpt2"},
-        "optim": {"lr": 1e-3},
-        "precision": {"amp": "fp32", "tf32": False},
-        "eval": {"val_sequences": 32, "test_sequences": 128, "batch_size": 32},
-        "run": {
-            "batch_size": 16,
-            "micro_batch_size": "auto",
-            "tokens": None,
-            "steps": 100,
-            "log_interval": 5,
-            "checkpoint_interval": 25,
-        },
-    },
-}
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def preset(name: str) -> dict[str, Any]:
-    """The preset as a plain nested dict, ready for overrides."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return _merge(TrainConfig().model_dump(mode="json"), PRESETS[name])
-
-
-def parse_value(text: str) -> Any:
-    """`--set` values are JSON where they parse (numbers, true/false, null, lists), else plain strings."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-# Keys that are alternatives: setting one (to a value) clears the other unless both are set together,
-# so `--set run.steps=40` works on a preset whose budget is given in tokens.
-ALTERNATIVES = {
-    "run.steps": "run.tokens",
-    "run.tokens": "run.steps",
-    "eval.test_tokens": "eval.test_sequences",
-    "eval.test_sequences": "eval.test_tokens",
-}
-
-
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Apply {"optim.lr": 1e-3, ...} to a nested dict, refusing keys that do not exist."""
-    data = json.loads(json.dumps(data))  # deep copy
-    for dotted, other in ALTERNATIVES.items():
-        if overrides.get(dotted) is not None and other not in overrides:
-            overrides = {**overrides, other: None}
-    for dotted, value in overrides.items():
-        node, parts = data, dotted.split(".")
-        for i, part in enumerate(parts):
-            if not isinstance(node, dict) or part not in node:
-                where = ".".join(parts[:i]) or "the top level"
-                choices = list(node) if isinstance(node, dict) else []
-                raise ConfigError(
-                    f"unknown config key {dotted!r}: {where} has no {part!r}" + _did_you_mean(part, choices)
-                )
-            if i == len(parts) - 1:
-                node[part] = value
-            else:
-                node = node[part]
-    return data
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
-    return f" (valid: {', '.join(choices)})" if choices else ""
-
-
-def validate(data: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Build a TrainConfig, turning Pydantic's errors into one message per bad key with its fix."""
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid {source}:\n" + "\n".join(_explain(err) for err in exc.errors())) from None
-
-
-def _explain(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        fields = TrainConfig.model_fields  # the keys of the section holding the unknown one (model.moe nests)
-        for part in err["loc"][:-1]:
-            kind = getattr(fields.get(str(part)), "annotation", None)
-            fields = kind.model_fields if isinstance(kind, type) and issubclass(kind, BaseModel) else {}
-        choices = list(fields)
-        return f"  {loc}: unknown key" + _did_you_mean(str(err["loc"][-1]), choices) + "; remove or rename it"
-    msg = err["msg"].removeprefix("Value error, ")
-    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-    return f"  {loc or 'config'}: {msg}{got}"
-
-
-def load(
-    path: str | None = None, preset_name: str | None = None, overrides: dict[str, Any] | None = None
-) -> TrainConfig:
-    """A config from a JSON file or a preset, with dotted overrides applied on top."""
-    if (path is None) == (preset_name is None):
-        raise ConfigError("give exactly one of a config file (--config) and a preset (--preset)")
-    if path is not None:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
-        data = _merge(TrainConfig().model_dump(mode="json"), data)
-    else:
-        data = preset(preset_name)
-    data = apply_overrides(data, overrides or {})
-    return validate(data, source=path or f"preset {preset_name!r}")

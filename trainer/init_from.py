@@ -8,7 +8,7 @@ which for a finished run is its last step (the trainer checkpoints at the end); 
 does not say succeeded is refused (name one of its checkpoint files to start from that step). A checkpoint
 file is taken as it is. Nothing else comes along: the optimizer starts fresh (AdamW's moments at zero), the
 step at 0 with the schedule from its start, and this run's own run.seed and data settings decide dropout and
-data order. A relaunch resumes from this run's own newest checkpoint (train.resume) and never comes back
+data order. A relaunch resumes from this run's own newest checkpoint (setup.resume) and never comes back
 here; only a launch that finds no checkpoint of its own initialises from the source, from the same file.
 init_from.json in the run directory (and result.json's "init_from") records the file, its sha256 and step.
 
@@ -148,7 +148,7 @@ def initialise(cfg: TrainConfig, run_dir: Path, d: Dist, model: GPT) -> dict[str
     """Load the source's weights into `model` (positions extended as configured); returns what was loaded.
 
     Every rank resolves the source (so a refusal stops every rank alike) and loads the file rank 0 chose, as
-    train.resume does: a lagging view of a shared filesystem must not give ranks different weights."""
+    setup.resume does: a lagging view of a shared filesystem must not give ranks different weights."""
     from trainer.distributed import all_gather
 
     path = Path(all_gather(d, str(resolve(cfg.run.init_from)))[0])

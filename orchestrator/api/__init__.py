@@ -15,6 +15,7 @@ its subclass SpecError), a database problem with a SchemaError, each one line na
 from orchestrator.api.connection import connect, user_message
 from orchestrator.api.describe import RunDiff, RunView, diff, show
 from orchestrator.api.exporting import export
+from orchestrator.api.monitoring import Running, Status, eta_s, status
 from orchestrator.api.notes import note, tag
 from orchestrator.api.planning import ArmPower, Design, Plan, SigmaSource, plan
 from orchestrator.api.results import (
@@ -31,19 +32,13 @@ from orchestrator.api.results import (
 from orchestrator.api.runs import (
     CancelReport,
     Log,
-    Running,
-    Status,
-    Submitted,
     SyncReport,
     WorkerReport,
     cancel,
-    eta_s,
     find_run,
     logs,
     ls,
     retry,
-    status,
-    submit,
     sync,
     ui,
     upgrade,
@@ -51,6 +46,7 @@ from orchestrator.api.runs import (
 )
 from orchestrator.api.sampling import Sampled, sample
 from orchestrator.api.slurm import slurm_workers
+from orchestrator.api.submitting import Submitted, submit
 from orchestrator.api.sweeps import sweep_confirm, sweep_plot, sweep_run, sweep_status
 from orchestrator.more_seeds import Round
 

@@ -90,9 +90,9 @@ def check_alpha(alpha: float) -> None:
 
 def check_data(configs) -> None:
     """The runs' data directories, checked here unless the data lives only on the worker nodes."""
-    from orchestrator import specs
+    from orchestrator import runspec, specs
 
     try:
-        specs.check_data(configs)
+        runspec.check_data(configs)
     except specs.SpecError as exc:
         raise specs.SpecError(f"{exc} (or pass --no-check-data if the data lives only on the worker nodes)") from None

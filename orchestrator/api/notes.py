@@ -4,7 +4,7 @@ the description and notes as its note (tracking.py), at once where the experimen
 
 from __future__ import annotations
 
-from orchestrator import queue
+from orchestrator import submission
 from orchestrator.api.connection import connect
 from orchestrator.api.runs import Db, known_experiments
 from orchestrator.specs import Experiment, check_name
@@ -42,7 +42,7 @@ def tag(
 def _annotate(experiment, mlflow, track, db, **change) -> Experiment:
     engine = connect(db)
     known_experiments(engine, [experiment])
-    spec = queue.annotate(engine, experiment, **change)
+    spec = submission.annotate(engine, experiment, **change)
     tracker = open_tracker(mlflow, track)
     if tracker is not None:
         tracker.describe_experiment(spec, removed=change.get("drop", ()))

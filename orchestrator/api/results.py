@@ -12,7 +12,8 @@ from orchestrator import noise as noise_
 from orchestrator import queries, table_render
 from orchestrator import table as tbl
 from orchestrator.api.connection import check_alpha, connect, refuse_password
-from orchestrator.api.runs import Db, Submitted, known_experiments
+from orchestrator.api.runs import Db, known_experiments
+from orchestrator.api.submitting import Submitted
 from orchestrator.more_seeds import Round
 from orchestrator.tracking import open_tracker
 
@@ -175,9 +176,9 @@ def suggest(
     """Scaling-law suggestions (Chinchilla, DeepSeek, Cerebras), each with its formula, inputs and source;
     N, shape and batch come from `preset` unless given. With `emit`, also write an experiment file."""
     from orchestrator import scaling
-    from trainer import config
+    from trainer import presets
 
-    inputs = scaling.config_inputs(config.load(preset_name=preset)) if preset else {}
+    inputs = scaling.config_inputs(presets.load(preset_name=preset)) if preset else {}
     given = dict(params=params, tokens=tokens, batch_sequences=batch, lr=lr, context=context, flops=flops)
     inputs.update({k: v for k, v in given.items() if v is not None})
     if "params" not in inputs:

@@ -1,4 +1,5 @@
-"""Runs and the queue: submit an experiment, run a worker, and look at, cancel or retry runs."""
+"""Runs and the queue: run a worker, and list, find, read the logs of, cancel or retry runs; sync MLflow,
+serve its UI, upgrade the database. Submitting is submitting.py's, the queue's status monitoring.py's."""
 
 from __future__ import annotations
 
@@ -6,182 +7,19 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 
-from orchestrator import dependencies, progress, queries, queue, specs, states
-from orchestrator.api.connection import RUN_PREFIX, at_least, check_data, connect, refuse_password
+from orchestrator import queries, queue, states
+from orchestrator.api.connection import RUN_PREFIX, at_least, connect, refuse_password
 from orchestrator.db import Run
-from orchestrator.progress import QueueEta
 from orchestrator.queries import Member
 from orchestrator.states import RunState
 from orchestrator.tracking import open_tracker
 
-if TYPE_CHECKING:
-    from orchestrator.plan import Plan
-
 Db = str | Engine | None
-
-
-@dataclass
-class Submitted:
-    """What a submit (or a noise study, or a sweep's confirmation) queued and what it reused."""
-
-    experiment: str
-    queued: list[specs.RunSpec] = field(default_factory=list)
-    reused: list[tuple[specs.RunSpec, str]] = field(default_factory=list)  # (run, its current state)
-    runs: list[specs.RunSpec] = field(default_factory=list)  # every run of the experiment, queued or not
-    identical: list[tuple[str, str]] = field(default_factory=list)  # arms that are the same runs at this preset
-    dry_run: bool = False
-    plan: Plan | None = None  # how --seeds auto chose the seeds per arm
-
-    @classmethod
-    def of(cls, experiment: str, report: queue.SubmitReport) -> Submitted:
-        return cls(experiment, report.queued, report.reused)
-
-    def __str__(self) -> str:
-        if self.dry_run:
-            counts = f"would queue {len(self.queued)}, reuse {len(self.reused)}"
-            return f"{self.experiment}: {counts} (dry run: nothing written)"
-        return f"{self.experiment}: {len(self.queued)} queued, {len(self.reused)} reused"
-
-
-def submit(
-    path: str | Path,
-    *,
-    preset: str | None = None,
-    seeds: int | str | None = None,
-    overrides: dict | None = None,
-    dry_run: bool = False,
-    check_data_here: bool = True,
-    effect: float | None = None,
-    power: float | None = None,
-    sigma: float | None = None,
-    db: Db = None,
-) -> Submitted:
-    """Queue an experiment file's runs; runs that exist already (same config, seed, repeat) are reused. Each
-    data.path is checked first (shard headers, evaluation slices) unless `check_data_here` is False.
-
-    `seeds`: per arm, overriding the file; "auto" (with `effect`) takes the paired count of `plan` for the
-    file's experiment: the seeds per arm that detect a true improvement `effect` (test-loss nats) with `power`
-    (default 0.8), from the σ the database measured for it or `sigma` (orchestrator/plan.py); `.plan` says how."""
-    seeds = _seeds(seeds)
-    if seeds != "auto" and (effect, power, sigma) != (None, None, None):
-        given = [f"--{k}" for k, v in dict(effect=effect, power=power, sigma=sigma).items() if v is not None]
-        raise ValueError(
-            f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for --seeds auto only: add --seeds auto "
-            f"(seeds planned for that effect), or drop {' and '.join(given)}"
-        )
-    if seeds == "auto":
-        from orchestrator import plan as plan_
-
-        if effect is None:
-            raise ValueError(
-                "--seeds auto needs --effect, the true improvement to detect in test-loss nats: e.g. "
-                "--seeds auto --effect 0.01 (or give a number: --seeds 3)"
-            )
-        plan_.check(effect, 0.8 if power is None else power, 0.05, sigma, "holm")
-    refuse_password(db)
-    exp = specs.load_experiment(path)
-    plan = None
-    if seeds == "auto":
-        plan = _auto_seeds(exp, path, effect, 0.8 if power is None else power, sigma, db)
-        seeds = plan.paired.n
-    runs = specs.expand(exp, source=str(path), preset=preset, seeds=seeds, overrides=overrides or {})
-    if check_data_here:
-        check_data([r.config for r in runs])
-    # A run id in run.init_from: a run of this submission or of the database (a dry run creates none).
-    dependencies.check_sources(runs, lambda: _existing_db(db) if dry_run else connect(db, create=True))
-    out = Submitted(exp.name, runs=runs, identical=specs.identical_arms(runs), dry_run=dry_run, plan=plan)
-    if dry_run:  # the same sorting as submit's, over the runs the database holds: the same counts
-        report = queue.sort_submission(runs, _existing_states(db, [r.id for r in runs]))
-    else:
-        report = queue.submit(connect(db, create=True), exp, runs, source=str(path))
-    out.queued, out.reused = report.queued, report.reused
-    return out
-
-
-def _existing_states(db: Db, ids: list[str]) -> dict[str, str]:
-    """id -> state of those runs the database holds, for a dry run, which must not create a database: where
-    there is none yet (no SQLite file, or no orch schema), none (a submit would create it and queue them all).
-    A database that cannot be reached or used fails here as it would for a submit."""
-    import sqlalchemy as sa
-
-    from orchestrator import migrations
-    from orchestrator.db import resolve_url
-
-    if not isinstance(db, Engine):
-        try:
-            url = sa.engine.make_url(resolve_url(db))
-        except (sa.exc.ArgumentError, ValueError):
-            url = None  # connect() below says what is wrong with it
-        if url is not None and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-            path = Path(url.database)
-            if not path.exists() or (path.is_file() and path.stat().st_size == 0):
-                return {}
-        if migrations.current(connect(db, check_schema=False)) is None:
-            return {}
-    return {r.id: r.state for r in queries.runs(connect(db), ids)}
-
-
-def _existing_db(db: Db) -> Engine | None:
-    """The database, if there is one."""
-    from orchestrator.db import SchemaError
-
-    try:
-        return connect(db)
-    except SchemaError:
-        return None
-
-
-def _seeds(seeds: int | str | None) -> int | str | None:
-    """--seeds: a number of seeds per arm (as text from the command line, too), "auto", or None (the file's)."""
-    if seeds is None or seeds == "auto":
-        return seeds
-    if isinstance(seeds, str):
-        try:
-            seeds = int(seeds.strip())
-        except ValueError:
-            raise ValueError(
-                f"--seeds takes a number of seeds per arm or auto, e.g. --seeds 3 or --seeds auto --effect 0.01, "
-                f"not {seeds!r}"
-            ) from None
-    at_least("--seeds", seeds, example="3")
-    return seeds
-
-
-def _auto_seeds(exp: specs.Experiment, path: str | Path, effect: float, power: float, sigma: float | None, db: Db):
-    """The plan behind --seeds auto: from the runs the database measured for the experiment, or --sigma alone
-    when it has none (no database at all, even: a dry run must not create one)."""
-    from orchestrator import plan as plan_
-    from orchestrator.db import SchemaError
-
-    arms = [i.name for i in exp.interventions]
-    try:
-        engine = connect(db)
-    except SchemaError:
-        if sigma is None:
-            raise
-        engine = None
-    if engine is not None and exp.name in queries.experiment_names(engine):
-        measured = plan_.measure(engine, exp.name, arms)
-    elif sigma is not None:
-        measured = plan_.Measured(exp.name, exp.vary, interventions=arms)
-    else:
-        raise ValueError(
-            f"--seeds auto plans from the runs the database measured for experiment {exp.name!r}, and it has "
-            f"none: run `orch submit {path} --seeds 2` (then `orch worker`) first, or pass --sigma, e.g. --sigma 0.01"
-        )
-    plan = plan_.make(measured, effect, power, sigma=sigma, fix=f"orch submit {path} --seeds 2")
-    if plan.paired.n is None:
-        raise ValueError(
-            f"--seeds auto: an improvement of {effect:g} needs {plan.paired.seeds} seeds per arm at σ_d "
-            f"{plan.sigma_d:.4g}; plan for a larger --effect (see `orch plan {exp.name} --effect ...`)"
-        )
-    return plan
 
 
 @dataclass
@@ -272,92 +110,6 @@ def worker(
 
         slurm.requeue_self(echo)
     return WorkerReport(w.name, finished)
-
-
-@dataclass
-class Running:
-    """A running run as `orch status` shows it."""
-
-    id: str
-    experiment: str
-    arm: str
-    seed: int
-    step: int | None
-    total_steps: int | None
-    train_loss: float | None
-    tokens_per_s: float | None
-    eta_s: float | None  # the tokens left at the current throughput
-    worker: str | None
-    elapsed_s: float | None = None  # since its claim (database clock)
-
-
-@dataclass
-class Waiting:
-    """A queued run that no worker claims before the run it starts from (run.init_from) has succeeded."""
-
-    run_id: str
-    source: str
-    source_state: str
-
-    @property
-    def fix(self) -> str | None:
-        """What lets it go on, when the source can no longer succeed by itself."""
-        if self.source_state in (str(RunState.FAILED), str(RunState.CANCELLED)):
-            return f"orch retry {self.source[:8]} (or orch cancel {self.run_id[:8]})"
-        if self.source_state in (str(RunState.DIVERGED), str(RunState.PRUNED)):  # a retry would end alike
-            return f"orch cancel {self.run_id[:8]}: its source {self.source_state}"
-        return None
-
-
-@dataclass
-class Status:
-    counts: dict[str, int]  # every state, 0 where no run is in it
-    running: list[Running]
-    pilots: list = field(default_factory=list)  # slurm.Pilot: this user's pilot jobs, where Slurm is installed
-    queue_eta: QueueEta | None = None  # when the queue should be empty, and how that was estimated
-    waiting: list[Waiting] = field(default_factory=list)  # queued runs held back by the run they start from
-
-
-def eta_s(run: Run) -> float | None:
-    """Seconds left for a running run: the tokens of its remaining steps at its current tokens/s."""
-    return progress.eta_s(run.step, run.total_steps, run.tokens_per_s, progress.tokens_per_step(run.config))
-
-
-def status(db: Db = None, *, pilots: bool = True) -> Status:
-    """Queued / running / done counts, each running run's step, loss, tokens/s and ETA, the whole queue's ETA
-    (progress.queue_eta: from the running runs' ETAs and the durations of finished runs of the queued runs'
-    experiments), and Slurm pilots (`pilots=False` skips the squeue call: a refreshing view asks Slurm less
-    often than the database)."""
-    from orchestrator import slurm
-
-    engine = connect(db)
-    counts = queries.counts(engine)
-    now = queries.now(engine)
-    running = [
-        Running(
-            r.id,
-            e,
-            a,
-            r.seed,
-            r.step,
-            r.total_steps,
-            r.train_loss,
-            r.tokens_per_s,
-            eta_s(r),
-            r.worker,
-            max(0.0, now - r.started_at) if r.started_at is not None else None,
-        )
-        for e, a, r in queries.running(engine)
-    ]
-    queue_eta = progress.queue_eta(
-        [progress.Busy(r.experiment, r.eta_s, r.elapsed_s) for r in running],
-        [experiment for _, experiment in queries.queued(engine)],
-        queries.durations(engine),
-    )
-    waiting = [Waiting(*w) for w in queries.waiting(engine)]
-    return Status(
-        {str(s): counts.get(s, 0) for s in RunState}, running, slurm.pilots() if pilots else [], queue_eta, waiting
-    )
 
 
 def known_experiments(engine: Engine, names: Sequence[str]) -> list[str]:
@@ -475,13 +227,13 @@ def ui(
 ) -> int:
     """Serve the MLflow UI on 127.0.0.1 over the same tracking store until stopped; return its exit code.
     Prints the URL of the experiment's runs page (without one, of every experiment holding orch runs): model
-    training rather than MLflow's GenAI pages, in orch's saved view (tracking.py). One light server process
-    (tracking.ui_server). A tracking server as the store (http://…) is served already: its URLs, nothing
+    training rather than MLflow's GenAI pages, in orch's saved view (mlflow_ui.py). One light server process
+    (mlflow_ui.ui_server). A tracking server as the store (http://…) is served already: its URLs, nothing
     started. `in_process`: run MLflow's server command in this process rather than in a child (`orch ui`:
     faster to start, and no orch process waits beside the server)."""
     from urllib.parse import urlsplit, urlunsplit
 
-    from orchestrator import tracking
+    from orchestrator import mlflow_ui, tracking
 
     if not 1 <= port <= 65535:
         raise ValueError(f"--port must be between 1 and 65535, not {port}")
@@ -498,17 +250,17 @@ def ui(
         base = f"http://127.0.0.1:{port}"
     pages = tracking.Tracker(uri).ui_pages(experiment)
     if experiment is not None:
-        echo(f"MLflow UI for {uri_shown}, experiment {experiment}: {tracking.runs_url(base, pages[0][1])}")
+        echo(f"MLflow UI for {uri_shown}, experiment {experiment}: {mlflow_ui.runs_url(base, pages[0][1])}")
     else:
-        echo(f"MLflow UI for {uri_shown} at {tracking.experiments_url(base)}")
+        echo(f"MLflow UI for {uri_shown} at {mlflow_ui.experiments_url(base)}")
         width = max((len(name) for name, _ in pages), default=0)
         for name, exp_id in pages:
-            echo(f"  {name:<{width}}  {tracking.runs_url(base, exp_id)}")
+            echo(f"  {name:<{width}}  {mlflow_ui.runs_url(base, exp_id)}")
     if remote:
         return 0
     if in_process:
-        return tracking.serve_ui(uri, port)
-    cmd, env = tracking.ui_server(uri, port)
+        return mlflow_ui.serve_ui(uri, port)
+    cmd, env = mlflow_ui.ui_server(uri, port)
     return subprocess.call(cmd, env=env)
 
 

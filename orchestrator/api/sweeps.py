@@ -6,7 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.api.connection import at_least, check_data, connect, refuse_password
-from orchestrator.api.runs import Db, Submitted
+from orchestrator.api.runs import Db
+from orchestrator.api.submitting import Submitted
 from orchestrator.tracking import open_tracker
 
 
@@ -29,7 +30,7 @@ def sweep_run(
     train the trials meanwhile). A second driver of the same study waits as a standby and takes over once
     the first has not renewed its lease for `grace` seconds. `trials` and `in_flight` replace the file's
     values (the budget and how many trials train at once). Returns the sweep's status at the end."""
-    from orchestrator import specs, sweep_views
+    from orchestrator import runspec, specs, sweep_views
     from orchestrator.sweep import Driver
     from trainer.config import TrainConfig
 
@@ -55,7 +56,7 @@ def sweep_run(
     changes = {k: v for k, v in (("trials", trials), ("in_flight", in_flight)) if v is not None}
     if changes:  # the values from the command line, which the file's own checks (≥ 1) have now seen
         spec = spec.model_copy(update=changes)
-    base = specs.sweep_base(spec, preset, overrides)
+    base = runspec.sweep_base(spec, preset, overrides)
     if check_data_here:
         check_data([TrainConfig.model_validate(base)])
     engine = connect(db, create=True)

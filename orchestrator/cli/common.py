@@ -151,7 +151,7 @@ def check_format(value: str, choices: tuple[str, ...]) -> None:
 
 def parse_sets(items: list[str]) -> dict:
     """--set key=value pairs as a dict; values parse as JSON (numbers, true/false, null), else strings."""
-    from trainer.config import parse_value
+    from trainer.presets import parse_value
 
     out = {}
     for item in items:
