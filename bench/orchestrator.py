@@ -5,8 +5,8 @@ against warm spares), and MLflow metric forwarding — on SQLite and a private P
     .venv/bin/python bench/orchestrator.py --runs 1000 --repeats 1 --skip-postgres --skip-gpu-gap
     .venv/bin/python bench/orchestrator.py --gap-only             # the idle gap alone: warm spares on vs off
 
-Every number is the real code path (orchestrator.queue, .table, .worker, .tracking); only the set-up that is
-not being measured is shortcut (runs are marked finished with one bulk UPDATE). Results are medians over
+Every number is the real code path (orchestrator.submission, .queue, .table, .worker, .tracking); only the
+set-up that is not being measured is shortcut (runs are marked finished with one bulk UPDATE). Results are medians over
 --repeats; each repeat uses a fresh database so no repeat sees another's rows. The per-repeat values and the
 machine go to bench/results/orchestrator.json.
 """

@@ -134,7 +134,7 @@ def test_a_run_through_a_spare_ends_exactly_as_its_cold_launch(tmp_path, data_di
 def test_the_next_spare_starts_only_once_the_run_has_logged_past_its_set_up(tmp_path, data_dir, launcher):
     """A spare warming up beside a run's micro-batch search would take GPU memory that the search measures:
     the slot's next spare waits for the run's first metrics line since its launch (a resumed run's file
-    already has lines), or for its end."""
+    already has lines); a run that ends before leaves its slot's next launch cold."""
     config = tiny_config(data_dir, **{**fast(), "run__steps": 400, "run__log_interval": 3})
     handle, d = launch(launcher, tmp_path, "long", config)
     try:
@@ -147,14 +147,12 @@ def test_the_next_spare_starts_only_once_the_run_has_logged_past_its_set_up(tmp_
     finally:
         handle.kill()
     # A resumed run's metrics.jsonl holds its earlier launches' lines: only a line appended since counts.
-    running = LocalHandle(subprocess.Popen(["sleep", "60"]))
-    earlier = Due({}, running, d / "metrics.jsonl", (d / "metrics.jsonl").stat().st_size)
-    assert not earlier.now()
+    earlier = Due({}, handle, d / "metrics.jsonl", (d / "metrics.jsonl").stat().st_size)
+    assert not earlier.logged()
     with open(d / "metrics.jsonl", "a") as f:
         f.write('{"event": "resume", "step": 3}\n')
-    assert earlier.now()
-    running.kill()
-    # A run that ends before it logs (a config error) is past its set-up too.
+    assert earlier.logged()
+    # A run that ends before it logs (a config error): no spare for it, the slot's next launch is cold.
     launcher.close()
     broken = tiny_config(data_dir, **fast()).model_dump(mode="json")
     broken["data"]["path"] = str(tmp_path / "no-such-data")
@@ -163,7 +161,7 @@ def test_the_next_spare_starts_only_once_the_run_has_logged_past_its_set_up(tmp_
     assert not launcher.spares and launcher.due[SLOT.index].metrics == cold_dir / "metrics.jsonl"
     assert type(cold) is LocalHandle and finish(cold) == 2 and not (cold_dir / "metrics.jsonl").exists()
     launcher.tend()
-    assert SLOT.index in launcher.spares and not launcher.due
+    assert not launcher.spares and not launcher.due
 
 
 def test_a_spare_fails_as_its_cold_launch_does(tmp_path, data_dir, launcher):
@@ -172,10 +170,14 @@ def test_a_spare_fails_as_its_cold_launch_does(tmp_path, data_dir, launcher):
     missing = tiny_config(data_dir, **fast()).model_dump(mode="json")
     missing["data"]["path"] = str(tmp_path / "no-such-data")
     crash = tiny_config(data_dir, model__vocab_size=100, **fast())
+    good = tiny_config(data_dir, **{**fast(), "run__steps": 2})
     handles = {}
     for name, config in (("missing-cold", missing), ("missing-warm", missing), ("crash-warm", crash)):
-        if handles:
+        if name.endswith("warm"):  # a run failing in its set-up leaves no spare behind: one that logs first
+            before, _ = launch(launcher, tmp_path, f"before-{name}", good)
+            assert type(before) is LocalHandle
             wait_ready(launcher)
+            assert finish(before) == 0
         handles[name] = launch(launcher, tmp_path, name, config)
         assert isinstance(handles[name][0], WarmHandle) == name.endswith("warm")
         assert finish(handles[name][0]) == (1 if name.startswith("crash") else 2)
@@ -197,7 +199,7 @@ def test_a_dead_or_unfit_spare_falls_back_to_a_cold_launch(tmp_path, data_dir, l
     killed.wait(timeout=30)  # dead before the next launch looks (a dying one fails the handoff instead: also cold)
     assert finish(first) == 0
     second, second_dir = launch(launcher, tmp_path, "second", config)
-    assert type(second) is LocalHandle and second.pid != killed.pid  # cold, and a fresh spare started
+    assert type(second) is LocalHandle and second.pid != killed.pid  # cold, and a fresh spare due
     assert any(f"pid {killed.pid}" in m and "exited with code -9: this run starts cold" in m for m in launcher.messages)
     assert finish(second) == 0 and read_result(second_dir)["warm_start"] is False
     # A spare started before the worker's environment changed would not be the run's cold launch: it declines.

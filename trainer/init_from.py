@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: `orch submit` che
     from trainer.model import GPT
 
 INIT_FILE = "init_from.json"  # in the run directory: what the run was initialised from
-RUN_ID = re.compile(r"[0-9a-f]{16}")  # an orch run id (orchestrator/specs.py: run_id)
+RUN_ID = re.compile(r"[0-9a-f]{16}")  # an orch run id (orchestrator/runspec.py: run_id)
 
 # Model keys that may differ from the source's: they change neither the weights' shapes nor their function.
 MAY_DIFFER = {"context_length", "dropout", "dropout_embed", "dropout_attn", "dropout_resid", "init", "rope_base"}

@@ -23,7 +23,7 @@ directory's contract as for a local launch: the run directory must be on a files
   on: on another node that pid means nothing.
 - --kill-on-bad-exit: a node whose trainer crashes takes the others down with it, rather than leaving them
   waiting in a collective until gloo's or NCCL's timeout. (The ranks leave together after result.json is
-  written, trainer/train.py, so an ordinary ending never races it.)
+  written, trainer/result.py, so an ordinary ending never races it.)
 """
 
 from __future__ import annotations

@@ -4,13 +4,15 @@ is claimed, while the finished trainer tears down (trainer/spare.py is the spare
 A cold launch spends ~1.5 s of this 2-core CPU on the interpreter, `import torch` and the trainer's imports
 before set-up begins, and ~1 s more importing torch._dynamo when the optimizer is built; on a GPU add the CUDA
 context. A spare does all that while the slot's current run trains. When a slot launches a run, it hands it
-to its spare if one is ready (a cold launch otherwise). The slot's next spare starts once that run is past its
-set-up: when it appends its first line to metrics.jsonl (a resume event or its first logged step, both written
-after the micro-batch search), or when it ends, whichever comes first (the worker calls tend() every loop
-iteration). A spare that opened its CUDA context and cuBLAS workspace during the run's micro-batch search
-would take memory the search measures, and could make it pick a smaller micro-batch, so that the same run
-would train differently beside a spare; on a CPU its imports would compete with the run's start-up and
-compile. Multi-process slots keep torchrun's agent and have no spare.
+to its spare if one is ready (a cold launch otherwise). The slot's next spare starts once that run is past
+its set-up: when it appends its first line to metrics.jsonl (a resume event or its first logged step, both
+written after the micro-batch search; the worker calls tend() every loop iteration). A spare that opened its
+CUDA context and cuBLAS workspace during the run's micro-batch search would take memory the search measures,
+and could make it pick a smaller micro-batch, so that the same run would train differently beside a spare;
+on a CPU its imports would compete with the run's start-up and compile. A run that ends before its first
+line (a set-up error, a stop during the search) leaves its slot's next launch cold: a spare started then
+would begin after the next claim, and that run would wait for its whole warm-up. Multi-process slots keep
+torchrun's agent and have no spare.
 
 Correctness is the cold launch's: a spare holds no run and no lock and claims nothing; it dies with the worker
 (parent-death signal, and end-of-file on its socket; close() ends them when the worker returns); a spare that
@@ -52,8 +54,9 @@ if TYPE_CHECKING:
 SETTING_ENV = "ORCH_WARM_SPARE"
 SETTINGS = ("auto", "on", "off")
 HANDOFF_TIMEOUT_S = 10.0  # a ready spare answers in milliseconds; this is for one that hangs
-# A spare still warming when its slot's next run is claimed is waited for: it began before the claim, so it
-# is ready sooner than a cold launch would be (~2.5 s warm-up idle, up to ~12 s on this loaded 2-core CPU).
+# A spare still warming when its slot's next run is claimed is waited for: it began while the previous run
+# trained, before the claim, so it is ready sooner than a cold launch would be (~2.5 s warm-up idle, up to
+# ~12 s on this loaded 2-core CPU).
 # One warming for longer than this is taken for hung: killed, and the run starts cold.
 WARM_UP_LIMIT_S = 120.0
 MAX_FAILURES = 3  # spares of one slot that die or break in a row before the slot stops starting them
@@ -164,9 +167,9 @@ class Due:
     metrics: Path  # its metrics.jsonl
     size: int  # its size at the launch (a resumed run's file holds its earlier launches' lines)
 
-    def now(self) -> bool:
-        """Whether the run has appended a line since its launch (append-only: trainer/rundir.py) or ended."""
-        return _size(self.metrics) > self.size or self.run.poll() is not None
+    def logged(self) -> bool:
+        """Whether the run has appended a line since its launch (append-only: trainer/rundir.py)."""
+        return _size(self.metrics) > self.size
 
 
 def _size(path: Path) -> int:
@@ -201,23 +204,30 @@ class SpareLauncher(LocalLauncher):
         slot_env, nproc = self.slot_env(slot, env)
         if nproc != 1 or not self.wanted(slot):
             return super().launch(run, slot, run_dir, env)
+        logged = _size(run_dir / METRICS)  # before the trainer starts: only its own lines count
         handle = self._hand_off(run, slot, run_dir, slot_env)
         if handle is None:
             handle = super().launch(run, slot, run_dir, env)
         if slot.index not in self.spares and self.wanted(slot):
             env = {k: v for k, v in slot_env.items() if k not in PER_LAUNCH}
-            self.due[slot.index] = Due(env, handle, run_dir / METRICS, _size(run_dir / METRICS))
+            self.due[slot.index] = Due(env, handle, run_dir / METRICS, logged)
         return handle
 
     def tend(self) -> None:
-        """Start each slot's due spare whose run has logged its first line since its launch, or ended (the
-        worker calls this every loop iteration, before it claims: a slot's next run waits for a spare that
-        is warming, which is sooner than a cold launch)."""
+        """Start each slot's due spare whose run has logged its first line since its launch; forget it for a
+        run that ended before (the worker calls this every loop iteration, before it claims)."""
         for index, due in list(self.due.items()):
-            if due.now():
+            if due.logged():
                 del self.due[index]
-                if index not in self.spares:
+                if index in self.spares:
+                    continue
+                try:
                     self.spares[index] = Spare(due.env)
+                except OSError as exc:  # no process or socket to spare (EMFILE, EAGAIN): the next run starts cold
+                    self.failures[index] = self.failures.get(index, 0) + 1
+                    self.echo(f"warning: no warm spare for slot {index}: {exc}")
+            elif due.run.poll() is not None:
+                del self.due[index]
 
     def _hand_off(self, run: Run, slot: Slot, run_dir: Path, env: dict[str, str]) -> WarmHandle | None:
         """The run's trainer, if the slot's spare takes it; None: launch cold."""
