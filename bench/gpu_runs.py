@@ -114,6 +114,11 @@ def main() -> int:
                 "idle_gap_s": statistics.median(g["GPU-idle gap: trainer exit -> next first step"] for g in gaps)
                 if gaps
                 else None,
+                "idle_gap_at_most_s": statistics.median(
+                    g["GPU-idle gap, at most: trainer exit -> next first step done"] for g in gaps
+                )
+                if gaps
+                else None,
                 "runs": runs,
                 "gaps": gaps,
             },
