@@ -94,6 +94,7 @@ def test_a_relaunch_waits_for_the_previous_trainer_and_resumes_after_it(tmp_path
     assert json.loads((run_dir / "result.json").read_text())["launch_id"] == "x.2"
 
 
+@pytest.mark.slow  # 28-36 s on 2 cores; .ci/run runs it, on SQLite and PostgreSQL
 def test_killed_torchrun_agent_leaves_no_second_trainer_and_costs_no_attempt(tmp_path, data_dir):
     orch = Orch(tmp_path)
     exp = write_experiment(tmp_path, data_dir, "agent", "", steps=60)
@@ -200,6 +201,7 @@ def test_tracking_survives_an_mlflow_outage(tmp_path, data_dir):
         server.stop()
 
 
+@pytest.mark.slow  # 28-36 s on 2 cores; .ci/run runs it, on SQLite and PostgreSQL
 def test_a_takeover_is_not_a_cancellation_and_only_the_owner_closes_mlflow(tmp_path, data_dir):
     """Worker A freezes (as if its database were unreachable) longer than --grace; B takes the run over,
     stops A's still-running trainer, resumes it and finishes it. A, thawed, learns it was taken over and
