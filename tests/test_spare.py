@@ -164,6 +164,32 @@ def test_the_next_spare_starts_only_once_the_run_has_logged_past_its_set_up(tmp_
     assert not launcher.spares and not launcher.due
 
 
+def test_a_spare_that_cannot_start_warns_and_the_worker_goes_on(tmp_path, monkeypatch):
+    """Out of processes or descriptors when a spare is due (tend runs in the worker's loop): a warning and
+    a failure counted against the slot, never an exception that would end the worker and its runs."""
+    from orchestrator.launchers import spare as spares
+
+    def no_process(env):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(spares, "Spare", no_process)
+    messages: list[str] = []
+    launcher = SpareLauncher("w1", warm="on", echo=messages.append)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n')
+
+    class Running:
+        def poll(self):
+            return None
+
+    for attempt in range(1, spares.MAX_FAILURES + 1):
+        launcher.due[SLOT.index] = Due({}, Running(), metrics, 0)
+        launcher.tend()
+        assert not launcher.spares and not launcher.due and launcher.failures[SLOT.index] == attempt
+    assert messages[-1] == "warning: no warm spare for slot 0: [Errno 11] Resource temporarily unavailable"
+    assert not launcher.wanted(SLOT)  # as after spares that died: the slot stops asking for them
+
+
 def test_a_spare_fails_as_its_cold_launch_does(tmp_path, data_dir, launcher):
     """A config error (exit 2 and result.json) and a crash in the training step (a traceback, exit 1: the
     interpreter's report of an uncaught exception) come out of a spare as out of `python -m trainer`."""
