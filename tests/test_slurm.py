@@ -6,6 +6,7 @@ tests/test_slurm_pilots.py runs pilots on a real one-node Slurm cluster (the `sl
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -229,7 +230,10 @@ def test_the_slurm_handle_stops_its_step_by_name_and_kills_through_srun(tmp_path
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{subprocess_env()['PATH']}")
-    handle = SlurmHandle(subprocess.Popen(["sleep", "30"]), "abc.3", "7")
+    # srun sets its own SIGINT handler; the stand-in must not inherit SIGINT ignored (a test run started in the
+    # background by a non-interactive shell has it so, and `sleep` would then outlive the kill).
+    srun = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    handle = SlurmHandle(srun, "abc.3", "7")
     handle.stop()
     assert calls.read_text().splitlines() == ["--signal=TERM 7.0"]
     assert handle.poll() is None and "job 7" in handle.describe()
