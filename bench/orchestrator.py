@@ -292,12 +292,11 @@ def gap_summary() -> dict:
     their ratio (the bound's: the estimate of a warm gap can be near zero or below)."""
     out = {}
     for tracker in ("no tracker", "MLflow sqlite"):
-        cold, warm = (
-            SAMPLES.get((GAP, f"cold start, {tracker}", "s")),
-            SAMPLES.get((GAP, f"warm spare, {tracker}", "s")),
+        cold, warm, cold_b, warm_b = (
+            SAMPLES.get((measure, f"{start} {tracker}", "s"))
+            for measure in (GAP, GAP_BOUND)
+            for start in ("cold start,", "warm spare,")
         )
-        cold_b = SAMPLES.get((GAP_BOUND, f"cold start, {tracker}", "s"))
-        warm_b = SAMPLES.get((GAP_BOUND, f"warm spare, {tracker}", "s"))
         if cold and warm and cold_b and warm_b:
             c, w = statistics.median(cold_b), statistics.median(warm_b)
             out[tracker] = {
